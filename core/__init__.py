@@ -1,0 +1,1 @@
+"""ComfyBatch's engine: config, ComfyUI client, SQLite store, workflows, scheduler, CSV intake, CLI."""

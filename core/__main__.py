@@ -1,0 +1,200 @@
+"""The command line: `python -m core ...`, thin over core.service. Errors exit non-zero with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from core import service
+from core.config import Settings
+from core.errors import ComfyBatchError, InputError
+from core.logs import setup_logging
+from core.scheduler import Scheduler
+from core.store import Store
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.load()
+        setup_logging(settings.log_dir, stderr=args.command == "worker" and not args.quiet,
+                      level=logging.INFO)
+        store = Store(settings.db_path)
+        try:
+            return int(args.func(settings, store, args) or 0)
+        finally:
+            store.close()
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ComfyBatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _params(pairs: list[str]) -> dict[str, str]:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--param {pair!r}: expected KEY=VALUE, e.g. --param steps=20 or --param 6.text=cat")
+        params[key.strip()] = value
+    return params
+
+
+def cmd_submit(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    if args.file and args.prompt is not None:
+        raise InputError("give either a CSV file or --prompt, not both")
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        result = service.submit_csv(settings, store, path.read_bytes(), path.name, args.workflow,
+                                    batch_name=args.batch_name, priority=args.priority, count=args.count,
+                                    dry_run=args.dry_run, image_dir=path.parent)
+    else:
+        row = _params(args.param)
+        if args.prompt is not None:
+            row["prompt"] = args.prompt
+        result = service.submit_rows(settings, store, args.workflow, [row], batch_name=args.batch_name,
+                                     priority=args.priority, count=args.count, dry_run=args.dry_run)
+    if args.dry_run:
+        for job in result.jobs:
+            print(json.dumps(job.graph, ensure_ascii=False))
+        return 0
+    for batch_id in result.batch_ids:
+        print(batch_id)
+    print(f"{len(result.task_ids)} task(s) queued in batch {', '.join(map(str, result.batch_ids))}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_worker(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    if not settings.comfyui_urls and not store.servers(enabled_only=True):
+        raise InputError("no ComfyUI server configured: set COMFYUI_URL, e.g. COMFYUI_URL=http://127.0.0.1:8188")
+    scheduler = Scheduler(settings, store)
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.stop_event.set())
+    scheduler.start()
+    tty = sys.stderr.isatty()
+    try:
+        while not scheduler.stop_event.is_set():
+            time.sleep(0.2)
+            if args.until_idle and scheduler.is_leader and not scheduler.busy():
+                break
+            if tty:
+                counts = store.counts()
+                line = "  ".join(f"{k} {v}" for k, v in counts.items())
+                sys.stderr.write(f"\r{line}  {'(leader)' if scheduler.is_leader else '(standby)'}\x1b[K")
+                sys.stderr.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        scheduler.stop()
+        if tty:
+            sys.stderr.write("\n")
+    return 0
+
+
+def cmd_status(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    counts = store.counts(args.batch) if args.batch is None else service.batch_summary(store, args.batch)["counts"]
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for status, n in counts.items():
+            print(f"{status:10} {n}")
+        if not counts:
+            print("no tasks")
+    return 0
+
+
+def _task_ids(store: Store, args: argparse.Namespace, statuses: list[str] | None) -> list[int]:
+    ids = list(args.task or [])
+    for batch in args.batch or []:
+        store.get_batch(batch)
+        ids.extend(store.task_ids(batch_id=batch, statuses=statuses))
+    if not ids:
+        raise InputError("name tasks with --task ID or batches with --batch ID")
+    for task_id in args.task or []:
+        store.get_task(task_id)
+    return ids
+
+
+def cmd_cancel(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    result = service.cancel(store, _task_ids(store, args, ["queued", "submitted", "running"]))
+    print(f"cancelled {len(result['cancelled'])}, cancelling on server {len(result['cancelling'])}")
+    return 0
+
+
+def cmd_retry(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    ids = service.retry(store, _task_ids(store, args, ["failed"]))
+    print(f"requeued {len(ids)} task(s)")
+    return 0
+
+
+def cmd_export(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    if not args.csv and not args.zip:
+        raise InputError("export: give --csv FILE and/or --zip FILE")
+    result = service.export_batch(settings, store, args.batch, Path(args.csv) if args.csv else None,
+                                  Path(args.zip) if args.zip else None)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_servers(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    report = service.server_health(settings, store)
+    if not report:
+        raise InputError("no ComfyUI server configured: set COMFYUI_URL, e.g. COMFYUI_URL=http://127.0.0.1:8188")
+    for s in report:
+        state = "up" if s["up"] else "DOWN"
+        extra: Any = (f"ComfyUI {s.get('version')} on {s.get('device')}, queue {s.get('queue_running')}+"
+                      f"{s.get('queue_pending')}") if s["up"] else s.get("error", "")
+        print(f"{s['url']}\t{state}\t{'' if s['enabled'] else '(disabled) '}{extra}")
+    return 0 if all(s["up"] for s in report if s["enabled"]) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core", description="ComfyBatch: bulk image generation on ComfyUI.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("submit", help="enqueue a CSV file or a single prompt")
+    s.add_argument("file", nargs="?", help="CSV file: one job per row, columns are parameters")
+    s.add_argument("--workflow", required=True, help="template name in the workflows folder")
+    s.add_argument("--prompt", help="a single prompt instead of a CSV file")
+    s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="parameter (repeatable)")
+    s.add_argument("--batch-name")
+    s.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    s.add_argument("--count", type=int, default=1, help="images per row (a CSV 'count' column wins)")
+    s.add_argument("--dry-run", action="store_true", help="print the graphs, one JSON per line; enqueue nothing")
+    s.set_defaults(func=cmd_submit)
+    w = sub.add_parser("worker", help="run the scheduler")
+    w.add_argument("--until-idle", action="store_true", help="exit once nothing is queued or in flight")
+    w.add_argument("--quiet", action="store_true", help="no log lines on stderr")
+    w.set_defaults(func=cmd_worker)
+    st = sub.add_parser("status", help="task counts by status")
+    st.add_argument("batch", nargs="?", type=int)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+    for name, func, help_text in (("cancel", cmd_cancel, "cancel tasks"), ("retry", cmd_retry, "retry failed tasks")):
+        c = sub.add_parser(name, help=help_text)
+        c.add_argument("--batch", type=int, action="append", help="every matching task of this batch")
+        c.add_argument("--task", type=int, action="append", help="one task id (repeatable)")
+        c.set_defaults(func=func)
+    e = sub.add_parser("export", help="write a batch's results CSV and/or ZIP of images")
+    e.add_argument("batch", type=int)
+    e.add_argument("--csv")
+    e.add_argument("--zip")
+    e.set_defaults(func=cmd_export)
+    sv = sub.add_parser("servers", help="health of each configured ComfyUI server")
+    sv.set_defaults(func=cmd_servers)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

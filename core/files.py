@@ -1,0 +1,96 @@
+"""Result files: where images are saved, how they are written (atomically, bytes unchanged), and how
+batches are exported (ZIP of images, CSV of row -> files). Touches only the output directory."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+
+def batch_dir(output_dir: Path, batch_id: int) -> Path:
+    return output_dir / f"batch-{batch_id:05d}"
+
+
+def image_name(task_id: int, node_id: str, idx: int, comfy_filename: str) -> str:
+    ext = os.path.splitext(comfy_filename)[1].lower() or ".png"
+    safe_node = "".join(c if c.isalnum() else "_" for c in node_id)
+    return f"task-{task_id:06d}_{safe_node}_{idx:02d}{ext}"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temp file and rename, so a crash never leaves half an image under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def describe_image(data: bytes) -> dict[str, Any]:
+    """Width, height and mode read from the header only (no decode of the pixels)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return {"width": im.width, "height": im.height, "mode": im.mode}
+    except (OSError, ValueError):
+        return {"width": None, "height": None, "mode": None}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_zip(output_dir: Path, images: list[dict[str, Any]], target: Path | io.BytesIO) -> int:
+    """Write the given image rows into a ZIP (stored, not recompressed: PNGs are already compressed)."""
+    count = 0
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as zf:
+        for img in images:
+            path = output_dir / img["path"]
+            if path.is_file():
+                zf.write(path, arcname=img["path"])
+                count += 1
+    return count
+
+
+def results_csv(tasks: list[dict[str, Any]], images_by_task: dict[int, list[dict[str, Any]]]) -> str:
+    """One line per task: its parameters as given, the resolved seed, status, error and image files."""
+    param_keys: list[str] = []
+    for t in tasks:
+        for key in t["params"]:
+            if key not in param_keys:
+                param_keys.append(key)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["task_id", "row_number", *param_keys, "resolved_seed", "status", "server", "attempts",
+                     "error", "images"])
+    for t in tasks:
+        params = t["params"]
+        writer.writerow([t["id"], t.get("row_number") or "",
+                         *[_cell(params.get(k)) for k in param_keys], t.get("seed") if t.get("seed") is not None
+                         else "", t["status"], t.get("server") or "", t["attempts"], t.get("error") or "",
+                         ";".join(img["path"] for img in images_by_task.get(t["id"], []))])
+    return out.getvalue()
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)

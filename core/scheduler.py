@@ -1,0 +1,410 @@
+"""The scheduler: the only module that starts threads.
+
+`Scheduler` holds the database's scheduler lease (one per database, renewed by a heartbeat), and runs one
+`ServerWorker` per enabled server. A worker keeps at most `in_flight` of our prompts queued or running on its
+server, so the GPU never waits on us while the rest of the work can still go to other servers. Events come
+over one websocket per server (a stable client_id per server, kept in the database, so a restarted scheduler
+receives the events of prompts its predecessor posted); after any gap, or a quiet spell, the worker
+reconciles its in-flight tasks through `/queue` and `/history/{prompt_id}`. Finished prompts are collected
+(images downloaded, saved, recorded) by a shared thread pool, off the dispatch path.
+
+Retries by cause: server unreachable before the post -> back in the queue at once, no attempt spent;
+server lost the prompt (restart, long outage) -> requeued, one attempt spent; HTTP 400 -> failed at once;
+execution error or foreign interrupt -> requeued until `max_attempts`, then failed with ComfyUI's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from core import files
+from core.comfy import TERMINAL_EVENTS, ComfyClient, EventSocket, outcome, output_images
+from core.config import Settings
+from core.errors import ComfyError, ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
+from core.models import TaskStatus
+from core.store import IN_FLIGHT, Store
+
+log = logging.getLogger(__name__)
+LEASE = "scheduler"
+PROGRESS_INTERVAL = 0.5  # seconds between progress writes for one task
+QUIET_RECONCILE = 3.0  # reconcile in-flight prompts after this long without any websocket message
+DOWN_GRACE = 10.0  # after this long unreachable, a server's in-flight tasks go back to the queue
+
+
+class ServerWorker:
+    """Feeds one ComfyUI server. Two threads: the websocket reader and the dispatch loop."""
+
+    def __init__(self, scheduler: Scheduler, url: str, client_id: str):
+        self.scheduler = scheduler
+        self.settings = scheduler.settings
+        self.store = scheduler.store
+        self.url = url
+        self.client = ComfyClient(url, client_id, self.settings.connect_timeout, self.settings.read_timeout)
+        self.socket = EventSocket(url, client_id, self._on_event, self._on_connect, self.settings.connect_timeout)
+        self.stop_event = threading.Event()
+        self.slot_free = threading.Condition()
+        self.inflight: dict[str, int] = {}  # prompt_id -> task_id
+        self.collecting: set[str] = set()
+        self.progress_written: dict[str, float] = {}
+        self.healthy = False
+        self.down_since: float | None = None
+        self.needs_reconcile = True
+        self.last_message = time.monotonic()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for name, target in (("ws", lambda: self.socket.run(self.stop_event)), ("dispatch", self.run)):
+            t = threading.Thread(target=target, name=f"comfybatch-{name}-{self.url}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stop_event.set()
+        with self.slot_free:
+            self.slot_free.notify_all()
+        for t in self.threads:
+            t.join(timeout)
+        self.client.close()
+
+    # -- dispatch loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.loop_once()
+            except Exception:  # never let the thread die: log and go on
+                log.exception("server %s: dispatch loop error", self.url)
+                self.stop_event.wait(1.0)
+
+    def loop_once(self) -> None:
+        """One unit of work: check health, reconcile if needed, handle cancels, submit at most one task."""
+        if not self.healthy and not self._check_health():
+            return
+        if self.needs_reconcile or (self.inflight and time.monotonic() - self.last_message > QUIET_RECONCILE):
+            self.needs_reconcile = False
+            self.reconcile()
+        self._handle_cancels()
+        with self.slot_free:
+            if len(self.inflight) >= self.settings.in_flight:
+                self.slot_free.wait(0.5)
+                return
+        task = self.store.claim_next_task(self.url, str(uuid.uuid4()))
+        if task is None:
+            self.stop_event.wait(0.2)
+            return
+        self.submit(task)
+
+    def _check_health(self) -> bool:
+        try:
+            self.client.system_stats()
+        except ServerUnavailable as exc:
+            now = time.monotonic()
+            if self.down_since is None:
+                self.down_since = now
+                log.warning("server %s is unavailable: %s", self.url, exc)
+            elif now - self.down_since > DOWN_GRACE:
+                self._release_in_flight(f"server unreachable for more than {DOWN_GRACE:g} s")
+            self.stop_event.wait(min(5.0, 0.5 + (now - self.down_since) / 4))
+            return False
+        if self.down_since is not None:
+            log.info("server %s is back", self.url)
+        self.healthy, self.down_since, self.needs_reconcile = True, None, True
+        return True
+
+    def _mark_down(self, exc: Exception) -> None:
+        if self.healthy:
+            log.warning("server %s went down: %s", self.url, exc)
+        self.healthy = False
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+
+    def submit(self, task: dict[str, Any]) -> None:
+        prompt_id = task["prompt_id"]
+        try:
+            graph = self._prepare_graph(task)
+        except ServerUnavailable as exc:
+            self._requeue_unsent(task, exc)
+            return
+        except ComfyError as exc:
+            self._finish(task, TaskStatus.FAILED, str(exc))
+            return
+        with self.slot_free:
+            self.inflight[prompt_id] = task["id"]
+        try:
+            self.client.submit(graph, prompt_id)
+            log.info("task %s submitted to %s as %s (attempt %s)", task["id"], self.url, prompt_id, task["attempts"])
+        except PromptRejected as exc:
+            self._drop(prompt_id)
+            log.info("task %s rejected by %s: %s", task["id"], self.url, exc)
+            self._finish(task, TaskStatus.FAILED, str(exc))
+        except ServerUnavailable as exc:
+            self._drop(prompt_id)
+            # The post may have reached the server (read timeout): reconcile decides once it answers.
+            self._mark_down(exc)
+            self.needs_reconcile = True
+            if not exc.maybe_delivered:
+                self._requeue_unsent(task, exc)
+
+    def _prepare_graph(self, task: dict[str, Any]) -> dict[str, Any]:
+        """Upload the task's input images to this server (once per identical file) and point LoadImage at
+        the names ComfyUI gave them; store the graph exactly as it will be submitted."""
+        inputs = task.get("inputs") or {}
+        graph: dict[str, Any] = task["graph"]
+        if not inputs:
+            return graph
+        for target, spec in inputs.items():
+            node_id, input_name = target.rsplit(".", 1)
+            name = self.store.get_upload(self.url, spec["sha256"])
+            if name is None:
+                data = Path(spec["path"]).read_bytes()
+                name = self.client.upload_image(data, spec["name"])
+                self.store.put_upload(self.url, spec["sha256"], name)
+            graph[node_id]["inputs"][input_name] = name
+        self.store.set_graph(task["id"], graph)
+        return graph
+
+    def _requeue_unsent(self, task: dict[str, Any], exc: Exception) -> None:
+        """The prompt never reached ComfyUI: back in the queue for any server, attempt not spent."""
+        self._mark_down(exc)
+        self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=str(exc)[:500],
+                              attempts=max(task["attempts"] - 1, 0), error=str(exc))
+
+    def _drop(self, prompt_id: str) -> None:
+        with self.slot_free:
+            self.inflight.pop(prompt_id, None)
+            self.progress_written.pop(prompt_id, None)
+            self.slot_free.notify_all()
+
+    # -- events -----------------------------------------------------------------------------------
+    def _on_connect(self) -> None:
+        self.last_message = time.monotonic()
+        self.needs_reconcile = True
+
+    def _on_event(self, kind: str, data: dict[str, Any]) -> None:
+        self.last_message = time.monotonic()
+        prompt_id = data.get("prompt_id")
+        if not isinstance(prompt_id, str):
+            return
+        task_id = self.inflight.get(prompt_id)
+        if task_id is None:
+            return
+        if kind == "execution_start":
+            self.store.transition(task_id, TaskStatus.RUNNING, [TaskStatus.SUBMITTED])
+        elif kind == "progress":
+            self._record_progress(prompt_id, task_id, data)
+        elif kind in TERMINAL_EVENTS or (kind == "executing" and data.get("node") is None):
+            self._drop(prompt_id)
+            self.collect(prompt_id, task_id)
+
+    def _record_progress(self, prompt_id: str, task_id: int, data: dict[str, Any]) -> None:
+        value, maximum = int(data.get("value", 0)), int(data.get("max", 0))
+        now = time.monotonic()
+        if value >= maximum or now - self.progress_written.get(prompt_id, 0.0) >= PROGRESS_INTERVAL:
+            self.progress_written[prompt_id] = now
+            self.store.transition(task_id, TaskStatus.RUNNING, [TaskStatus.SUBMITTED])
+            self.store.set_progress(task_id, value, maximum)
+
+    # -- collection -------------------------------------------------------------------------------
+    def collect(self, prompt_id: str, task_id: int) -> None:
+        with self.slot_free:
+            if prompt_id in self.collecting:
+                return
+            self.collecting.add(prompt_id)
+        self.scheduler.pool.submit(self._collect, prompt_id, task_id)
+
+    def _collect(self, prompt_id: str, task_id: int) -> None:
+        try:
+            task = self.store.get_task(task_id)
+            if task["status"] not in IN_FLIGHT or task["prompt_id"] != prompt_id:
+                return
+            entry = None
+            for delay in (0, 0.05, 0.1, 0.25, 0.5, 1.0):
+                time.sleep(delay)
+                entry = self.client.history(prompt_id)
+                if entry is not None:
+                    break
+            if entry is None:
+                self.needs_reconcile = True  # not finished after all (or lost): reconcile decides
+                return
+            try:
+                outputs = outcome(entry, self.url)
+            except (ExecutionFailed, Interrupted) as exc:
+                self._failed_run(task, exc)
+                return
+            self._save_outputs(task, outputs)
+        except ServerUnavailable as exc:
+            self._mark_down(exc)
+            self.needs_reconcile = True
+        except Exception:
+            log.exception("task %s: collecting %s failed", task_id, prompt_id)
+            self.needs_reconcile = True
+        finally:
+            with self.slot_free:
+                self.collecting.discard(prompt_id)
+
+    def _save_outputs(self, task: dict[str, Any], outputs: dict[str, Any]) -> None:
+        out_dir = self.settings.output_dir
+        folder = files.batch_dir(out_dir, task["batch_id"])
+        records = []
+        for node_id, idx, img in output_images(outputs):
+            path = folder / files.image_name(task["id"], node_id, idx, img.get("filename", ""))
+            if self.store.image_exists(task["id"], node_id, idx) and path.is_file():
+                continue
+            data = self.client.view(img)
+            files.write_atomic(path, data)
+            records.append({"batch_id": task["batch_id"], "node_id": node_id, "idx": idx,
+                            "path": str(path.relative_to(out_dir)), "filename": img.get("filename"),
+                            "subfolder": img.get("subfolder", ""), "type": img.get("type", "output"),
+                            "size_bytes": len(data), **files.describe_image(data)})
+        if self.store.complete_task(task["id"], records):
+            log.info("task %s succeeded on %s: %d image(s)", task["id"], self.url, len(records))
+
+    def _failed_run(self, task: dict[str, Any], exc: ComfyError) -> None:
+        current = self.store.get_task(task["id"])
+        if current["cancel_requested"]:
+            self._finish(current, TaskStatus.CANCELLED, "cancelled by user")
+        elif current["attempts"] < self.settings.max_attempts:
+            log.info("task %s: attempt %s failed on %s, retrying: %s", task["id"], current["attempts"], self.url, exc)
+            self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=str(exc)[:500], error=str(exc))
+        else:
+            log.warning("task %s failed after %s attempts: %s", task["id"], current["attempts"], exc)
+            self._finish(current, TaskStatus.FAILED, str(exc))
+
+    def _finish(self, task: dict[str, Any], status: TaskStatus, error: str) -> None:
+        self.store.transition(task["id"], status, IN_FLIGHT, detail=error[:500], error=error)
+
+    # -- reconciliation ---------------------------------------------------------------------------
+    def reconcile(self) -> None:
+        """Match every task the database believes is on this server with what the server knows."""
+        try:
+            running, pending = self.client.queue()
+            known = set(running) | set(pending)
+            tasks = self.store.in_flight_tasks(self.url)
+            attached: dict[str, int] = {}
+            for task in tasks:
+                pid = task["prompt_id"]
+                if pid in self.collecting:
+                    continue
+                if self.client.history(pid) is not None:
+                    self.collect(pid, task["id"])
+                elif pid in known:
+                    attached[pid] = task["id"]
+                elif pid in self.inflight and time.time() - (task["submitted_at"] or 0) < 1.0:
+                    attached[pid] = task["id"]  # posted a moment ago; the queue read may predate it
+                elif self.client.history(pid) is not None:
+                    self.collect(pid, task["id"])
+                elif task["cancel_requested"]:
+                    self._finish(task, TaskStatus.CANCELLED, "cancelled by user")
+                else:
+                    self._lost(task, f"ComfyUI at {self.url} no longer knows prompt {pid} (server restarted?)")
+            with self.slot_free:
+                self.inflight = attached
+                self.slot_free.notify_all()
+            self.last_message = time.monotonic()
+        except ServerUnavailable as exc:
+            self._mark_down(exc)
+            self.needs_reconcile = True
+
+    def _lost(self, task: dict[str, Any], reason: str) -> None:
+        if task["attempts"] >= self.settings.max_attempts:
+            self._finish(task, TaskStatus.FAILED, reason)
+        else:
+            log.warning("task %s: %s; requeued", task["id"], reason)
+            self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=reason, error=reason)
+
+    def _release_in_flight(self, reason: str) -> None:
+        for task in self.store.in_flight_tasks(self.url):
+            if task["prompt_id"] not in self.collecting:
+                self._lost(task, f"{self.url}: {reason}")
+        with self.slot_free:
+            self.inflight.clear()
+
+    def _handle_cancels(self) -> None:
+        ids = self.store.cancel_requested_ids(self.url)
+        if not ids:
+            return
+        running, pending = self.client.queue()
+        for task_id in ids:
+            task = self.store.get_task(task_id)
+            pid = task["prompt_id"]
+            if pid in pending:
+                self.client.delete_pending([pid])
+                self._drop(pid)
+                self._finish(task, TaskStatus.CANCELLED, "cancelled by user")
+            elif pid in running:
+                self.client.interrupt(pid)  # the terminal event then marks it cancelled
+            elif pid not in self.collecting:
+                self.needs_reconcile = True
+
+
+class Scheduler:
+    """Holds the lease and runs one ServerWorker per enabled server. `start()` returns at once."""
+
+    def __init__(self, settings: Settings, store: Store | None = None, owner: str | None = None):
+        self.settings = settings
+        self.store = store or Store(settings.db_path)
+        self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.workers: dict[str, ServerWorker] = {}
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="comfybatch-collect")
+        self.stop_event = threading.Event()
+        self.is_leader = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.store.sync_servers(self.settings.comfyui_urls, lambda: uuid.uuid4().hex)
+        self._thread = threading.Thread(target=self.run, name="comfybatch-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        if self._thread:
+            self._thread.join(timeout)
+        self._stop_workers()
+        self.pool.shutdown(wait=True)
+        if self.is_leader:
+            self.store.release_lease(LEASE, self.owner)
+            self.is_leader = False
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("scheduler tick failed")
+            self.stop_event.wait(min(1.0, self.settings.lease_seconds / 3))
+
+    def tick(self) -> None:
+        """Renew (or try to take) the lease, then start/stop workers to match the enabled servers."""
+        leader = self.store.acquire_lease(LEASE, self.owner, self.settings.lease_seconds)
+        if leader != self.is_leader:
+            log.info("scheduler %s %s the lease", self.owner, "took" if leader else "lost")
+            self.is_leader = leader
+        if not leader:
+            self._stop_workers()
+            return
+        wanted = {s["url"]: s["client_id"] for s in self.store.servers(enabled_only=True)}
+        for url in list(self.workers):
+            if url not in wanted:
+                self.workers.pop(url).stop()
+        for url, client_id in wanted.items():
+            if url not in self.workers:
+                worker = ServerWorker(self, url, client_id)
+                self.workers[url] = worker
+                worker.start()
+
+    def _stop_workers(self) -> None:
+        while self.workers:
+            self.workers.popitem()[1].stop()
+
+    def busy(self) -> bool:
+        """Anything still to do: queued or in-flight tasks, or results being collected."""
+        return self.store.has_pending_work() or any(w.collecting for w in self.workers.values())
+
+    def server_states(self) -> dict[str, bool]:
+        return {url: w.healthy for url, w in self.workers.items()}

@@ -1,0 +1,419 @@
+"""The task store: the only module that imports sqlite_utils (and so the only one that writes SQLite).
+
+One database file holds batches, tasks, output images, status events, servers, input uploads and the
+scheduler lease. WAL with a busy timeout; one connection per thread; every write runs inside
+`BEGIN IMMEDIATE`, so a read-then-write (the claim) never fails with "database is locked" under threads
+or processes. Every status change is one guarded UPDATE (`WHERE status IN (...)`) plus an `events` row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from core.errors import NotFound
+from core.models import FINAL_STATUSES, TaskStatus
+
+SCHEMA_VERSION = 1
+IN_FLIGHT = (TaskStatus.SUBMITTED.value, TaskStatus.RUNNING.value)
+_JSON_COLUMNS = ("params", "graph", "inputs")
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY, name TEXT NOT NULL, workflow TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0,
+        source TEXT, created_at REAL NOT NULL);
+    CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY, batch_id INTEGER NOT NULL REFERENCES batches(id), row_number INTEGER,
+        workflow TEXT NOT NULL, prompt TEXT NOT NULL DEFAULT '', params TEXT NOT NULL, seed INTEGER,
+        graph TEXT NOT NULL, inputs TEXT NOT NULL DEFAULT '{}', servers TEXT,
+        status TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, server TEXT, prompt_id TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0, progress_value INTEGER, progress_max INTEGER, error TEXT,
+        cancel_requested INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, submitted_at REAL,
+        started_at REAL, finished_at REAL, updated_at REAL NOT NULL);
+    CREATE INDEX tasks_batch_status ON tasks(batch_id, status);
+    CREATE INDEX tasks_claim ON tasks(status, priority DESC, id);
+    CREATE INDEX tasks_server_status ON tasks(server, status);
+    CREATE UNIQUE INDEX tasks_prompt_id ON tasks(prompt_id);
+    CREATE INDEX tasks_workflow ON tasks(workflow, id);
+    CREATE TABLE images (
+        id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL REFERENCES tasks(id), batch_id INTEGER NOT NULL,
+        node_id TEXT NOT NULL, idx INTEGER NOT NULL, path TEXT NOT NULL, filename TEXT, subfolder TEXT,
+        type TEXT, width INTEGER, height INTEGER, mode TEXT, size_bytes INTEGER, created_at REAL NOT NULL,
+        UNIQUE(task_id, node_id, idx));
+    CREATE INDEX images_batch ON images(batch_id, id);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL, batch_id INTEGER NOT NULL, status TEXT NOT NULL,
+        at REAL NOT NULL, detail TEXT);
+    CREATE INDEX events_task ON events(task_id, id);
+    CREATE TABLE servers (
+        url TEXT PRIMARY KEY, enabled INTEGER NOT NULL DEFAULT 1, source TEXT NOT NULL, client_id TEXT NOT NULL,
+        added_at REAL NOT NULL);
+    CREATE TABLE uploads (
+        server TEXT NOT NULL, sha256 TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY(server, sha256));
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL, pid INTEGER, host TEXT);
+    """,
+}
+
+
+class Store:
+    """Thread-safe access to one SQLite file; each thread gets its own connection."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite_utils.Database] = []
+        self._lock = threading.Lock()
+        self.migrate()
+
+    # -- connections and transactions -------------------------------------------------------------
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            db = sqlite_utils.Database(conn)
+            self._local.db = db
+            with self._lock:
+                self._all.append(db)
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._all:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken with BEGIN IMMEDIATE (the lock is held from the first statement)."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def migrate(self) -> None:
+        db = self.db
+        if db.journal_mode != "wal":
+            db.enable_wal()
+        with self.write() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            for target in sorted(v for v in _MIGRATIONS if v > version):
+                for statement in _MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(target),))
+        if "tasks_fts" not in db.table_names():
+            try:
+                db["tasks"].enable_fts(["prompt"], tokenize="trigram", create_triggers=True)
+            except sqlite3.OperationalError:
+                pass  # SQLite older than 3.34 has no trigram tokenizer: search falls back to LIKE
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+    # -- batches and tasks ------------------------------------------------------------------------
+    def create_batch(self, name: str, workflow: str, tasks: list[dict[str, Any]], priority: int = 0,
+                     source: str | None = None) -> tuple[int, list[int]]:
+        """Insert a batch and all its tasks in one transaction; returns (batch id, task ids)."""
+        now = time.time()
+        with self.write() as conn:
+            batch_id = conn.execute(
+                "INSERT INTO batches (name, workflow, priority, source, created_at) VALUES (?, ?, ?, ?, ?)",
+                (name, workflow, priority, source, now)).lastrowid
+            assert batch_id is not None
+            first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM tasks").fetchone()[0]
+            rows = [(first + i, batch_id, t.get("row_number"), workflow, t.get("prompt") or "",
+                     json.dumps(t["params"], ensure_ascii=False), t.get("seed"),
+                     json.dumps(t["graph"], ensure_ascii=False), json.dumps(t.get("inputs") or {}),
+                     t.get("servers"), TaskStatus.QUEUED.value, priority, now, now) for i, t in enumerate(tasks)]
+            conn.executemany(
+                "INSERT INTO tasks (id, batch_id, row_number, workflow, prompt, params, seed, graph, inputs, "
+                "servers, status, priority, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            conn.executemany("INSERT INTO events (task_id, batch_id, status, at) VALUES (?, ?, 'queued', ?)",
+                             [(r[0], batch_id, now) for r in rows])
+        return batch_id, [r[0] for r in rows]
+
+    def claim_next_task(self, server: str, prompt_id: str) -> dict[str, Any] | None:
+        """Atomically move the best queued task (priority, then FIFO) to `submitted` on `server`.
+
+        The prompt_id is stored before anything is posted, so a crash after the post can be reconciled.
+        """
+        now = time.time()
+        with self.write() as conn:
+            row = conn.execute(
+                "SELECT id, batch_id FROM tasks WHERE status = 'queued' AND cancel_requested = 0 "
+                "AND (servers IS NULL OR instr(',' || servers || ',', ',' || ? || ',') > 0) "
+                "ORDER BY priority DESC, id LIMIT 1", (server,)).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE tasks SET status = 'submitted', server = ?, prompt_id = ?, attempts = attempts + 1, "
+                "submitted_at = ?, started_at = NULL, progress_value = NULL, progress_max = NULL, "
+                "updated_at = ? WHERE id = ?", (server, prompt_id, now, now, row[0]))
+            conn.execute("INSERT INTO events (task_id, batch_id, status, at, detail) VALUES (?, ?, ?, ?, ?)",
+                         (row[0], row[1], "submitted", now, server))
+        return self.get_task(row[0])
+
+    def transition(self, task_id: int, status: TaskStatus, from_statuses: Iterable[str],
+                   detail: str | None = None, **fields: Any) -> bool:
+        """Set a task's status if it is currently in one of `from_statuses`; record the event."""
+        now = time.time()
+        fields = {**fields, "status": status.value, "updated_at": now}
+        if status == TaskStatus.RUNNING:
+            fields.setdefault("started_at", now)
+        if status in FINAL_STATUSES:
+            fields.setdefault("finished_at", now)
+        if status == TaskStatus.QUEUED:
+            fields.update(server=None, prompt_id=None, progress_value=None, progress_max=None)
+        froms = [str(s) for s in from_statuses]
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.write() as conn:
+            cur = conn.execute(
+                f"UPDATE tasks SET {sets} WHERE id = ? AND status IN ({','.join('?' * len(froms))})",
+                [*fields.values(), task_id, *froms])
+            if cur.rowcount != 1:
+                return False
+            conn.execute(
+                "INSERT INTO events (task_id, batch_id, status, at, detail) "
+                "SELECT id, batch_id, ?, ?, ? FROM tasks WHERE id = ?", (status.value, now, detail, task_id))
+        return True
+
+    def set_progress(self, task_id: int, value: int, maximum: int) -> None:
+        with self.write() as conn:
+            conn.execute("UPDATE tasks SET progress_value = ?, progress_max = ?, updated_at = ? "
+                         "WHERE id = ? AND status IN ('submitted', 'running')", (value, maximum, time.time(), task_id))
+
+    def set_graph(self, task_id: int, graph: dict[str, Any]) -> None:
+        with self.write() as conn:
+            conn.execute("UPDATE tasks SET graph = ? WHERE id = ?", (json.dumps(graph, ensure_ascii=False), task_id))
+
+    def complete_task(self, task_id: int, images: list[dict[str, Any]]) -> bool:
+        """Record the images and mark the task succeeded, in one transaction. Images already recorded
+        (same task, node, index) are kept as they are, so collecting a task twice never duplicates."""
+        now = time.time()
+        with self.write() as conn:
+            status = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if status is None or status[0] not in IN_FLIGHT:
+                return False
+            conn.executemany(
+                "INSERT OR IGNORE INTO images (task_id, batch_id, node_id, idx, path, filename, subfolder, type, "
+                "width, height, mode, size_bytes, created_at) VALUES (:task_id, :batch_id, :node_id, :idx, :path, "
+                ":filename, :subfolder, :type, :width, :height, :mode, :size_bytes, :created_at)",
+                [{**img, "task_id": task_id, "created_at": now} for img in images])
+            conn.execute(
+                "UPDATE tasks SET status = 'succeeded', finished_at = ?, updated_at = ?, error = NULL, "
+                "progress_value = COALESCE(progress_max, progress_value) WHERE id = ?", (now, now, task_id))
+            conn.execute("INSERT INTO events (task_id, batch_id, status, at) SELECT id, batch_id, 'succeeded', ? "
+                         "FROM tasks WHERE id = ?", (now, task_id))
+        return True
+
+    def image_exists(self, task_id: int, node_id: str, idx: int) -> bool:
+        return self.db.execute("SELECT 1 FROM images WHERE task_id = ? AND node_id = ? AND idx = ?",
+                               (task_id, node_id, idx)).fetchone() is not None
+
+    def request_cancel(self, task_ids: Iterable[int]) -> tuple[list[int], list[dict[str, Any]]]:
+        """Cancel queued tasks at once; flag in-flight ones. Returns (cancelled ids, in-flight task rows)."""
+        ids = list(task_ids)
+        cancelled = [i for i in ids if self.transition(i, TaskStatus.CANCELLED, [TaskStatus.QUEUED])]
+        in_flight = []
+        for i in ids:
+            with self.write() as conn:
+                cur = conn.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ? AND status IN (?, ?)",
+                                   (i, *IN_FLIGHT))
+            if cur.rowcount:
+                in_flight.append(self.get_task(i))
+        return cancelled, in_flight
+
+    def retry(self, task_ids: Iterable[int]) -> list[int]:
+        """Put failed or cancelled tasks back in the queue with a fresh attempt count."""
+        return [i for i in task_ids if self.transition(
+            i, TaskStatus.QUEUED, [TaskStatus.FAILED, TaskStatus.CANCELLED], detail="retry",
+            attempts=0, error=None, cancel_requested=0, finished_at=None, started_at=None)]
+
+    def set_priority(self, task_ids: Iterable[int], priority: int) -> int:
+        ids = list(task_ids)
+        with self.write() as conn:
+            return conn.execute(f"UPDATE tasks SET priority = ? WHERE id IN ({','.join('?' * len(ids))})",
+                                [priority, *ids]).rowcount if ids else 0
+
+    # -- reads ------------------------------------------------------------------------------------
+    def get_task(self, task_id: int) -> dict[str, Any]:
+        row = self.db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"task {task_id} does not exist")
+        return _decode(dict(zip(_columns(self.db, "tasks"), row, strict=True)))
+
+    def task_by_prompt_id(self, prompt_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT id FROM tasks WHERE prompt_id = ?", (prompt_id,)).fetchone()
+        return self.get_task(row[0]) if row else None
+
+    def in_flight_tasks(self, server: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT id FROM tasks WHERE status IN (?, ?)" + (" AND server = ?" if server else "") + " ORDER BY id"
+        args = [*IN_FLIGHT, server] if server else list(IN_FLIGHT)
+        return [self.get_task(r[0]) for r in self.db.execute(sql, args).fetchall()]
+
+    def cancel_requested_ids(self, server: str) -> list[int]:
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM tasks WHERE cancel_requested = 1 AND server = ? AND status IN (?, ?)",
+            (server, *IN_FLIGHT)).fetchall()]
+
+    def counts(self, batch_id: int | None = None) -> dict[str, int]:
+        sql = "SELECT status, COUNT(*) FROM tasks" + (" WHERE batch_id = ?" if batch_id is not None else "")
+        rows = self.db.execute(sql + " GROUP BY status", [batch_id] if batch_id is not None else []).fetchall()
+        return {status: n for status, n in sorted(rows)}
+
+    def has_pending_work(self) -> bool:
+        return self.db.execute("SELECT 1 FROM tasks WHERE status IN ('queued', 'submitted', 'running') "
+                               "LIMIT 1").fetchone() is not None
+
+    def get_batch(self, batch_id: int) -> dict[str, Any]:
+        row = self.db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"batch {batch_id} does not exist")
+        return dict(zip(_columns(self.db, "batches"), row, strict=True))
+
+    def list_batches(self, limit: int = 100) -> list[dict[str, Any]]:
+        return list(self.db.query("SELECT * FROM batches ORDER BY id DESC LIMIT ?", [limit]))
+
+    def task_ids(self, batch_id: int | None = None, statuses: Iterable[str] | None = None) -> list[int]:
+        where, args = _where(batch_id=batch_id, statuses=statuses)
+        return [r[0] for r in self.db.execute(f"SELECT id FROM tasks {where} ORDER BY id", args).fetchall()]
+
+    def list_tasks(self, batch_id: int | None = None, statuses: Iterable[str] | None = None,
+                   workflow: str | None = None, text: str | None = None, limit: int = 50, offset: int = 0,
+                   newest_first: bool = True) -> list[dict[str, Any]]:
+        where, args = _where(batch_id=batch_id, statuses=statuses, workflow=workflow, text=text,
+                             fts="tasks_fts" in self.db.table_names())
+        order = "DESC" if newest_first else "ASC"
+        rows = self.db.query(f"SELECT * FROM tasks {where} ORDER BY id {order} LIMIT ? OFFSET ?",
+                             [*args, limit, offset])
+        return [_decode(r) for r in rows]
+
+    def count_tasks(self, **filters: Any) -> int:
+        where, args = _where(**filters, fts="tasks_fts" in self.db.table_names())
+        return int(self.db.execute(f"SELECT COUNT(*) FROM tasks {where}", args).fetchone()[0])
+
+    def images_for_task(self, task_id: int) -> list[dict[str, Any]]:
+        return list(self.db.query("SELECT * FROM images WHERE task_id = ? ORDER BY node_id, idx", [task_id]))
+
+    def images_for_batch(self, batch_id: int) -> list[dict[str, Any]]:
+        return list(self.db.query("SELECT * FROM images WHERE batch_id = ? ORDER BY task_id, node_id, idx",
+                                  [batch_id]))
+
+    def events(self, task_id: int | None = None, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM events WHERE id > ?" + (" AND task_id = ?" if task_id is not None else "")
+        args: list[Any] = [after_id] + ([task_id] if task_id is not None else [])
+        return list(self.db.query(sql + " ORDER BY id LIMIT ?", [*args, limit]))
+
+    # -- servers, uploads, lease ------------------------------------------------------------------
+    def sync_servers(self, configured: Iterable[str], client_id_factory: Any) -> None:
+        with self.write() as conn:
+            for url in configured:
+                conn.execute("INSERT OR IGNORE INTO servers (url, enabled, source, client_id, added_at) "
+                             "VALUES (?, 1, 'config', ?, ?)", (url, client_id_factory(), time.time()))
+
+    def add_server(self, url: str, client_id: str) -> None:
+        with self.write() as conn:
+            conn.execute("INSERT INTO servers (url, enabled, source, client_id, added_at) VALUES (?, 1, 'runtime', "
+                         "?, ?) ON CONFLICT(url) DO UPDATE SET enabled = 1", (url, client_id, time.time()))
+
+    def set_server_enabled(self, url: str, enabled: bool) -> None:
+        with self.write() as conn:
+            if conn.execute("UPDATE servers SET enabled = ? WHERE url = ?", (int(enabled), url)).rowcount != 1:
+                raise NotFound(f"server {url} is not configured")
+
+    def remove_server(self, url: str) -> None:
+        with self.write() as conn:
+            if conn.execute("DELETE FROM servers WHERE url = ?", (url,)).rowcount != 1:
+                raise NotFound(f"server {url} is not configured")
+
+    def servers(self, enabled_only: bool = False) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM servers" + (" WHERE enabled = 1" if enabled_only else "") + " ORDER BY added_at, url"
+        return list(self.db.query(sql))
+
+    def get_upload(self, server: str, sha256: str) -> str | None:
+        row = self.db.execute("SELECT name FROM uploads WHERE server = ? AND sha256 = ?", (server, sha256)).fetchone()
+        return row[0] if row else None
+
+    def put_upload(self, server: str, sha256: str, name: str) -> None:
+        with self.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO uploads VALUES (?, ?, ?)", (server, sha256, name))
+
+    def acquire_lease(self, name: str, owner: str, seconds: float) -> bool:
+        """Take or renew the named lease; False while another live owner holds it."""
+        now = time.time()
+        with self.write() as conn:
+            row = conn.execute("SELECT owner, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
+            if row and row[0] != owner and row[1] > now:
+                return False
+            conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?)",
+                         (name, owner, now + seconds, os.getpid(), socket.gethostname()))
+        return True
+
+    def release_lease(self, name: str, owner: str) -> None:
+        with self.write() as conn:
+            conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
+
+    def lease_holder(self, name: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM leases WHERE name = ? AND expires_at > ?", [name, time.time()]))
+        return rows[0] if rows else None
+
+
+def _columns(db: sqlite_utils.Database, table: str) -> list[str]:
+    return [c.name for c in db[table].columns]  # type: ignore[union-attr]
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    for key in _JSON_COLUMNS:
+        if isinstance(row.get(key), str):
+            row[key] = json.loads(row[key])
+    return row
+
+
+def _where(batch_id: int | None = None, statuses: Iterable[str] | None = None, workflow: str | None = None,
+           text: str | None = None, fts: bool = False) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    if batch_id is not None:
+        clauses.append("batch_id = ?")
+        args.append(batch_id)
+    statuses = [str(s) for s in statuses or []]
+    if statuses:
+        clauses.append(f"status IN ({','.join('?' * len(statuses))})")
+        args.extend(statuses)
+    if workflow:
+        clauses.append("workflow = ?")
+        args.append(workflow)
+    if text and text.strip():
+        text = text.strip()
+        if fts and len(text) >= 3:
+            clauses.append("id IN (SELECT rowid FROM tasks_fts WHERE tasks_fts MATCH ?)")
+            args.append('"' + text.replace('"', '""') + '"')
+        else:
+            clauses.append("prompt LIKE ? ESCAPE '\\'")
+            args.append("%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", args

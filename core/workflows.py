@@ -1,0 +1,352 @@
+"""Workflow templates: load, discover parameters, patch a deep copy. Pure, no I/O beyond reading files.
+
+A template is `workflows/NAME.json` in ComfyUI API format (`{node_id: {class_type, inputs, _meta}}`),
+optionally beside `workflows/NAME.toml` that declares its title, description and named parameters:
+
+    title = "SD1.5 text to image"
+    [params.prompt]
+    target = "6.text"          # node id . input name
+    label = "Prompt"           # optional: type, default, min, max, choices, required, multiline
+
+Without a declaration, parameters are discovered from the graph (see `discover_params`). Any input of any
+node can also be addressed as `<node_id>.<input>` or `<node title>.<input>`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from core.errors import InputError, NotFound, WorkflowError
+
+SEED_MAX = 2**53 - 1  # exact in JSON/JavaScript, well inside ComfyUI's 64-bit seed range
+SAMPLER_SETTINGS = ("steps", "cfg", "sampler_name", "scheduler", "denoise")
+TEXT_INPUTS = ("text", "prompt", "text_g", "text_l")
+IMAGE_LOADERS = ("LoadImage", "LoadImageMask")
+
+
+@dataclass(frozen=True)
+class Param:
+    """A named parameter: which node input it sets and what values it accepts."""
+
+    name: str
+    node_id: str
+    input_name: str
+    kind: str  # int | float | string | bool | seed | image
+    default: Any = None
+    label: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[Any, ...] | None = None
+    required: bool = False
+    multiline: bool = False
+
+    @property
+    def target(self) -> str:
+        return f"{self.node_id}.{self.input_name}"
+
+
+@dataclass(frozen=True)
+class Workflow:
+    name: str
+    graph: dict[str, Any]
+    params: dict[str, Param]
+    title: str = ""
+    description: str = ""
+    declared: bool = False
+    presets: dict[str, Any] = field(default_factory=dict)
+
+    def param_for(self, key: str) -> Param:
+        """Resolve a parameter key (named, `node_id.input` or `title.input`) or raise InputError."""
+        if key in self.params:
+            return self.params[key]
+        node_id, input_name = _address(self.graph, key)
+        value = self.graph[node_id]["inputs"][input_name]
+        for p in self.params.values():
+            if p.node_id == node_id and p.input_name == input_name:
+                return replace(p, name=key)
+        return Param(key, node_id, input_name, _kind_of(value), default=value)
+
+
+def load_graph(path: Path) -> dict[str, Any]:
+    """Read an API-format graph from a JSON file, with a clear error for every way it can be wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise NotFound(f"workflow file {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WorkflowError(f"{path.name}: not a valid JSON file ({exc})") from None
+    return check_api_format(data, path.name)
+
+
+def check_api_format(data: Any, source: str) -> dict[str, Any]:
+    if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "nodes" not in data:
+        data = data["prompt"]  # a saved /prompt request body
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list):
+        raise WorkflowError(
+            f"{source} is a ComfyUI UI-format workflow (it has 'nodes' and 'links'). ComfyUI's /prompt only "
+            "accepts the API format: open it in ComfyUI and use Workflow > Export (API) (\"Save (API)\"), "
+            "then use that file.")
+    if not isinstance(data, dict) or not data:
+        raise WorkflowError(f"{source}: expected a JSON object of nodes {{id: {{class_type, inputs}}}}")
+    problems = []
+    for node_id, node in data.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            problems.append(f"node {node_id}: missing 'class_type'")
+            continue
+        inputs = node.get("inputs", {})
+        if not isinstance(inputs, dict):
+            problems.append(f"node {node_id} ({node['class_type']}): 'inputs' is not an object")
+            continue
+        for name, value in inputs.items():
+            if _is_link(value) and str(value[0]) not in data:
+                problems.append(f"node {node_id} ({node['class_type']}) input '{name}' links to "
+                                f"missing node {value[0]}")
+    if problems:
+        raise WorkflowError(f"{source} is not a usable API-format workflow", problems)
+    return data
+
+
+def load_workflow(path: Path) -> Workflow:
+    graph = load_graph(path)
+    sidecar = path.with_suffix(".toml")
+    discovered = discover_params(graph)
+    if not sidecar.is_file():
+        return Workflow(path.stem, graph, discovered, title=path.stem.replace("_", " "))
+    try:
+        meta = tomllib.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise WorkflowError(f"{sidecar.name}: cannot read ({exc})") from None
+    params = _declared_params(graph, meta.get("params", {}), sidecar.name)
+    return Workflow(path.stem, graph, params, title=meta.get("title", path.stem),
+                    description=meta.get("description", ""), declared=True, presets=meta.get("presets", {}))
+
+
+def list_workflows(folder: Path) -> tuple[list[Workflow], list[str]]:
+    """Every loadable template in `folder`, and one message per file that could not be loaded."""
+    workflows, problems = [], []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            workflows.append(load_workflow(path))
+        except (WorkflowError, NotFound) as exc:
+            problems.append(str(exc))
+    return workflows, problems
+
+
+def get_workflow(folder: Path, name: str) -> Workflow:
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise NotFound(f"unknown workflow {name!r}")
+    path = folder / f"{name.removesuffix('.json')}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.json"))) or "none"
+        raise NotFound(f"unknown workflow {name!r} (available: {known})")
+    return load_workflow(path)
+
+
+def discover_params(graph: dict[str, Any]) -> dict[str, Param]:
+    """Name the usual inputs of a graph that declares nothing.
+
+    The text encoder feeding the sampler's `positive` is `prompt`, the one feeding `negative` is
+    `negative_prompt`; the sampler's seed/steps/cfg/sampler_name/scheduler/denoise keep their names; the latent
+    (or the single image source with width and height) gives width/height/batch_size; LoadImage nodes give
+    `image`, `image2`, ...; CheckpointLoaderSimple gives `checkpoint`.
+    """
+    found: dict[str, Param] = {}
+
+    def add(name: str, node_id: str, input_name: str, **kw: Any) -> None:
+        value = graph[node_id]["inputs"].get(input_name)
+        if name not in found and input_name in graph[node_id]["inputs"] and not _is_link(value):
+            kind = kw.pop("kind", _kind_of(value))
+            found[name] = Param(name, node_id, input_name, kind, default=value, **kw)
+
+    samplers = [n for n in _sorted_ids(graph) if {"positive", "negative"} <= set(graph[n]["inputs"])]
+    size_node = None
+    if samplers:
+        s = samplers[0]
+        inputs = graph[s]["inputs"]
+        for role, name in (("positive", "prompt"), ("negative", "negative_prompt")):
+            text_node = _text_source(graph, inputs.get(role))
+            if text_node:
+                input_name = next(i for i in TEXT_INPUTS if isinstance(graph[text_node]["inputs"].get(i), str))
+                add(name, text_node, input_name, kind="string", multiline=True)
+        seed_input = "seed" if "seed" in inputs else "noise_seed"
+        add("seed", s, seed_input, kind="seed", minimum=0, maximum=SEED_MAX)
+        for name in SAMPLER_SETTINGS:
+            add(name, s, name)
+        if _is_link(inputs.get("latent_image")):
+            size_node = str(inputs["latent_image"][0])
+    if size_node is None or "width" not in graph[size_node]["inputs"]:
+        sized = [n for n in _sorted_ids(graph)
+                 if {"width", "height"} <= set(graph[n]["inputs"]) and graph[n]["class_type"] not in IMAGE_LOADERS]
+        size_node = sized[0] if len(sized) == 1 else None
+    if size_node:
+        for name in ("width", "height", "batch_size"):
+            add(name, size_node, name)
+    loaders = [n for n in _sorted_ids(graph) if graph[n]["class_type"] in IMAGE_LOADERS]
+    for i, node_id in enumerate(loaders):
+        add("image" if i == 0 else f"image{i + 1}", node_id, "image", kind="image")
+    ckpt = [n for n in _sorted_ids(graph) if graph[n]["class_type"] == "CheckpointLoaderSimple"]
+    if ckpt:
+        add("checkpoint", ckpt[0], "ckpt_name")
+    return found
+
+
+def resolve_params(workflow: Workflow, values: dict[str, Any], rng: random.Random | None = None,
+                   where: str = "") -> dict[str, Any]:
+    """Validate and convert user values; returns {key: value} with `seed` resolved to an int.
+
+    Raises InputError listing every bad parameter; `where` prefixes each problem (e.g. "jobs.csv row 3").
+    """
+    rng = rng or random.Random()
+    problems, resolved = [], {}
+    prefix = f"{where}: " if where else ""
+    for key, raw in values.items():
+        try:
+            param = workflow.param_for(key)
+            resolved[key] = coerce(param, raw)
+        except InputError as exc:
+            problems.append(f"{prefix}{exc}")
+    seed = workflow.params.get("seed")
+    if seed is not None and resolved.get("seed") in (None, "random"):
+        resolved["seed"] = rng.randint(0, SEED_MAX)
+    for p in workflow.params.values():
+        if p.required and p.name not in resolved:
+            problems.append(f"{prefix}parameter '{p.name}' is required")
+    if problems:
+        raise InputError("invalid parameters", problems)
+    return resolved
+
+
+def patch(workflow: Workflow, resolved: dict[str, Any]) -> dict[str, Any]:
+    """Apply already-resolved values to a deep copy of the graph."""
+    graph = copy.deepcopy(workflow.graph)
+    for key, value in resolved.items():
+        p = workflow.param_for(key)
+        graph[p.node_id]["inputs"][p.input_name] = value
+    return graph
+
+
+def build_graph(workflow: Workflow, values: dict[str, Any], rng: random.Random | None = None,
+                where: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    resolved = resolve_params(workflow, values, rng, where)
+    return resolved, patch(workflow, resolved)
+
+
+def coerce(param: Param, raw: Any) -> Any:
+    """Convert one value to the type its input takes; InputError names the parameter and the reason."""
+    name = param.name
+    if param.kind == "seed" and (raw is None or str(raw).strip().lower() in ("", "random")):
+        return "random"
+    if isinstance(raw, str):
+        raw = raw.strip() if param.kind not in ("string",) else raw
+    try:
+        value: Any
+        if param.kind in ("int", "seed"):
+            if isinstance(raw, bool):
+                raise ValueError
+            value = int(raw) if not isinstance(raw, float) or raw.is_integer() else None
+            if value is None:
+                raise ValueError
+        elif param.kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(raw)
+        elif param.kind == "bool":
+            text = str(raw).strip().lower()
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            value = text in ("true", "1", "yes")
+        else:
+            if not isinstance(raw, str):
+                raise ValueError
+            value = raw
+    except (TypeError, ValueError):
+        expected = {"seed": "an integer or 'random'", "int": "an integer", "float": "a number",
+                    "bool": "true or false"}.get(param.kind, "text")
+        raise InputError(f"parameter '{name}' ({param.target}): expected {expected}, got {raw!r}") from None
+    if param.minimum is not None and value < param.minimum:
+        raise InputError(f"parameter '{name}' ({param.target}): {value} is below the minimum {param.minimum:g}")
+    if param.maximum is not None and value > param.maximum:
+        raise InputError(f"parameter '{name}' ({param.target}): {value} is above the maximum {param.maximum:g}")
+    if param.choices and value not in param.choices:
+        raise InputError(f"parameter '{name}' ({param.target}): {value!r} is not one of "
+                         + ", ".join(map(str, param.choices)))
+    return value
+
+
+def _address(graph: dict[str, Any], key: str) -> tuple[str, str]:
+    node_ref, dot, input_name = key.rpartition(".")
+    if not dot or not node_ref or not input_name:
+        raise InputError(f"unknown parameter '{key}': not a named parameter of this workflow, "
+                         "and not of the form <node id>.<input> or <node title>.<input>")
+    if node_ref in graph:
+        node_id = node_ref
+    else:
+        titled = [n for n, node in graph.items() if (node.get("_meta") or {}).get("title") == node_ref]
+        if len(titled) != 1:
+            reason = "no node has this id or title" if not titled else f"{len(titled)} nodes have this title"
+            raise InputError(f"unknown parameter '{key}': {reason}")
+        node_id = titled[0]
+    inputs = graph[node_id]["inputs"]
+    label = f"node {node_id} ({graph[node_id]['class_type']})"
+    if input_name not in inputs:
+        raise InputError(f"parameter '{key}': {label} has no input '{input_name}' "
+                         f"(its inputs: {', '.join(inputs) or 'none'})")
+    if _is_link(inputs[input_name]):
+        raise InputError(f"parameter '{key}': {label} input '{input_name}' is a link from node "
+                         f"{inputs[input_name][0]}, not a value; it cannot be overwritten")
+    return node_id, input_name
+
+
+def _declared_params(graph: dict[str, Any], decl: dict[str, Any], source: str) -> dict[str, Param]:
+    params, problems = {}, []
+    for name, spec in decl.items():
+        try:
+            node_id, input_name = _address(graph, str(spec.get("target", "")))
+        except InputError as exc:
+            problems.append(f"[params.{name}]: {exc}")
+            continue
+        value = graph[node_id]["inputs"][input_name]
+        choices = spec.get("choices")
+        params[name] = Param(
+            name, node_id, input_name, spec.get("type", "seed" if name == "seed" else _kind_of(value)),
+            default=spec.get("default", value), label=spec.get("label", ""), minimum=spec.get("min"),
+            maximum=spec.get("max"), choices=tuple(choices) if choices else None,
+            required=bool(spec.get("required", False)), multiline=bool(spec.get("multiline", False)))
+    if problems:
+        raise WorkflowError(f"{source}: parameter declarations do not match the graph", problems)
+    return params
+
+
+def _text_source(graph: dict[str, Any], link: Any, depth: int = 0) -> str | None:
+    """Follow a conditioning link back to the node holding the prompt text (through e.g. FluxGuidance)."""
+    if not _is_link(link) or depth > 4:
+        return None
+    node_id = str(link[0])
+    inputs = graph.get(node_id, {}).get("inputs", {})
+    if any(isinstance(inputs.get(i), str) for i in TEXT_INPUTS):
+        return node_id
+    return _text_source(graph, inputs.get("conditioning"), depth + 1)
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    return "string"
+
+
+def _sorted_ids(graph: dict[str, Any]) -> list[str]:
+    return sorted(graph, key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
