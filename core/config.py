@@ -29,7 +29,7 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("COMFYUI_URL", "comfyui_urls", "", tuple,
-            "ComfyUI server URL, or a comma-separated list for several servers. Empty: add servers on the Servers page."),
+            "ComfyUI server URL, or a comma-separated list for several servers. Empty: add them on the Servers page."),
     Setting("COMFYBATCH_DB", "db_path", "tasks.db", Path, "SQLite database file (created on first use)."),
     Setting("COMFYBATCH_OUTPUT_DIR", "output_dir", "generated_images", Path,
             "Where result images are saved, one folder per batch."),

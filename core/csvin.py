@@ -19,7 +19,7 @@ class CsvRow:
     params: dict[str, str]
     count: int | None = None
     batch_name: str | None = None
-    columns: dict[str, str] = field(default_factory=dict)  # parameter -> column header as written
+    problems: list[str] = field(default_factory=list)  # row-level problems, reported with the parameter checks
 
 
 def decode(data: bytes, filename: str) -> str:
@@ -34,7 +34,8 @@ def decode(data: bytes, filename: str) -> str:
 
 
 def read_csv(data: bytes, filename: str) -> list[CsvRow]:
-    """Rows of the file with empty cells dropped; errors name the file, row and column."""
+    """Rows of the file with empty cells dropped. Problems with the file or its header raise InputError;
+    problems within a row are kept on the row, so they are reported together with its parameter checks."""
     text = decode(data, filename)
     try:
         dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
@@ -60,10 +61,10 @@ def read_csv(data: bytes, filename: str) -> list[CsvRow]:
     for line_no, cells in enumerate(reader, start=2):
         if not any(c.strip() for c in cells):
             continue  # blank lines (Excel leaves them at the end)
-        if len(cells) > len(header) and any(c.strip() for c in cells[len(header):]):
-            problems.append(f"{filename} row {line_no}: {len(cells)} cells but the header has {len(header)} columns")
-            continue
         row = CsvRow(line_no, {})
+        if len(cells) > len(header) and any(c.strip() for c in cells[len(header):]):
+            row.problems.append(f"{filename} row {line_no}: {len(cells)} cells but the header has "
+                                f"{len(header)} columns")
         for name, cell in zip(header, cells, strict=False):
             if not name:
                 continue
@@ -77,16 +78,15 @@ def read_csv(data: bytes, filename: str) -> list[CsvRow]:
                     if row.count < 1 or row.count > 1000:
                         raise ValueError
                 except ValueError:
-                    problems.append(f"{filename} row {line_no} column 'count': expected a whole number from 1 to "
+                    row.problems.append(f"{filename} row {line_no} column 'count': expected a whole number from 1 to "
                                     f"1000, got {value!r}")
             elif key == "batch_name":
                 row.batch_name = value.strip()
             else:
                 row.params[name] = value
-                row.columns[name] = name
         rows.append(row)
     if problems:
-        raise InputError(f"{filename}: {len(problems)} problem(s); nothing was enqueued", problems)
+        raise InputError(f"{filename}: {len(problems)} problem(s) in the header; nothing was enqueued", problems)
     if not rows:
         raise InputError(f"{filename}: no data rows below the header")
     return rows

@@ -56,7 +56,8 @@ def load_workflow(settings: Settings, name: str) -> Workflow:
 def build_jobs(settings: Settings, workflow: Workflow, rows: list[dict[str, Any]], count: int = 1,
                source: str = "", images: dict[str, bytes] | None = None, image_dir: Path | None = None,
                row_numbers: list[int] | None = None, counts: list[int | None] | None = None,
-               batch_names: list[str | None] | None = None, rng: random.Random | None = None) -> list[Job]:
+               batch_names: list[str | None] | None = None, row_problems: list[list[str]] | None = None,
+               rng: random.Random | None = None) -> list[Job]:
     """Validate every row and expand counts. Raises one InputError naming every bad row; nothing is written
     except input images, which are content-addressed and harmless to keep."""
     rng = rng or random.Random()
@@ -66,6 +67,8 @@ def build_jobs(settings: Settings, workflow: Workflow, rows: list[dict[str, Any]
     for i, row in enumerate(rows):
         number = row_numbers[i] if row_numbers else None
         where = f"{source} row {number}" if number is not None else (f"{source} row {i + 1}" if source else "")
+        if row_problems and row_problems[i]:
+            problems.extend(row_problems[i])
         try:
             resolved = workflows.resolve_params(workflow, row, rng, where)
         except InputError as exc:
@@ -131,7 +134,8 @@ def submit_csv(settings: Settings, store: Store, data: bytes, filename: str, wor
     parsed = csvin.read_csv(data, filename)
     jobs = build_jobs(settings, workflow, [r.params for r in parsed], count=count, source=filename, images=images,
                       image_dir=image_dir, row_numbers=[r.row_number for r in parsed],
-                      counts=[r.count for r in parsed], batch_names=[r.batch_name for r in parsed])
+                      counts=[r.count for r in parsed], batch_names=[r.batch_name for r in parsed],
+                      row_problems=[r.problems for r in parsed])
     if dry_run:
         return Submitted([], [], jobs)
     return enqueue(store, workflow, jobs, batch_name, priority, source=filename)

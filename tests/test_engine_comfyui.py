@@ -117,7 +117,7 @@ def test_input_image_is_uploaded_once_and_inverted(settings, store, scheduler, t
     buf = io.BytesIO()
     img.save(buf, "PNG")
     (tmp_path / "red square.png").write_bytes(buf.getvalue())
-    csv = "image,3.filename_prefix\nred square.png,a\nred square.png,b\n".encode()
+    csv = b"image,3.filename_prefix\nred square.png,a\nred square.png,b\n"
     result = service.submit_csv(settings, store, csv, "in.csv", "invert", image_dir=tmp_path)
     assert service.wait_for_tasks(store, result.task_ids, timeout=60) == {"succeeded": 2}
     for task_id in result.task_ids:

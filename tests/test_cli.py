@@ -1,0 +1,79 @@
+"""`python -m core`: the commands a script or a person types, run as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+
+from tests.conftest import make_settings
+from tests.test_recovery import worker_env
+
+
+def run(env, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "core", *args], env=env, cwd=env["WORK"], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def make_env(tmp_path, urls):
+    return {**worker_env(make_settings(tmp_path, urls)), "WORK": str(tmp_path)}
+
+
+def test_submit_worker_status_export(tmp_path, comfy):
+    env = make_env(tmp_path, [comfy.url])
+    (tmp_path / "jobs.csv").write_text("1.color,1.width\n255,16\n65280,24\n", encoding="utf-8")
+    dry = run(env, "submit", "jobs.csv", "--workflow", "empty_image", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    graphs = [json.loads(line) for line in dry.stdout.splitlines()]
+    assert [(g["1"]["inputs"]["color"], g["1"]["inputs"]["width"]) for g in graphs] == [(255, 16), (65280, 24)]
+    assert json.loads(run(env, "status", "--json").stdout) == {}
+
+    submitted = run(env, "submit", "jobs.csv", "--workflow", "empty_image", "--count", "2", "--batch-name", "cli")
+    assert (submitted.returncode, submitted.stdout) == (0, "1\n")
+    single = run(env, "submit", "--workflow", "empty_image", "--param", "1.color=7", "--priority", "5")
+    assert single.stdout == "2\n"
+    assert json.loads(run(env, "status", "--json").stdout) == {"queued": 5}
+
+    worker = run(env, "worker", "--until-idle", "--quiet")
+    assert worker.returncode == 0, worker.stderr
+    assert json.loads(run(env, "status", "--json").stdout) == {"succeeded": 5}
+    assert json.loads(run(env, "status", "1", "--json").stdout) == {"succeeded": 4}
+
+    exported = run(env, "export", "1", "--csv", "out.csv", "--zip", "out.zip")
+    assert json.loads(exported.stdout) == {"images": 4, "rows": 4, "zipped": 4}
+    with zipfile.ZipFile(tmp_path / "out.zip") as zf:
+        assert len(zf.namelist()) == 4 and all(n.startswith("batch-00001/") for n in zf.namelist())
+    lines = (tmp_path / "out.csv").read_text(encoding="utf-8-sig").splitlines()
+    assert lines[0] == "task_id,row_number,1.color,1.width,resolved_seed,status,server,attempts,error,images"
+    assert lines[1].startswith(f"1,2,255,16,,succeeded,{comfy.url},1,,batch-00001/task-000001_2_00.png")
+
+
+def test_errors_are_one_clear_line_and_non_zero(tmp_path):
+    env = make_env(tmp_path, [])
+    (tmp_path / "bad.csv").write_text("1.color,1.width\nred,16\n1,wide\n", encoding="utf-8")
+    bad = run(env, "submit", "bad.csv", "--workflow", "empty_image")
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines() == [
+        "error: 2 problem(s) found; nothing was enqueued",
+        "- bad.csv row 2: parameter '1.color' (1.color): expected an integer, got 'red'",
+        "- bad.csv row 3: parameter '1.width' (1.width): expected an integer, got 'wide'"]
+    assert "Traceback" not in bad.stderr
+    unknown = run(env, "submit", "--workflow", "nope", "--prompt", "x")
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("error: unknown workflow 'nope' (available: ")
+    assert run(env, "submit", "missing.csv", "--workflow", "empty_image").stderr == "error: missing.csv: no such file\n"
+    assert run(env, "worker").stderr == (
+        "error: no ComfyUI server configured: set COMFYUI_URL, e.g. COMFYUI_URL=http://127.0.0.1:8188\n")
+    assert run(env, "cancel", "--task", "99").stderr == "error: task 99 does not exist\n"
+    bad_param = run(env, "submit", "--workflow", "empty_image", "--param", "oops")
+    assert bad_param.stderr.startswith("error: --param 'oops': expected KEY=VALUE")
+
+
+def test_servers_reports_down_server_and_exit_code(tmp_path, comfy):
+    env = make_env(tmp_path, [comfy.url, "http://127.0.0.1:9"])
+    out = run(env, "servers")
+    assert out.returncode == 1
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(f"{comfy.url}\tup\tComfyUI 0.3.75 on cpu")
+    assert lines[1].startswith("http://127.0.0.1:9\tDOWN\tComfyUI at http://127.0.0.1:9 is unreachable")

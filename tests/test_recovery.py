@@ -1,0 +1,82 @@
+"""Crashes: kill -9 of the worker mid-batch, two real servers, and a ComfyUI restarted mid-batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+
+from core import service
+from core.store import Store
+from tests.conftest import ROOT, make_settings, wait_until
+
+
+def worker_env(settings) -> dict[str, str]:
+    return {**os.environ, "COMFYUI_URL": ",".join(settings.comfyui_urls), "COMFYBATCH_DB": str(settings.db_path),
+            "COMFYBATCH_OUTPUT_DIR": str(settings.output_dir), "COMFYBATCH_WORKFLOWS_DIR": str(settings.workflows_dir),
+            "COMFYBATCH_LOG_DIR": str(settings.log_dir), "COMFYBATCH_LEASE_SECONDS": "2", "PYTHONPATH": str(ROOT)}
+
+
+def test_kill_9_worker_mid_batch_then_restart_loses_and_duplicates_nothing(settings, store):
+    rows = [{"1.color": str(i), "1.width": "512", "1.height": "512"} for i in range(24)]
+    result = service.submit_rows(settings, store, "slow_blur", rows)
+    env = worker_env(settings)
+    worker = subprocess.Popen([sys.executable, "-m", "core", "worker", "--quiet"], env=env, cwd=ROOT)
+    try:
+        wait_until(lambda: store.counts().get("succeeded", 0) >= 5, 120, message="5 tasks done")
+        wait_until(lambda: any(t["status"] in ("submitted", "running") for t in store.in_flight_tasks()), 30,
+                   message="a task in flight")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+        in_flight_at_kill = store.in_flight_tasks()
+        assert in_flight_at_kill, "the kill should land while prompts are on ComfyUI"
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    done = subprocess.run([sys.executable, "-m", "core", "worker", "--until-idle", "--quiet"], env=env, cwd=ROOT,
+                          timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert store.counts() == {"succeeded": 24}
+    images = store.images_for_batch(result.batch_ids[0])
+    assert Counter(img["task_id"] for img in images) == Counter({t: 1 for t in result.task_ids})
+    files = list((settings.output_dir / f"batch-{result.batch_ids[0]:05d}").iterdir())
+    assert sorted(f.name for f in files) == sorted(img["path"].split("/")[-1] for img in images)
+    # the in-flight tasks were re-attached or collected, not run a second time
+    assert all(store.get_task(t["id"])["attempts"] == 1 for t in in_flight_at_kill)
+
+
+def test_two_servers_share_the_work(comfy, comfy_factory, tmp_path, scheduler_factory):
+    second = comfy_factory()
+    settings = make_settings(tmp_path, [comfy.url, second.url])
+    store = Store(settings.db_path)
+    try:
+        rows = [{"1.color": str(i), "1.width": "256", "1.height": "256"} for i in range(16)]
+        result = service.submit_rows(settings, store, "slow_blur", rows)
+        scheduler_factory(settings)
+        assert service.wait_for_tasks(store, result.task_ids, timeout=120) == {"succeeded": 16}
+        per_server = Counter(store.get_task(t)["server"] for t in result.task_ids)
+        assert set(per_server) == {comfy.url, second.url}
+        assert min(per_server.values()) >= 4, per_server
+    finally:
+        store.close()
+
+
+def test_comfyui_restarted_mid_batch_the_batch_still_completes(comfy_factory, tmp_path, scheduler_factory):
+    server = comfy_factory()
+    settings = make_settings(tmp_path, [server.url])
+    store = Store(settings.db_path)
+    try:
+        rows = [{"1.color": str(i), "1.width": "512", "1.height": "512"} for i in range(12)]
+        result = service.submit_rows(settings, store, "slow_blur", rows)
+        scheduler_factory(settings)
+        wait_until(lambda: store.counts().get("succeeded", 0) >= 3, 120, message="3 tasks done")
+        server.restart()  # kill -9 and start again on the same port: its queue and history are gone
+        assert service.wait_for_tasks(store, result.task_ids, timeout=240) == {"succeeded": 12}
+        images = store.images_for_batch(result.batch_ids[0])
+        assert Counter(img["task_id"] for img in images) == Counter({t: 1 for t in result.task_ids})
+        requeued = [e for e in store.events() if e["status"] == "queued" and e["detail"]]
+        assert requeued, "prompts lost with the restart should have been requeued"
+    finally:
+        store.close()

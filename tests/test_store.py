@@ -1,0 +1,125 @@
+"""The SQLite store: atomic claims under real threads and processes, ordering, migrations, guarded updates."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import pytest
+
+from core.models import TaskStatus
+from core.store import SCHEMA_VERSION, Store
+
+
+@pytest.fixture
+def db(tmp_path):
+    store = Store(tmp_path / "t.db")
+    yield store
+    store.close()
+
+
+def add(store: Store, n: int, priority: int = 0, prompt: str = "p") -> list[int]:
+    return store.create_batch("b", "wf", [{"params": {}, "graph": {}, "prompt": prompt}] * n, priority=priority)[1]
+
+
+def test_schema_is_versioned_wal_and_reopens(tmp_path):
+    store = Store(tmp_path / "t.db")
+    assert (store.schema_version(), store.db.journal_mode) == (SCHEMA_VERSION, "wal")
+    add(store, 2)
+    store.close()
+    again = Store(tmp_path / "t.db")
+    assert again.counts() == {"queued": 2}
+    again.close()
+
+
+def test_claim_order_is_priority_then_fifo(db):
+    low = add(db, 2)
+    high = add(db, 2, priority=5)
+    order = [db.claim_next_task("s", f"p{i}")["id"] for i in range(4)]
+    assert order == [high[0], high[1], low[0], low[1]]
+    assert db.claim_next_task("s", "p9") is None
+
+
+def test_claim_is_atomic_under_eight_threads(db):
+    ids = add(db, 400)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def claimer(n: int) -> None:
+        while (task := db.claim_next_task(f"server-{n}", f"{n}-{len(claimed)}-{threading.get_ident()}-"
+                                          f"{id(object())}")) is not None:
+            with lock:
+                claimed.append(task["id"])
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == ids
+    assert db.counts() == {"submitted": 400}
+
+
+def _claim_in_process(path: str, n: int, out: multiprocessing.Queue) -> None:
+    store = Store(path)
+    got = []
+    while (task := store.claim_next_task(f"proc-{n}", f"proc-{n}-{len(got)}")) is not None:
+        got.append(task["id"])
+    store.close()
+    out.put(got)
+
+
+def test_claim_is_atomic_across_processes(db):
+    ids = add(db, 300)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim_in_process, args=(str(db.path), n, out)) for n in range(3)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert sorted(i for r in results for i in r) == ids
+
+
+def test_transitions_are_guarded_and_recorded(db):
+    (task_id,) = add(db, 1)
+    assert not db.transition(task_id, TaskStatus.RUNNING, [TaskStatus.SUBMITTED])  # still queued
+    db.claim_next_task("s", "pid-1")
+    assert db.transition(task_id, TaskStatus.RUNNING, [TaskStatus.SUBMITTED])
+    assert db.transition(task_id, TaskStatus.FAILED, [TaskStatus.RUNNING], error="boom", detail="boom")
+    assert not db.complete_task(task_id, [])  # a failed task cannot succeed later
+    assert db.retry([task_id]) == [task_id]
+    task = db.get_task(task_id)
+    assert (task["status"], task["attempts"], task["error"], task["server"], task["prompt_id"]) == (
+        "queued", 0, None, None, None)
+    assert [e["status"] for e in db.events(task_id=task_id)] == ["queued", "submitted", "running", "failed", "queued"]
+
+
+def test_cancel_queued_at_once_and_flags_in_flight(db):
+    a, b = add(db, 2)
+    db.claim_next_task("s", "pid-a")
+    cancelled, in_flight = db.request_cancel([a, b])
+    assert cancelled == [b] and [t["id"] for t in in_flight] == [a]
+    assert db.cancel_requested_ids("s") == [a]
+
+
+def test_lease_has_one_holder_until_it_expires(db):
+    assert db.acquire_lease("scheduler", "one", 0.3)
+    assert not db.acquire_lease("scheduler", "two", 0.3)
+    assert db.acquire_lease("scheduler", "one", 0.3)  # renew
+    import time
+    time.sleep(0.35)
+    assert db.acquire_lease("scheduler", "two", 5)
+    assert db.lease_holder("scheduler")["owner"] == "two"
+
+
+def test_paged_filters_and_text_search(db):
+    add(db, 3, prompt="a cat on a mat")
+    add(db, 2, prompt="一只小猪")
+    assert db.count_tasks(text="cat on") == 3
+    assert db.count_tasks(text="小猪") == 2  # two characters: LIKE fallback below the trigram length
+    assert db.count_tasks(text="一只小猪") == 2
+    page = db.list_tasks(limit=2, offset=1)
+    assert [t["id"] for t in page] == [4, 3]
+    assert db.count_tasks(statuses=["queued"], batch_id=2) == 2

@@ -1,0 +1,121 @@
+"""Workflow templates: discovery, addressing, patching and the errors users meet. Pure, no server."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from core import workflows
+from core.errors import InputError, WorkflowError
+from core.workflows import Param
+from tests.conftest import ROOT
+
+WF = ROOT / "workflows"
+
+
+def test_sd15_parameters_are_discovered_from_the_graph():
+    wf = workflows.load_workflow(WF / "sd15_txt2img.json")
+    assert {name: (p.target, p.kind) for name, p in wf.params.items()} == {
+        "prompt": ("6.text", "string"), "negative_prompt": ("7.text", "string"), "seed": ("3.seed", "seed"),
+        "steps": ("3.steps", "int"), "cfg": ("3.cfg", "int"), "sampler_name": ("3.sampler_name", "string"),
+        "scheduler": ("3.scheduler", "string"), "denoise": ("3.denoise", "int"), "width": ("5.width", "int"),
+        "height": ("5.height", "int"), "batch_size": ("5.batch_size", "int"),
+        "checkpoint": ("4.ckpt_name", "string")}
+
+
+def test_patching_changes_exactly_the_named_inputs_of_a_copy():
+    wf = workflows.load_workflow(WF / "sd15_txt2img.json")
+    original = json.loads(json.dumps(wf.graph))
+    resolved, graph = workflows.build_graph(
+        wf, {"prompt": "一只小猪", "seed": "42", "steps": "2", "width": "64", "height": "64", "7.text": "blurry"})
+    expected = json.loads(json.dumps(original))
+    expected["6"]["inputs"]["text"] = "一只小猪"
+    expected["7"]["inputs"]["text"] = "blurry"
+    expected["3"]["inputs"].update(seed=42, steps=2)
+    expected["5"]["inputs"].update(width=64, height=64)
+    assert graph == expected
+    assert wf.graph == original
+    assert resolved == {"prompt": "一只小猪", "seed": 42, "steps": 2, "width": 64, "height": 64, "7.text": "blurry"}
+
+
+def test_random_seed_is_resolved_to_an_integer():
+    wf = workflows.load_workflow(WF / "sd15_txt2img.json")
+    resolved, graph = workflows.build_graph(wf, {"seed": "random"}, random.Random(7))
+    assert resolved["seed"] == random.Random(7).randint(0, workflows.SEED_MAX)
+    assert graph["3"]["inputs"]["seed"] == resolved["seed"]
+    assert workflows.build_graph(wf, {}, random.Random(7))[0] == resolved  # random is the default
+
+
+def test_generic_and_title_addressing_on_a_model_free_graph():
+    wf = workflows.load_workflow(WF / "empty_image.json")
+    assert set(wf.params) == {"width", "height", "batch_size"}  # no sampler: the one sized node
+    _, graph = workflows.build_graph(wf, {"1.color": "255", "Save Image.filename_prefix": "x/y", "width": 8})
+    assert graph["1"]["inputs"] == {"width": 8, "height": 64, "batch_size": 1, "color": 255}
+    assert graph["2"]["inputs"]["filename_prefix"] == "x/y"
+
+
+@pytest.mark.parametrize(("values", "problem"), [
+    ({"colour": "1"}, "unknown parameter 'colour': not a named parameter of this workflow, and not of the form "
+                      "<node id>.<input> or <node title>.<input>"),
+    ({"9.width": "1"}, "unknown parameter '9.width': no node has this id or title"),
+    ({"1.colour": "1"}, "parameter '1.colour': node 1 (EmptyImage) has no input 'colour' "
+                        "(its inputs: width, height, batch_size, color)"),
+    ({"2.images": "1"}, "parameter '2.images': node 2 (SaveImage) input 'images' is a link from node 1, not a value; "
+                        "it cannot be overwritten"),
+    ({"width": "wide"}, "parameter 'width' (1.width): expected an integer, got 'wide'"),
+    ({"width": "1.5"}, "parameter 'width' (1.width): expected an integer, got '1.5'"),
+    ({"1.color": True}, "parameter '1.color' (1.color): expected an integer, got True"),
+])
+def test_bad_parameters_are_named(values, problem):
+    wf = workflows.load_workflow(WF / "empty_image.json")
+    with pytest.raises(InputError) as err:
+        workflows.resolve_params(wf, values, where="jobs.csv row 2")
+    assert err.value.problems == [f"jobs.csv row 2: {problem}"]
+
+
+def test_declared_bounds_and_choices_are_enforced():
+    p = Param("steps", "3", "steps", "int", minimum=1, maximum=50)
+    assert workflows.coerce(p, " 20 ") == 20
+    with pytest.raises(InputError, match=r"parameter 'steps' \(3.steps\): 0 is below the minimum 1"):
+        workflows.coerce(p, "0")
+    s = Param("sampler_name", "3", "sampler_name", "string", choices=("euler", "dpmpp_2m"))
+    with pytest.raises(InputError, match="'heun' is not one of euler, dpmpp_2m"):
+        workflows.coerce(s, "heun")
+
+
+def test_ui_format_file_gets_a_clear_message(tmp_path):
+    path = tmp_path / "ui.json"
+    path.write_text(json.dumps({"nodes": [{"id": 1, "type": "KSampler"}], "links": []}))
+    with pytest.raises(WorkflowError) as err:
+        workflows.load_workflow(path)
+    assert str(err.value) == (
+        "ui.json is a ComfyUI UI-format workflow (it has 'nodes' and 'links'). ComfyUI's /prompt only accepts the "
+        "API format: open it in ComfyUI and use Workflow > Export (API) (\"Save (API)\"), then use that file.")
+
+
+def test_broken_links_and_bad_json_are_reported(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    dangling = {"1": {"class_type": "SaveImage", "inputs": {"images": ["7", 0]}}}
+    (tmp_path / "dangling.json").write_text(json.dumps(dangling))
+    found, problems = workflows.list_workflows(tmp_path)
+    assert found == []
+    assert problems[0].startswith("bad.json: not a valid JSON file")
+    assert problems[1] == ("dangling.json is not a usable API-format workflow\n"
+                           "- node 1 (SaveImage) input 'images' links to missing node 7")
+
+
+def test_declared_parameters_from_a_toml_sidecar(tmp_path):
+    (tmp_path / "t.json").write_text((WF / "sd15_txt2img.json").read_text())
+    (tmp_path / "t.toml").write_text('title = "Tiny SD"\n[params.subject]\ntarget = "6.text"\nrequired = true\n'
+                                     '[params.steps]\ntarget = "3.steps"\nmin = 1\nmax = 10\n')
+    wf = workflows.load_workflow(tmp_path / "t.json")
+    assert (wf.title, list(wf.params)) == ("Tiny SD", ["subject", "steps"])
+    with pytest.raises(InputError) as err:
+        workflows.resolve_params(wf, {"steps": "11"})
+    assert err.value.problems == ["parameter 'steps' (3.steps): 11 is above the maximum 10",
+                                  "parameter 'subject' is required"]
+    (tmp_path / "t.toml").write_text('[params.x]\ntarget = "6.clip"\n')
+    with pytest.raises(WorkflowError, match=r"\[params.x\]: parameter '6.clip'"):
+        workflows.load_workflow(tmp_path / "t.json")
