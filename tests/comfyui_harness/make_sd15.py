@@ -13,7 +13,7 @@ byte-for-byte deterministic. ComfyUI never initialises weights itself, so no key
 - Text encoder: full CLIP-L (ComfyUI's sd1_clip_config.json), `text_model.*` keys as in real SD1.5 files.
 - VAE: the standard SD AutoencoderKL (ComfyUI fixes its width, and the 8x downscale needs 4 levels).
 
-The images it makes are coloured noise, which is all the tests need. Takes about 10 s, writes ~445 MiB.
+The images it makes are coloured noise, which is all the tests need. Takes 7-18 s (CPU), writes ~444 MiB.
 """
 
 import json
@@ -29,15 +29,34 @@ _tv.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
 
 SEED = 1234
 UNET = {
-    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1],
-    "transformer_depth_output": [1, 1], "transformer_depth_middle": 1, "context_dim": 768,
-    "num_heads": 8, "num_head_channels": -1, "use_spatial_transformer": True,
-    "use_linear_in_transformer": False, "legacy": False, "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1],
+    "channel_mult": [1],
+    "transformer_depth": [1],
+    "transformer_depth_output": [1, 1],
+    "transformer_depth_middle": 1,
+    "context_dim": 768,
+    "num_heads": 8,
+    "num_head_channels": -1,
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": False,
+    "legacy": False,
+    "use_checkpoint": False,
 }
 VAE = {
-    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
 }
 
 
@@ -99,6 +118,7 @@ def main():
     tmp = f"{out_path}.tmp{os.getpid()}"
     try:
         save_file(fill(sd), tmp)
+        os.chmod(tmp, 0o644)  # safetensors creates it owner-only
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):
