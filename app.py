@@ -1,0 +1,66 @@
+"""`streamlit run app.py` brings up everything in one process: the pages (ui_main.py), the image file routes,
+and the scheduler, which the lifespan starts once per server process and stops on shutdown. If another
+scheduler already holds the database's lease, this one waits in standby and takes over if that one dies.
+
+HTTP API routes belong in `routes` (a module `core/api.py` exposing `routes` is picked up automatically).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import streamlit as st
+
+from core.config import Settings
+from core.errors import ConfigError
+from core.logs import setup_logging
+from core.scheduler import Scheduler
+from core.store import Store
+from core.webfiles import FileServer
+
+log = logging.getLogger("core.app")
+
+files = FileServer()
+routes: list[Any] = [*files.routes]
+if importlib.util.find_spec("core.api") is not None:
+    routes.extend(importlib.import_module("core.api").routes)
+
+
+@asynccontextmanager
+async def lifespan(app: st.App) -> AsyncIterator[dict[str, Any]]:
+    """Start one scheduler for this server process; stop it (and release its lease) on shutdown."""
+    try:
+        settings = Settings.load()
+    except ConfigError as exc:
+        # The pages show the same message; start without a scheduler rather than not at all.
+        logging.getLogger("core").error("not starting the scheduler: %s", exc)
+        yield {}
+        return
+    setup_logging(settings.log_dir)
+    store = Store(settings.db_path)
+    scheduler = Scheduler(settings, store)
+    scheduler.start()
+    files.bind(settings, store)
+    log.info("scheduler %s started (database %s, servers: %s)", scheduler.owner, settings.db_path,
+             ", ".join(settings.comfyui_urls) or "none configured")
+    try:
+        yield {"settings": settings, "scheduler": scheduler}
+    finally:
+        files.unbind()
+        await asyncio.to_thread(scheduler.stop)
+        store.close()
+        log.info("scheduler %s stopped", scheduler.owner)
+
+
+def _log_script_error(exc: Exception) -> bool:
+    log.error("uncaught page error", exc_info=exc)
+    return False
+
+
+app = st.App("ui_main.py", routes=routes, lifespan=lifespan, on_script_error=_log_script_error)

@@ -1,0 +1,243 @@
+"""Generate: one prompt through a workflow's form; the batch's progress and images appear below as they land."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+import ui
+from core import service, views, workflows
+from core.errors import InputError
+from core.workflows import Param, Workflow
+
+ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3), "16:9": (16, 9),
+           "9:16": (9, 16)}
+FIRST = ("prompt", "negative_prompt")
+SIZE = ("width", "height")
+LATER = ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise")
+
+
+def aspect_size(aspect: str, long_side: int, multiple: int = 8) -> tuple[int, int]:
+    a, b = ASPECTS[aspect]
+    long_side = max(multiple, int(long_side) // multiple * multiple)
+    short = max(multiple, round(long_side * min(a, b) / max(a, b) / multiple) * multiple)
+    return (long_side, short) if a >= b else (short, long_side)
+
+
+def key(wf: Workflow, name: str) -> str:
+    return f"gen_{wf.name}_{name}"
+
+
+def apply_prefill(wf_names: list[str]) -> None:
+    """'Re-run with changes' from the Gallery: set the widgets' state before they are drawn."""
+    prefill = st.session_state.pop("generate_prefill", None)
+    if not prefill or prefill["workflow"] not in wf_names:
+        return
+    st.session_state["gen_workflow"] = prefill["workflow"]
+    st.session_state["generate_prefill_pending"] = prefill
+
+
+def fill_widgets(wf: Workflow) -> None:
+    prefill = st.session_state.pop("generate_prefill_pending", None)
+    if not prefill or prefill["workflow"] != wf.name:
+        return
+    extra = []
+    for name, value in prefill["values"].items():
+        param = wf.params.get(name)
+        if param is None:
+            extra.append(f"{name}={value}")
+        elif param.kind == "seed":
+            st.session_state[key(wf, "seed_mode")] = "Fixed"
+            st.session_state[key(wf, "seed")] = int(value)
+        elif param.kind == "image":
+            continue  # uploads cannot be prefilled; the form says so
+        elif param.kind in ("int", "float"):
+            st.session_state[key(wf, name)] = float(value) if is_float(param) else int(value)
+        elif param.kind == "bool":
+            st.session_state[key(wf, name)] = bool(value)
+        else:
+            st.session_state[key(wf, name)] = str(value)
+    st.session_state[key(wf, "extra")] = "\n".join(extra)
+    st.session_state[key(wf, "aspect")] = "Custom"
+    st.info(f"Prefilled from task {prefill.get('task_id')}: change what you like and generate.")
+
+
+FLOATY = ("cfg", "denoise")
+
+
+def default_state(k: str, value: Any) -> None:
+    """Give a widget its first value through session state (so a prefill never clashes with `value=`)."""
+    if k not in st.session_state:
+        st.session_state[k] = value
+
+
+def is_float(p: Param) -> bool:
+    return p.kind == "float" or isinstance(p.default, float) or p.name in FLOATY
+
+
+def number_widget(wf: Workflow, p: Param, label: str, **kw: Any) -> Any:
+    cast = float if is_float(p) else int
+    bounds = {k: cast(v) for k, v in (("min_value", p.minimum), ("max_value", p.maximum)) if v is not None}
+    default = p.default if isinstance(p.default, (int, float)) and not isinstance(p.default, bool) else 0
+    default_state(key(wf, p.name), cast(default))
+    step = kw.pop("step", None) or (0.5 if cast is float else 1)
+    return st.number_input(label, key=key(wf, p.name), step=cast(step), **bounds, **kw)
+
+
+def param_widget(wf: Workflow, p: Param) -> Any:
+    label = p.label or p.name.replace("_", " ").capitalize()
+    k = key(wf, p.name)
+    if p.choices:
+        options = list(p.choices)
+        default_state(k, p.default if p.default in options else options[0])
+        return st.selectbox(label, options, key=k)
+    if p.kind == "bool":
+        default_state(k, bool(p.default))
+        return st.checkbox(label, key=k)
+    if p.kind in ("int", "float"):
+        return number_widget(wf, p, label, step=8 if p.name in SIZE else None)
+    default_state(k, "" if p.default is None else str(p.default))
+    if p.multiline or p.name in FIRST:
+        return st.text_area(label, key=k, height=120 if p.name == "prompt" else 80)
+    return st.text_input(label, key=k)
+
+
+def on_aspect(wf: Workflow) -> None:
+    aspect = st.session_state[key(wf, "aspect")]
+    if aspect == "Custom":
+        return
+    w, h = st.session_state.get(key(wf, "width"), 512), st.session_state.get(key(wf, "height"), 512)
+    st.session_state[key(wf, "width")], st.session_state[key(wf, "height")] = aspect_size(aspect, max(w, h))
+
+
+def parse_extra(text: str) -> dict[str, str]:
+    values, problems = {}, []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip():
+            problems.append(f"other inputs line {n}: expected <node id>.<input>=value, got {line.strip()!r}")
+            continue
+        values[name.strip()] = value.strip()
+    if problems:
+        raise InputError("the other inputs need fixing", problems)
+    return values
+
+
+def form(wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
+    """Draw the workflow's form; returns (row, uploaded images, count)."""
+    params = wf.params
+    row: dict[str, Any] = {}
+    images: dict[str, bytes] = {}
+    for name in FIRST:
+        if name in params:
+            row[name] = param_widget(wf, params[name])
+    for p in params.values():
+        if p.kind == "image":
+            upload = st.file_uploader(f"{p.label or p.name} (input image)", type=["png", "jpg", "jpeg", "webp"],
+                                      key=key(wf, p.name))
+            if upload is not None:
+                images[upload.name] = upload.getvalue()
+                row[p.name] = upload.name
+                st.image(upload.getvalue(), caption=upload.name, width=240)
+            else:
+                st.caption(f"No upload: the workflow's own image ({p.default}) is used.")
+    if all(s in params for s in SIZE):
+        c1, c2, c3 = st.columns(3)
+        with c1:
+            st.selectbox("Aspect", ["Custom", *ASPECTS], key=key(wf, "aspect"), on_change=on_aspect, args=(wf,))
+        with c2:
+            row["width"] = param_widget(wf, params["width"])
+        with c3:
+            row["height"] = param_widget(wf, params["height"])
+    if "seed" in params:
+        c1, c2 = st.columns([1, 2])
+        with c1:
+            mode = st.radio("Seed", ["Random", "Fixed"], key=key(wf, "seed_mode"), horizontal=True)
+        with c2:
+            seed = number_widget(wf, params["seed"], "Seed value", disabled=mode == "Random")
+        row["seed"] = "random" if mode == "Random" else int(seed)
+    rest = [p for n, p in params.items() if n not in (*FIRST, *SIZE, "seed") and p.kind != "image"]
+    rest.sort(key=lambda p: (LATER.index(p.name) if p.name in LATER else len(LATER), p.name))
+    cols = st.columns(3)
+    for i, p in enumerate(rest):
+        with cols[i % 3]:
+            row[p.name] = param_widget(wf, p)
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        count = st.number_input("Images per prompt", min_value=1, max_value=1000, value=1, step=1,
+                                key=key(wf, "count"))
+    with c2:
+        st.text_input("Batch name (optional)", key="gen_batch_name")
+    with c3:
+        st.number_input("Priority (higher runs first)", value=0, step=1, key="gen_priority")
+    with st.expander("Other inputs (any node input by address)"):
+        extra = st.text_area("One per line: `<node id>.<input>=value`, e.g. `1.color=16711680`",
+                             key=key(wf, "extra"))
+    row.update(parse_extra(extra))
+    return row, images, int(count)
+
+
+def live_panel(batch_id: int, done_at_draw: bool) -> None:
+    """Progress and images of the last batch submitted here, redrawn every 2 s until it is finished."""
+    @st.fragment(run_every=None if done_at_draw else 2.0)
+    def panel() -> None:
+        ctx = ui.context()
+        with ui.guard():
+            summary = service.batch_summary(ctx.store, batch_id)
+            done = summary["done"] >= summary["total"]
+            if done != done_at_draw:
+                st.rerun()  # switch the fragment's timer on or off
+            ui.batch_progress(summary)
+            for task in views.batch_errors(ctx.store, batch_id):
+                st.error(f"Task {task['id']} failed: {task['error']}")
+            images = views.batch_images(ctx.store, batch_id)
+            cols = st.columns(4)
+            for i, img in enumerate(images):
+                with cols[i % 4]:
+                    ui.image_tile(img["id"], f"task {img['task_id']} · {img['width']}×{img['height']}", height=220)
+    panel()
+
+
+ctx = ui.setup("Generate")
+with ui.guard():
+    found, broken = workflows.list_workflows(ctx.settings.workflows_dir)
+    for problem in broken:
+        st.warning(f"Workflow file skipped: {problem}")
+    names = [w.name for w in found]
+    if not names:
+        st.info(f"No workflows in {ctx.settings.workflows_dir}: put API-format JSON files there "
+                "(in ComfyUI: Workflow > Export (API)).")
+        st.stop()
+    apply_prefill(names)
+    by_name = {w.name: w for w in found}
+    name = st.selectbox("Workflow", names, key="gen_workflow",
+                        format_func=lambda n: f"{by_name[n].title or n} ({n})")
+    wf = by_name[name]
+    if wf.description:
+        st.caption(wf.description)
+    fill_widgets(wf)
+    ui.show_flash("generate")
+    try:
+        row, images, count = form(wf)
+        form_error = None
+    except InputError as exc:
+        row, images, count, form_error = {}, {}, 1, exc
+    if form_error:
+        ui.show_error(form_error)
+    if st.button("Generate", type="primary", disabled=form_error is not None):
+        result = service.submit_rows(ctx.settings, ctx.store, wf.name, [row],
+                                     batch_name=st.session_state.get("gen_batch_name") or None,
+                                     priority=int(st.session_state.get("gen_priority") or 0), count=count,
+                                     images=images)
+        st.session_state["gen_batch_id"] = result.batch_ids[0]
+        st.success(f"Batch {result.batch_ids[0]}: {len(result.task_ids)} task(s) queued.")
+
+batch_id = st.session_state.get("gen_batch_id")
+if batch_id is not None:
+    st.subheader(f"Batch {batch_id}")
+    with ui.guard():
+        first = service.batch_summary(ctx.store, batch_id)
+        live_panel(batch_id, first["done"] >= first["total"])

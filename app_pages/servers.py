@@ -1,0 +1,101 @@
+"""Servers: health of every ComfyUI server; add, disable or remove one at run time; test a connection."""
+
+from __future__ import annotations
+
+import uuid
+
+import pandas as pd
+import streamlit as st
+
+import ui
+from core import service, views
+from core.config import parse_urls
+from core.errors import ComfyBatchError, ConfigError
+
+
+def one_url(raw: str) -> str:
+    urls = parse_urls(raw)
+    if len(urls) != 1:
+        raise ConfigError("enter one server URL, e.g. http://127.0.0.1:8188")
+    return urls[0]
+
+
+def add(ctx: ui.Context) -> tuple[str, str]:
+    url = one_url(st.session_state.get("servers_new_url", ""))
+    ctx.store.add_server(url, client_id=uuid.uuid4().hex)
+    ui.refresh_health()
+    return ("success", f"Added {url}. The scheduler starts sending it work within a second.")
+
+
+def set_enabled(ctx: ui.Context, url: str, enabled: bool) -> tuple[str, str]:
+    ctx.store.set_server_enabled(url, enabled)
+    ui.refresh_health()
+    return ("success", f"{'Enabled' if enabled else 'Disabled'} {url}."
+            + ("" if enabled else " Tasks already on it finish there; no new ones are sent."))
+
+
+def remove(ctx: ui.Context, url: str) -> tuple[str, str]:
+    ctx.store.remove_server(url)
+    ui.refresh_health()
+    return ("success", f"Removed {url}.")
+
+
+def health_table(servers: list[dict]) -> pd.DataFrame:
+    rows = []
+    for s in servers:
+        total, free = s.get("vram_total"), s.get("vram_free")
+        rows.append({
+            "server": s["url"], "enabled": s["enabled"], "from": s["source"],
+            "status": "up" if s["up"] else ("disabled" if not s["enabled"] else "down"),
+            "running": s.get("queue_running"), "pending": s.get("queue_pending"), "device": s.get("device") or "",
+            "VRAM free / total": f"{views.format_bytes(free)} / {views.format_bytes(total)}" if total else "",
+            "ComfyUI": s.get("version") or "", "problem": ui.short_reason(s.get("error")) if s.get("error") else "",
+        })
+    return pd.DataFrame(rows, columns=["server", "enabled", "from", "status", "running", "pending", "device",
+                                       "VRAM free / total", "ComfyUI", "problem"])
+
+
+ctx = ui.setup("Servers")
+with ui.guard():
+    ui.show_flash("servers")
+    if st.button("Refresh", icon=":material/refresh:"):
+        ui.refresh_health()
+    servers = ui.health(ctx)
+    if not servers:
+        st.info("No ComfyUI server is configured yet. " + ui.URL_HELP)
+    else:
+        st.dataframe(health_table(servers), hide_index=True)
+        for s in servers:
+            st.text(f"{s['url']}: " + ("up" if s["up"] else "down") + ("" if s["enabled"] else " (disabled)")
+                    + (f", ComfyUI {s['version']}" if s.get("version") else ""))
+        st.subheader("Change a server")
+        by_url = {s["url"]: s for s in servers}
+        url = st.selectbox("Server", list(by_url), key="servers_pick")
+        server = by_url[url]
+        c1, c2 = st.columns(2)
+        if server["enabled"]:
+            c1.button("Disable", on_click=ui.safe_callback("servers", lambda c: set_enabled(c, url, False)))
+        else:
+            c1.button("Enable", on_click=ui.safe_callback("servers", lambda c: set_enabled(c, url, True)))
+        if server["source"] == "config":
+            c2.caption("This server comes from COMFYUI_URL and is added back at every start: disable it instead, "
+                       "or change COMFYUI_URL.")
+        else:
+            c2.button("Remove", on_click=ui.safe_callback("servers", lambda c: remove(c, url)))
+
+    st.subheader("Add a server")
+    st.text_input("URL", placeholder="http://192.168.1.20:8188", key="servers_new_url")
+    c1, c2 = st.columns(2)
+    test = c1.button("Test connection")
+    c2.button("Add server", type="primary", on_click=ui.safe_callback("servers", add))
+    if test:
+        target = one_url(st.session_state.get("servers_new_url", ""))
+        try:
+            stats = service.check_server(target, timeout=5.0)
+        except ComfyBatchError as exc:
+            st.error(f"Cannot reach {target}: {ui.short_reason(str(exc))}. Is ComfyUI running there, and reachable "
+                     "from this machine (ComfyUI listens on 127.0.0.1 unless started with --listen)?")
+        else:
+            device = (stats.get("devices") or [{}])[0]
+            st.success(f"{target} answers: ComfyUI {stats.get('system', {}).get('comfyui_version', '?')}, "
+                       f"device {device.get('name', '?')}, {views.format_bytes(device.get('vram_free'))} VRAM free.")

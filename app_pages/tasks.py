@@ -1,0 +1,135 @@
+"""Tasks: a live, filtered, paged table of tasks with cancel / retry / priority, and per-batch progress."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import streamlit as st
+
+import ui
+from core import service, views
+from core.models import ALL_STATUSES
+
+BUSY_REFRESH = 2.0
+IDLE_REFRESH = 15.0
+PAGE_SIZES = (25, 50, 100, 200)
+SELECTED = "tasks_selected_ids"
+SHOWN = "tasks_shown_ids"
+
+
+def table_key() -> str:
+    return f"tasks_table_{st.session_state.get('tasks_table_generation', 0)}"
+
+
+def clear_selection() -> None:
+    """Forget the selection; a new table key also clears the highlighted rows in the browser."""
+    st.session_state[SELECTED] = []
+    st.session_state["tasks_table_generation"] = st.session_state.get("tasks_table_generation", 0) + 1
+
+
+def remember_selection() -> None:
+    """Map the selected row positions to task ids at once, against the rows the user was looking at."""
+    rows = st.session_state[table_key()].selection.rows
+    shown = st.session_state.get(SHOWN, [])
+    st.session_state[SELECTED] = [shown[r] for r in rows if r < len(shown)]
+
+
+def cancel(ctx: ui.Context) -> tuple[str, str]:
+    ids = st.session_state.get(SELECTED, [])
+    done = service.cancel(ctx.store, ids)
+    skipped = len(ids) - len(done["cancelled"]) - len(done["cancelling"])
+    return ("success", f"Cancelled {len(done['cancelled'])} queued task(s); {len(done['cancelling'])} on a server "
+            f"are being stopped" + (f"; {skipped} already finished were left alone." if skipped else "."))
+
+
+def retry(ctx: ui.Context) -> tuple[str, str]:
+    ids = st.session_state.get(SELECTED, [])
+    again = service.retry(ctx.store, ids)
+    skipped = len(ids) - len(again)
+    return ("success", f"Put {len(again)} task(s) back in the queue"
+            + (f"; {skipped} not failed or cancelled were left alone." if skipped else "."))
+
+
+def set_priority(ctx: ui.Context) -> tuple[str, str]:
+    ids = st.session_state.get(SELECTED, [])
+    value = int(st.session_state.get("tasks_priority", 0))
+    n = ctx.store.set_priority(ids, value)
+    return ("success", f"Priority of {n} task(s) set to {value}; queued tasks with a higher priority run first.")
+
+
+ctx = ui.setup("Tasks")
+with ui.guard():
+    c1, c2, c3, c4 = st.columns([2, 2, 1, 2])
+    with c1:
+        batch_id = ui.batch_picker(ctx, "tasks_batch", on_change=clear_selection)
+    with c2:
+        statuses = st.multiselect("Status", [s.value for s in ALL_STATUSES], key="tasks_status",
+                                  on_change=clear_selection)
+    with c3:
+        workflow = st.selectbox("Workflow", [None, *views.task_workflows(ctx.store)], key="tasks_workflow",
+                                format_func=lambda w: "All" if w is None else w, on_change=clear_selection)
+    with c4:
+        text = st.text_input("Prompt contains", key="tasks_text", on_change=clear_selection)
+    flt = views.TaskFilter(batch_id, tuple(statuses), workflow, text)
+    busy_at_draw = views.has_active_work(ctx.store)
+
+    @st.fragment(run_every=BUSY_REFRESH if busy_at_draw else IDLE_REFRESH)
+    def live() -> None:
+        ctx = ui.context()
+        with ui.guard():
+            if views.has_active_work(ctx.store) != busy_at_draw:
+                st.rerun()  # switch between the busy and the idle refresh interval
+            for bid in ([batch_id] if batch_id is not None else views.summary_batch_ids(ctx.store)):
+                ui.batch_progress(service.batch_summary(ctx.store, bid))
+            ui.show_flash("tasks")
+            selected = st.session_state.get(SELECTED, [])
+            size = st.session_state.get("tasks_page_size", PAGE_SIZES[1])
+            if selected:
+                # Keep the same rows in the same places while some are selected, so positions stay true.
+                rows = views.tasks_by_ids(ctx.store, st.session_state.get(SHOWN, []))
+                total = views.count_tasks(ctx.store, flt)
+                page = None
+            else:
+                total = views.count_tasks(ctx.store, flt)
+                pages = max(1, math.ceil(total / size))
+                page = st.session_state.get("tasks_page", 1)
+                if page > pages:  # the filter shrank the result: go to its last page
+                    page = st.session_state["tasks_page"] = pages
+                rows = views.page_tasks(ctx.store, flt, size, (page - 1) * size)
+            st.session_state[SHOWN] = [r["id"] for r in rows]
+            frame = pd.DataFrame([views.task_row(r) for r in rows],
+                                 columns=["id", "batch", "row", "status", "progress", "server", "attempts", "priority",
+                                          "prompt", "error", "created", "wait_s", "run_s"])
+            st.dataframe(
+                frame, key=table_key(), on_select=remember_selection, selection_mode="multi-row", hide_index=True,
+                column_config={
+                    "id": st.column_config.NumberColumn("Task", format="%d", width="small"),
+                    "batch": st.column_config.NumberColumn("Batch", format="%d", width="small"),
+                    "row": st.column_config.NumberColumn("Row", format="%d", width="small"),
+                    "progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0,
+                                                                format="percent"),
+                    "attempts": st.column_config.NumberColumn("Attempts", width="small"),
+                    "priority": st.column_config.NumberColumn("Priority", width="small"),
+                    "prompt": st.column_config.TextColumn("Prompt", width="medium"),
+                    "error": st.column_config.TextColumn("Error", width="medium"),
+                    "wait_s": st.column_config.NumberColumn("Waited (s)", format="%.1f"),
+                    "run_s": st.column_config.NumberColumn("Ran (s)", format="%.1f"),
+                })
+            first = 0 if not rows else ((page - 1) * size + 1 if page else 1)
+            st.text(f"Showing {first}-{first + len(rows) - 1 if rows else 0} of {total} task(s)"
+                    + (" (frozen while tasks are selected)" if selected else ""))
+            if page is not None:
+                st.pagination(max(1, math.ceil(total / size)), key="tasks_page", on_change=clear_selection)
+            if selected:
+                st.text(f"Selected: {len(selected)} task(s): " + ", ".join(map(str, selected[:20]))
+                        + (" ..." if len(selected) > 20 else ""))
+            b1, b2, b3, b4, b5 = st.columns([1, 1, 1, 1, 1], vertical_alignment="bottom")
+            b1.button("Cancel selected", on_click=ui.safe_callback("tasks", cancel), disabled=not selected)
+            b2.button("Retry selected", on_click=ui.safe_callback("tasks", retry), disabled=not selected)
+            b3.number_input("Priority", value=0, step=1, key="tasks_priority")
+            b4.button("Set priority", on_click=ui.safe_callback("tasks", set_priority), disabled=not selected)
+            b5.button("Clear selection", on_click=clear_selection, disabled=not selected)
+
+    live()
+    st.selectbox("Rows per page", PAGE_SIZES, index=1, key="tasks_page_size", on_change=clear_selection)

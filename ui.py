@@ -1,0 +1,273 @@
+"""Streamlit plumbing shared by every page: with the page scripts, the only code that imports streamlit.
+
+Owns: the page list, the settings (read each run, so a bad setting is reported on the page), one Store per
+script-run thread (Streamlit runs every rerun in a fresh thread, so the connections of finished runs are
+closed here instead of piling up), the sidebar, the "ComfyUI unreachable" banner, the error guard and the
+image grid. It never starts a scheduler: app.py's lifespan does, once per server process, which is also the
+seam that keeps AppTest runs scheduler-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import streamlit as st
+
+from core import service, views, webfiles
+from core.config import Settings
+from core.errors import ComfyBatchError, ConfigError, InputError
+from core.scheduler import LEASE
+from core.store import Store
+
+log = logging.getLogger("core.ui")
+
+PAGES = {
+    "generate": ("app_pages/generate.py", "Generate", ":material/brush:"),
+    "batch": ("app_pages/batch.py", "Batch", ":material/table_view:"),
+    "tasks": ("app_pages/tasks.py", "Tasks", ":material/list_alt:"),
+    "gallery": ("app_pages/gallery.py", "Gallery", ":material/photo_library:"),
+    "servers": ("app_pages/servers.py", "Servers", ":material/dns:"),
+}
+HEALTH_TTL = 10.0  # seconds a server health probe is reused across sessions
+SIDEBAR_REFRESH = 10.0
+URL_HELP = ("Set COMFYUI_URL before starting, e.g. `COMFYUI_URL=http://127.0.0.1:8188 streamlit run app.py` "
+            "(comma-separated for several servers), or add a server on the Servers page.")
+
+
+@dataclass(frozen=True)
+class Context:
+    settings: Settings
+    store: Store
+
+
+def navigation_pages() -> list[Any]:
+    return [st.Page(path, title=title, icon=icon, url_path=key, default=key == "generate")
+            for key, (path, title, icon) in PAGES.items()]
+
+
+def page_path(key: str) -> str:
+    return PAGES[key][0]
+
+
+# -- settings and the database ------------------------------------------------------------------------
+def context() -> Context:
+    """Settings and this thread's Store. Stops the page with a plain message if a setting is malformed."""
+    try:
+        settings = Settings.load()
+    except ConfigError as exc:
+        st.error(f"ComfyBatch cannot start: {exc}")
+        st.stop()
+    return Context(settings, store_for(settings))
+
+
+_stores: dict[tuple[int, str], tuple[threading.Thread, Store]] = {}
+_stores_lock = threading.Lock()
+
+
+def store_for(settings: Settings) -> Store:
+    me = threading.current_thread()
+    key = (id(me), str(settings.db_path))
+    with _stores_lock:
+        for k, (thread, store) in list(_stores.items()):
+            if not thread.is_alive():
+                store.close()
+                del _stores[k]
+        entry = _stores.get(key)
+        if entry is None or entry[0] is not me:
+            entry = (me, Store(settings.db_path))
+            _stores[key] = entry
+        return entry[1]
+
+
+def close_stores() -> None:
+    """Close every Store this module opened (tests call it between AppTests)."""
+    with _stores_lock:
+        for _, store in _stores.values():
+            store.close()
+        _stores.clear()
+
+
+# -- page frame ---------------------------------------------------------------------------------------
+def setup(title: str) -> Context:
+    """Call first on every page: a deep link can run a page without the main script, so shared setup
+    (sidebar, server banner) lives here rather than in ui_main.py."""
+    ctx = context()
+    st.title(title)
+    with st.sidebar:
+        sidebar_status()
+    server_banner(ctx)
+    return ctx
+
+
+@contextlib.contextmanager
+def guard() -> Iterator[None]:
+    """Turn errors into plain messages: a ComfyBatchError is shown as is (with its problems listed), anything
+    else is logged with its traceback and shown as one sentence. Never a traceback on the page."""
+    try:
+        yield
+    except ComfyBatchError as exc:
+        show_error(exc)
+    except Exception as exc:  # the page must stay usable; the log keeps the traceback
+        log.exception("page error")
+        st.error(f"Something went wrong: {type(exc).__name__}: {exc}. The details are in the log file.")
+
+
+def show_error(exc: ComfyBatchError) -> None:
+    if isinstance(exc, InputError) and exc.problems:
+        st.error(exc.summary + "\n\n" + "\n".join(f"- {_md(p)}" for p in exc.problems))
+    else:
+        st.error(_md(str(exc)))
+
+
+def flash(key: str, kind: str, message: str) -> None:
+    """Keep a message for the next run (callbacks run before the page draws)."""
+    st.session_state[f"flash_{key}"] = (kind, message)
+
+
+def show_flash(key: str) -> None:
+    kind, message = st.session_state.pop(f"flash_{key}", (None, None))
+    if kind:
+        getattr(st, kind)(message)
+
+
+def safe_callback(key: str, action: Callable[[Context], tuple[str, str] | None]) -> Callable[[], None]:
+    """Wrap a widget callback: run `action` with a fresh context, keep its (kind, message) or error as a flash."""
+    def run() -> None:
+        try:
+            outcome = action(context())
+        except ComfyBatchError as exc:
+            outcome = ("error", str(exc))
+        except Exception as exc:
+            log.exception("callback error")
+            outcome = ("error", f"Something went wrong: {type(exc).__name__}: {exc}. The details are in the log.")
+        if outcome:
+            flash(key, *outcome)
+    return run
+
+
+# -- servers: sidebar and banner ------------------------------------------------------------------
+@st.cache_data(ttl=HEALTH_TTL, show_spinner=False)
+def _health(db_path: str, urls: tuple[str, ...], _settings: Settings) -> list[dict[str, Any]]:
+    store = Store(_settings.db_path)
+    try:
+        return service.server_health(_settings, store, timeout=2.0)
+    finally:
+        store.close()
+
+
+def health(ctx: Context) -> list[dict[str, Any]]:
+    """Health of every known server, probed at most once per HEALTH_TTL for all sessions."""
+    return _health(str(ctx.settings.db_path), ctx.settings.comfyui_urls, ctx.settings)
+
+
+def refresh_health() -> None:
+    _health.clear()
+
+
+def short_reason(error: str | None) -> str:
+    text = error or ""
+    if "refused" in text.lower():
+        return "connection refused"
+    if "timeout" in text.lower() or "timed out" in text.lower():
+        return "no answer before the timeout"
+    if "Name or service not known" in text or "getaddrinfo" in text or "NameResolution" in text:
+        return "unknown host name"
+    m = re.search(r"HTTP \d{3}", text)
+    return m.group(0) if m else text[:160]
+
+
+@st.fragment(run_every=SIDEBAR_REFRESH)
+def sidebar_status() -> None:
+    ctx = context()
+    try:
+        servers = health(ctx)
+        counts = ctx.store.counts()
+        lease = ctx.store.lease_holder(LEASE)
+    except ComfyBatchError as exc:
+        show_error(exc)
+        return
+    enabled = [s for s in servers if s["enabled"]]
+    up = sum(1 for s in enabled if s["up"])
+    st.markdown(f"**Servers:** {up} up, {len(enabled) - up} down"
+                + (f", {len(servers) - len(enabled)} disabled" if len(servers) > len(enabled) else ""))
+    for s in servers:
+        mark = "⚪" if not s["enabled"] else ("🟢" if s["up"] else "🔴")
+        detail = ("disabled" if not s["enabled"] else
+                  f"{s.get('queue_running', 0) + s.get('queue_pending', 0)} in its queue" if s["up"]
+                  else short_reason(s.get("error")))
+        st.caption(f"{mark} {s['url']} - {detail}")
+    running = counts.get("submitted", 0) + counts.get("running", 0)
+    st.markdown(f"**Tasks:** {counts.get('queued', 0)} queued · {running} running · "
+                f"{counts.get('failed', 0)} failed · {counts.get('succeeded', 0)} done")
+    if lease is None:
+        st.caption("Scheduler: none running, work waits in the queue. Start the app with `streamlit run app.py` "
+                   "or run `python -m core worker`.")
+    elif lease["pid"] == os.getpid():
+        st.caption("Scheduler: running in this app.")
+    else:
+        st.caption(f"Scheduler: running in another process (pid {lease['pid']} on {lease['host']}).")
+
+
+def server_banner(ctx: Context) -> None:
+    """Say plainly when no ComfyUI can be reached, and that work is still accepted."""
+    try:
+        servers = health(ctx)
+    except ComfyBatchError as exc:
+        show_error(exc)
+        return
+    enabled = [s for s in servers if s["enabled"]]
+    if not enabled:
+        st.warning("No ComfyUI server is configured. Work you submit is kept in the queue until one is. " + URL_HELP)
+    elif not any(s["up"] for s in enabled):
+        where = "; ".join(f"{s['url']} ({short_reason(s.get('error'))})" for s in enabled)
+        st.warning(f"ComfyUI is unreachable: {where}. Work you submit is kept in the queue and starts when a "
+                   "server is back. Check that ComfyUI is running at that address. " + URL_HELP)
+
+
+# -- shared widgets -----------------------------------------------------------------------------------
+def batch_label(batch: dict[str, Any]) -> str:
+    return f"#{batch['id']} {batch['name']}"
+
+
+def batch_picker(ctx: Context, key: str, label: str = "Batch", **kw: Any) -> int | None:
+    batches = {b["id"]: b for b in ctx.store.list_batches(500)}
+    if st.session_state.get(key) not in (None, *batches):
+        st.session_state[key] = None  # a batch of another database (or deleted)
+    return st.selectbox(label, [None, *batches], key=key,
+                        format_func=lambda b: "All batches" if b is None else batch_label(batches[b]), **kw)
+
+
+def image_tile(image_id: int, caption: str = "", height: int = 160) -> None:
+    """A thumbnail the browser fetches from core.webfiles: nothing held in the server's memory."""
+    st.markdown(
+        f'<a href="{webfiles.image_url(image_id)}" target="_blank">'
+        f'<img src="{webfiles.thumb_url(image_id)}" alt="image {image_id}" data-image-id="{image_id}" '
+        f'loading="lazy" style="width:100%;height:{height}px;object-fit:contain;border-radius:4px;'
+        f'background:repeating-conic-gradient(#eee 0% 25%, #fff 0% 50%) 50% / 16px 16px"></a>'
+        + (f'<div style="font-size:0.8em;color:gray">{html.escape(caption)}</div>' if caption else ""),
+        unsafe_allow_html=True)
+
+
+def full_image(image_id: int) -> None:
+    st.markdown(f'<a href="{webfiles.image_url(image_id)}" target="_blank"><img src="{webfiles.image_url(image_id)}" '
+                f'alt="image {image_id}" style="max-width:100%;max-height:70vh"></a>', unsafe_allow_html=True)
+
+
+def batch_progress(summary: dict[str, Any]) -> None:
+    """A progress bar and the plain status line browser tests read (the dataframe is a canvas)."""
+    line = views.batch_status_line(summary)
+    st.progress(summary["progress"], text=f"#{summary['id']} {summary['name']}")
+    st.text(line)
+
+
+def _md(text: str) -> str:
+    """Keep user text from being read as Markdown emphasis or HTML."""
+    return text.replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_").replace("<", "&lt;")

@@ -1,0 +1,9 @@
+"""The Streamlit script that app.py serves: page settings and navigation, nothing else. Each page calls
+ui.setup() itself (sidebar, server banner), so a deep link to any page gets the same frame."""
+
+import streamlit as st
+
+import ui
+
+st.set_page_config(page_title="ComfyBatch", page_icon=":material/burst_mode:", layout="wide")
+st.navigation(ui.navigation_pages()).run()
