@@ -14,15 +14,18 @@ from core import csvin, csvtable, service, workflows
 from core.errors import InputError
 from core.workflows import Workflow
 
+ROW = "#"  # the editor's read-only column of spreadsheet row numbers (not part of the CSV)
+
 
 def template(wf: Workflow) -> str:
     example = {n: ("random" if p.kind == "seed" else p.default) for n, p in wf.params.items()}
     return csvin.template_csv(list(wf.params), example)
 
 
-def marked_table(table: pd.DataFrame, problems: list[csvtable.Problem]) -> Any:
+def marked_table(table: pd.DataFrame, labels: list[str], problems: list[csvtable.Problem]) -> Any:
     """The rows with problems: a 'problem' column first, the bad cells (or whole rows) in red."""
-    shown = table.reset_index()  # the row labels become a column; positions become the index
+    shown = table.reset_index(drop=True)
+    shown.insert(0, ROW, labels)
     shown.insert(0, "problem", "")
     bad_cells: set[tuple[int, str]] = set()
     bad_rows: set[int] = set()
@@ -84,11 +87,15 @@ with ui.guard():
         st.stop()
 
     columns, rows = csvtable.read_table(csv_file.getvalue(), csv_file.name)
-    table = pd.DataFrame(rows, columns=columns, dtype="string", index=pd.RangeIndex(2, 2 + len(rows), name="row"))
+    table = pd.DataFrame(rows, columns=columns, dtype="string")
+    table.insert(0, ROW, pd.array(range(2, 2 + len(rows)), dtype="Int64"))
     st.subheader("Table")
-    st.caption("Row numbers are the spreadsheet's (the header is row 1). Edit cells, add or delete rows; "
+    st.caption("Column # is the row number in your file (the header is row 1). Edit cells, add or delete rows; "
                "the table is checked again after every edit.")
-    edited = st.data_editor(table, key=f"batch_editor_{csv_file.file_id}", num_rows="dynamic")
+    edited = st.data_editor(table, key=f"batch_editor_{csv_file.file_id}", num_rows="dynamic", hide_index=True,
+                            disabled=[ROW], column_config={ROW: st.column_config.NumberColumn(ROW, width="small")})
+    labels = [str(int(v)) if pd.notna(v) else "new" for v in edited[ROW]]
+    edited = edited.drop(columns=[ROW])
     cells = edited.astype(object).where(edited.notna(), "").values.tolist()
     data = csvtable.table_to_csv(list(edited.columns), cells)
     images = {f.name: f.getvalue() for f in image_files or []}
@@ -100,7 +107,6 @@ with ui.guard():
         dry, problems = None, csvtable.locate_problems(exc.problems or [exc.summary])
 
     if problems:
-        labels = list(edited.index)
         lines = []
         for p in problems:
             row = (f"row {labels[p.position]}" if p.position is not None and p.position < len(labels)
@@ -109,7 +115,7 @@ with ui.guard():
         bad_rows = {p.position for p in problems if p.position is not None}
         st.error(f"{len(problems)} problem(s) in {len(bad_rows)} row(s); nothing will be enqueued until they are "
                  "fixed.\n\n" + "\n".join(lines))
-        st.dataframe(marked_table(edited, problems), hide_index=True)
+        st.dataframe(marked_table(edited, labels, problems), hide_index=True)
     elif dry is not None:
         batches = sorted({j.batch_name or (batch_name or "(one batch)") for j in dry.jobs})
         st.success(f"Ready: {len(dry.jobs)} task(s) from {len(edited)} row(s) in {len(batches)} batch(es).")

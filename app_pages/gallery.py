@@ -72,8 +72,9 @@ def show_image(image_id: int) -> None:
         ui.full_image(image_id)
         st.text(f"Image {image_id} · {image['width']}×{image['height']} · {views.format_bytes(image['size_bytes'])} "
                 f"· {image['path']}")
+        seed = "-" if task["seed"] is None else task["seed"]
         st.text(f"Task {task['id']} ({task['status']}) · batch #{batch['id']} {batch['name']} · workflow "
-                f"{task['workflow']} · seed {task['seed']} · server {task['server'] or '-'}")
+                f"{task['workflow']} · seed {seed} · server {task['server'] or '-'}")
         st.dataframe(pd.DataFrame({"parameter": list(values), "value": [str(v) for v in values.values()]}),
                      hide_index=True)
         if st.button("Re-run with changes", type="primary", icon=":material/edit:"):
@@ -109,18 +110,19 @@ with ui.guard():
     ids = [img["id"] for img in images]
     chosen = selected()
 
-    a1, a2, a3, a4, a5 = st.columns(5, vertical_alignment="bottom")
-    a1.button("Select all on this page", on_click=select_page, args=(ids,), disabled=not ids)
-    a2.button("Clear selection", on_click=clear, disabled=not chosen)
+    actions = st.container(horizontal=True)
+    actions.button("Select all on this page", on_click=select_page, args=(ids,), disabled=not ids)
+    actions.button("Clear selection", on_click=clear, disabled=not chosen)
     picked = frozenset(chosen)
-    a3.download_button(f"Download {len(chosen)} selected as ZIP", lambda: zip_images(picked), "comfybatch-images.zip",
-                       mime="application/zip", disabled=not chosen, icon=":material/folder_zip:", on_click="ignore")
+    actions.download_button(f"Download {len(chosen)} selected as ZIP", lambda: zip_images(picked),
+                            "comfybatch-images.zip", mime="application/zip", disabled=not chosen,
+                            icon=":material/folder_zip:", on_click="ignore")
     if batch_id is not None:
-        a4.download_button(f"Batch {batch_id} as ZIP", lambda: zip_batch(batch_id), f"batch-{batch_id}.zip",
-                           mime="application/zip", icon=":material/folder_zip:", on_click="ignore")
-        a5.download_button(f"Batch {batch_id} results CSV", lambda: results_csv(batch_id),
-                           f"batch-{batch_id}-results.csv", mime="text/csv", icon=":material/download:",
-                           on_click="ignore")
+        actions.download_button(f"Batch {batch_id} as ZIP", lambda: zip_batch(batch_id), f"batch-{batch_id}.zip",
+                                mime="application/zip", icon=":material/folder_zip:", on_click="ignore")
+        actions.download_button(f"Batch {batch_id} results CSV", lambda: results_csv(batch_id),
+                                f"batch-{batch_id}-results.csv", mime="text/csv", icon=":material/download:",
+                                on_click="ignore")
     first = (page - 1) * size + 1 if images else 0
     st.text(f"Showing {first}-{first + len(images) - 1 if images else 0} of {total} image(s); "
             f"{len(chosen)} selected")
@@ -129,7 +131,8 @@ with ui.guard():
     for start in range(0, len(images), COLUMNS):
         for col, img in zip(st.columns(COLUMNS), images[start:start + COLUMNS], strict=False):
             with col:
-                ui.image_tile(img["id"], f"#{img['id']} · task {img['task_id']} · seed {img['seed']}")
+                ui.image_tile(img["id"], f"#{img['id']} · task {img['task_id']}"
+                              + (f" · seed {img['seed']}" if img["seed"] is not None else ""))
                 st.session_state[f"gsel_{img['id']}"] = img["id"] in chosen
                 s1, s2 = st.columns(2)
                 s1.checkbox("Select", key=f"gsel_{img['id']}", on_change=toggle, args=(img["id"],))

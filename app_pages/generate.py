@@ -85,12 +85,16 @@ def number_widget(wf: Workflow, p: Param, label: str, **kw: Any) -> Any:
     return st.number_input(label, key=key(wf, p.name), step=cast(step), **bounds, **kw)
 
 
-def param_widget(wf: Workflow, p: Param) -> Any:
+def param_widget(ctx: ui.Context, wf: Workflow, p: Param) -> Any:
     label = p.label or p.name.replace("_", " ").capitalize()
     k = key(wf, p.name)
-    if p.choices:
-        options = list(p.choices)
+    options = list(p.choices) if p.choices else None
+    if options is None and p.kind == "string" and not p.multiline and p.name not in FIRST:
+        options = ui.input_choices(ctx, wf.graph[p.node_id]["class_type"], p.input_name)
+    if options:
         default_state(k, p.default if p.default in options else options[0])
+        if st.session_state[k] not in options:
+            options = [st.session_state[k], *options]  # keep a prefilled value the server does not list
         return st.selectbox(label, options, key=k)
     if p.kind == "bool":
         default_state(k, bool(p.default))
@@ -126,14 +130,14 @@ def parse_extra(text: str) -> dict[str, str]:
     return values
 
 
-def form(wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
+def form(ctx: ui.Context, wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
     """Draw the workflow's form; returns (row, uploaded images, count)."""
     params = wf.params
     row: dict[str, Any] = {}
     images: dict[str, bytes] = {}
     for name in FIRST:
         if name in params:
-            row[name] = param_widget(wf, params[name])
+            row[name] = param_widget(ctx, wf, params[name])
     for p in params.values():
         if p.kind == "image":
             upload = st.file_uploader(f"{p.label or p.name} (input image)", type=["png", "jpg", "jpeg", "webp"],
@@ -149,9 +153,9 @@ def form(wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
         with c1:
             st.selectbox("Aspect", ["Custom", *ASPECTS], key=key(wf, "aspect"), on_change=on_aspect, args=(wf,))
         with c2:
-            row["width"] = param_widget(wf, params["width"])
+            row["width"] = param_widget(ctx, wf, params["width"])
         with c3:
-            row["height"] = param_widget(wf, params["height"])
+            row["height"] = param_widget(ctx, wf, params["height"])
     if "seed" in params:
         c1, c2 = st.columns([1, 2])
         with c1:
@@ -164,7 +168,7 @@ def form(wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
     cols = st.columns(3)
     for i, p in enumerate(rest):
         with cols[i % 3]:
-            row[p.name] = param_widget(wf, p)
+            row[p.name] = param_widget(ctx, wf, p)
     c1, c2, c3 = st.columns(3)
     with c1:
         count = st.number_input("Images per prompt", min_value=1, max_value=1000, value=1, step=1,
@@ -173,7 +177,7 @@ def form(wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
         st.text_input("Batch name (optional)", key="gen_batch_name")
     with c3:
         st.number_input("Priority (higher runs first)", value=0, step=1, key="gen_priority")
-    with st.expander("Other inputs (any node input by address)"):
+    with st.expander("Other inputs (any node input by address)", expanded=bool(st.session_state.get(key(wf, "extra")))):
         extra = st.text_area("One per line: `<node id>.<input>=value`, e.g. `1.color=16711680`",
                              key=key(wf, "extra"))
     row.update(parse_extra(extra))
@@ -221,7 +225,7 @@ with ui.guard():
     fill_widgets(wf)
     ui.show_flash("generate")
     try:
-        row, images, count = form(wf)
+        row, images, count = form(ctx, wf)
         form_error = None
     except InputError as exc:
         row, images, count, form_error = {}, {}, 1, exc

@@ -72,22 +72,22 @@ with ui.guard():
         by_url = {s["url"]: s for s in servers}
         url = st.selectbox("Server", list(by_url), key="servers_pick")
         server = by_url[url]
-        c1, c2 = st.columns(2)
+        row = st.container(horizontal=True, vertical_alignment="center")
         if server["enabled"]:
-            c1.button("Disable", on_click=ui.safe_callback("servers", lambda c: set_enabled(c, url, False)))
+            row.button("Disable", on_click=ui.safe_callback("servers", lambda c: set_enabled(c, url, False)))
         else:
-            c1.button("Enable", on_click=ui.safe_callback("servers", lambda c: set_enabled(c, url, True)))
+            row.button("Enable", on_click=ui.safe_callback("servers", lambda c: set_enabled(c, url, True)))
         if server["source"] == "config":
-            c2.caption("This server comes from COMFYUI_URL and is added back at every start: disable it instead, "
+            row.caption("This server comes from COMFYUI_URL and is added back at every start: disable it instead, "
                        "or change COMFYUI_URL.")
         else:
-            c2.button("Remove", on_click=ui.safe_callback("servers", lambda c: remove(c, url)))
+            row.button("Remove", on_click=ui.safe_callback("servers", lambda c: remove(c, url)))
 
     st.subheader("Add a server")
     st.text_input("URL", placeholder="http://192.168.1.20:8188", key="servers_new_url")
-    c1, c2 = st.columns(2)
-    test = c1.button("Test connection")
-    c2.button("Add server", type="primary", on_click=ui.safe_callback("servers", add))
+    buttons = st.container(horizontal=True)
+    test = buttons.button("Test connection")
+    buttons.button("Add server", type="primary", on_click=ui.safe_callback("servers", add))
     if test:
         target = one_url(st.session_state.get("servers_new_url", ""))
         try:

@@ -107,6 +107,9 @@ with ui.guard():
                     "id": st.column_config.NumberColumn("Task", format="%d", width="small"),
                     "batch": st.column_config.NumberColumn("Batch", format="%d", width="small"),
                     "row": st.column_config.NumberColumn("Row", format="%d", width="small"),
+                    "status": st.column_config.TextColumn("Status", width="small"),
+                    "server": st.column_config.TextColumn("Server"),
+                    "created": st.column_config.TextColumn("Created"),
                     "progress": st.column_config.ProgressColumn("Progress", min_value=0.0, max_value=1.0,
                                                                 format="percent"),
                     "attempts": st.column_config.NumberColumn("Attempts", width="small"),
@@ -124,12 +127,12 @@ with ui.guard():
             if selected:
                 st.text(f"Selected: {len(selected)} task(s): " + ", ".join(map(str, selected[:20]))
                         + (" ..." if len(selected) > 20 else ""))
-            b1, b2, b3, b4, b5 = st.columns([1, 1, 1, 1, 1], vertical_alignment="bottom")
-            b1.button("Cancel selected", on_click=ui.safe_callback("tasks", cancel), disabled=not selected)
-            b2.button("Retry selected", on_click=ui.safe_callback("tasks", retry), disabled=not selected)
-            b3.number_input("Priority", value=0, step=1, key="tasks_priority")
-            b4.button("Set priority", on_click=ui.safe_callback("tasks", set_priority), disabled=not selected)
-            b5.button("Clear selection", on_click=clear_selection, disabled=not selected)
+            actions = st.container(horizontal=True, vertical_alignment="bottom")
+            actions.button("Cancel selected", on_click=ui.safe_callback("tasks", cancel), disabled=not selected)
+            actions.button("Retry selected", on_click=ui.safe_callback("tasks", retry), disabled=not selected)
+            actions.number_input("Priority", value=0, step=1, key="tasks_priority", width=160)
+            actions.button("Set priority", on_click=ui.safe_callback("tasks", set_priority), disabled=not selected)
+            actions.button("Clear selection", on_click=clear_selection, disabled=not selected)
 
     live()
     st.selectbox("Rows per page", PAGE_SIZES, index=1, key="tasks_page_size", on_change=clear_selection)
