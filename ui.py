@@ -123,9 +123,9 @@ def guard() -> Iterator[None]:
 
 def show_error(exc: ComfyBatchError) -> None:
     if isinstance(exc, InputError) and exc.problems:
-        st.error(exc.summary + "\n\n" + "\n".join(f"- {_md(p)}" for p in exc.problems))
+        st.error(exc.summary + "\n\n" + "\n".join(f"- {md_escape(p)}" for p in exc.problems))
     else:
-        st.error(_md(str(exc)))
+        st.error(md_escape(str(exc)))
 
 
 def flash(key: str, kind: str, message: str) -> None:
@@ -304,6 +304,6 @@ def batch_progress(summary: dict[str, Any]) -> None:
     st.text(line)
 
 
-def _md(text: str) -> str:
-    """Keep user text from being read as Markdown emphasis or HTML."""
+def md_escape(text: str) -> str:
+    """Keep engine and user text from being read as Markdown emphasis or HTML."""
     return text.replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_").replace("<", "&lt;")

@@ -111,7 +111,7 @@ with ui.guard():
         for p in problems:
             row = (f"row {labels[p.position]}" if p.position is not None and p.position < len(labels)
                    else "file")
-            lines.append(f"- {row}" + (f", column '{p.column}'" if p.column else "") + f": {p.reason}")
+            lines.append(ui.md_escape(f"- {row}" + (f", column '{p.column}'" if p.column else "") + f": {p.reason}"))
         bad_rows = {p.position for p in problems if p.position is not None}
         st.error(f"{len(problems)} problem(s) in {len(bad_rows)} row(s); nothing will be enqueued until they are "
                  "fixed.\n\n" + "\n".join(lines))

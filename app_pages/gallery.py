@@ -17,6 +17,7 @@ from core.errors import ComfyBatchError
 COLUMNS = 6
 PAGE_SIZES = (24, 48, 96)
 SELECTED = "gallery_selected"
+OPEN = "gallery_open"  # the image shown in the dialog, kept until it is dismissed
 
 
 def selected() -> set[int]:
@@ -58,7 +59,15 @@ def results_csv(batch_id: int) -> bytes:
         return path.read_bytes()
 
 
-@st.dialog("Image", width="large")
+def open_image(image_id: int) -> None:
+    st.session_state[OPEN] = image_id
+
+
+def close_image() -> None:
+    st.session_state.pop(OPEN, None)
+
+
+@st.dialog("Image", width="large", on_dismiss=close_image)
 def show_image(image_id: int) -> None:
     ctx = ui.context()
     with ui.guard():
@@ -80,6 +89,7 @@ def show_image(image_id: int) -> None:
         if st.button("Re-run with changes", type="primary", icon=":material/edit:"):
             st.session_state["generate_prefill"] = {"workflow": task["workflow"], "values": values,
                                                     "task_id": task["id"]}
+            close_image()
             st.switch_page(ui.page_path("generate"))
         with st.expander("Graph sent to ComfyUI"):
             st.json(task["graph"], expanded=False)
@@ -136,8 +146,9 @@ with ui.guard():
                 st.session_state[f"gsel_{img['id']}"] = img["id"] in chosen
                 s1, s2 = st.columns(2)
                 s1.checkbox("Select", key=f"gsel_{img['id']}", on_change=toggle, args=(img["id"],))
-                if s2.button("Open", key=f"gopen_{img['id']}"):
-                    show_image(img["id"])
+                s2.button("Open", key=f"gopen_{img['id']}", on_click=open_image, args=(img["id"],))
+    if st.session_state.get(OPEN) is not None:
+        show_image(st.session_state[OPEN])
     p1, p2 = st.columns([3, 1], vertical_alignment="bottom")
     with p1:
         st.pagination(pages, key="gallery_page")

@@ -16,6 +16,7 @@ IDLE_REFRESH = 15.0
 PAGE_SIZES = (25, 50, 100, 200)
 SELECTED = "tasks_selected_ids"
 SHOWN = "tasks_shown_ids"
+POSITIONS = "tasks_selected_positions"
 
 
 def table_key() -> str:
@@ -25,14 +26,20 @@ def table_key() -> str:
 def clear_selection() -> None:
     """Forget the selection; a new table key also clears the highlighted rows in the browser."""
     st.session_state[SELECTED] = []
+    st.session_state[POSITIONS] = []
     st.session_state["tasks_table_generation"] = st.session_state.get("tasks_table_generation", 0) + 1
 
 
-def remember_selection() -> None:
-    """Map the selected row positions to task ids at once, against the rows the user was looking at."""
-    rows = st.session_state[table_key()].selection.rows
-    shown = st.session_state.get(SHOWN, [])
-    st.session_state[SELECTED] = [shown[r] for r in rows if r < len(shown)]
+def selected_ids() -> list[int]:
+    """Map newly selected row positions to task ids at once, against the rows the user was looking at (the
+    ones drawn last time), because rows shift as work lands."""
+    state = st.session_state.get(table_key())
+    positions = list(state["selection"]["rows"]) if state else []
+    if positions != st.session_state.get(POSITIONS, []):
+        shown = st.session_state.get(SHOWN, [])
+        st.session_state[SELECTED] = [shown[r] for r in positions if r < len(shown)]
+        st.session_state[POSITIONS] = positions
+    return st.session_state.get(SELECTED, [])
 
 
 def cancel(ctx: ui.Context) -> tuple[str, str]:
@@ -83,7 +90,7 @@ with ui.guard():
             for bid in ([batch_id] if batch_id is not None else views.summary_batch_ids(ctx.store)):
                 ui.batch_progress(service.batch_summary(ctx.store, bid))
             ui.show_flash("tasks")
-            selected = st.session_state.get(SELECTED, [])
+            selected = selected_ids()
             size = st.session_state.get("tasks_page_size", PAGE_SIZES[1])
             if selected:
                 # Keep the same rows in the same places while some are selected, so positions stay true.
@@ -102,7 +109,7 @@ with ui.guard():
                                  columns=["id", "batch", "row", "status", "progress", "server", "attempts", "priority",
                                           "prompt", "error", "created", "wait_s", "run_s"])
             st.dataframe(
-                frame, key=table_key(), on_select=remember_selection, selection_mode="multi-row", hide_index=True,
+                frame, key=table_key(), on_select="rerun", selection_mode="multi-row", hide_index=True,
                 column_config={
                     "id": st.column_config.NumberColumn("Task", format="%d", width="small"),
                     "batch": st.column_config.NumberColumn("Batch", format="%d", width="small"),
