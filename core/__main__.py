@@ -86,7 +86,7 @@ def cmd_worker(settings: Settings, store: Store, args: argparse.Namespace) -> in
     tty = sys.stderr.isatty()
     try:
         while not scheduler.stop_event.is_set():
-            time.sleep(0.2)
+            time.sleep(0.05)
             if args.until_idle and scheduler.is_leader and not scheduler.busy():
                 break
             if tty:

@@ -51,6 +51,7 @@ class ServerWorker:
         self.stop_event = threading.Event()
         self.slot_free = threading.Condition()
         self.inflight: dict[str, int] = {}  # prompt_id -> task_id
+        self.outputs: dict[str, dict[str, Any]] = {}  # prompt_id -> outputs reported by `executed` events
         self.collecting: set[str] = set()
         self.progress_written: dict[str, float] = {}
         self.healthy = False
@@ -67,6 +68,7 @@ class ServerWorker:
 
     def stop(self, timeout: float = 5.0) -> None:
         self.stop_event.set()
+        self.socket.close()
         with self.slot_free:
             self.slot_free.notify_all()
         for t in self.threads:
@@ -179,6 +181,7 @@ class ServerWorker:
         with self.slot_free:
             self.inflight.pop(prompt_id, None)
             self.progress_written.pop(prompt_id, None)
+            self.outputs.pop(prompt_id, None)
             self.slot_free.notify_all()
 
     # -- events -----------------------------------------------------------------------------------
@@ -198,9 +201,20 @@ class ServerWorker:
             self.store.transition(task_id, TaskStatus.RUNNING, [TaskStatus.SUBMITTED])
         elif kind == "progress":
             self._record_progress(prompt_id, task_id, data)
+        elif kind == "executed" and isinstance(data.get("output"), dict):
+            self.outputs.setdefault(prompt_id, {})[str(data.get("node"))] = data["output"]
         elif kind in TERMINAL_EVENTS or (kind == "executing" and data.get("node") is None):
+            # The events already tell the outcome (and the outputs): no /history round trip on the hot path.
+            result: Any = None
+            if kind == "execution_success":
+                result = self.outputs.get(prompt_id, {})
+            elif kind == "execution_error":
+                result = ExecutionFailed(data, self.url)
+            elif kind == "execution_interrupted":
+                result = Interrupted(f"the prompt was interrupted on {self.url} at node {data.get('node_id')} "
+                                     f"({data.get('node_type')})", self.url)
             self._drop(prompt_id)
-            self.collect(prompt_id, task_id)
+            self.collect(prompt_id, task_id, result)
 
     def _record_progress(self, prompt_id: str, task_id: int, data: dict[str, Any]) -> None:
         value, maximum = int(data.get("value", 0)), int(data.get("max", 0))
@@ -211,33 +225,38 @@ class ServerWorker:
             self.store.set_progress(task_id, value, maximum)
 
     # -- collection -------------------------------------------------------------------------------
-    def collect(self, prompt_id: str, task_id: int) -> None:
+    def collect(self, prompt_id: str, task_id: int, result: dict[str, Any] | ComfyError | None = None) -> None:
+        """Finish a prompt in the pool: `result` is the outputs or the error its events reported, or None
+        to read the outcome from /history (after a gap, or for prompts of a previous process)."""
         with self.slot_free:
             if prompt_id in self.collecting:
                 return
             self.collecting.add(prompt_id)
-        self.scheduler.pool.submit(self._collect, prompt_id, task_id)
+        self.scheduler.pool.submit(self._collect, prompt_id, task_id, result)
 
-    def _collect(self, prompt_id: str, task_id: int) -> None:
+    def _collect(self, prompt_id: str, task_id: int, result: dict[str, Any] | ComfyError | None) -> None:
         try:
             task = self.store.get_task(task_id)
             if task["status"] not in IN_FLIGHT or task["prompt_id"] != prompt_id:
                 return
-            entry = None
-            for delay in (0, 0.05, 0.1, 0.25, 0.5, 1.0):
-                time.sleep(delay)
-                entry = self.client.history(prompt_id)
-                if entry is not None:
-                    break
-            if entry is None:
-                self.needs_reconcile = True  # not finished after all (or lost): reconcile decides
+            if result is None:
+                entry = None
+                for delay in (0, 0.05, 0.1, 0.25, 0.5, 1.0):
+                    time.sleep(delay)
+                    entry = self.client.history(prompt_id)
+                    if entry is not None:
+                        break
+                if entry is None:
+                    self.needs_reconcile = True  # not finished after all (or lost): reconcile decides
+                    return
+                try:
+                    result = outcome(entry, self.url)
+                except (ExecutionFailed, Interrupted) as exc:
+                    result = exc
+            if isinstance(result, ComfyError):
+                self._failed_run(task, result)
                 return
-            try:
-                outputs = outcome(entry, self.url)
-            except (ExecutionFailed, Interrupted) as exc:
-                self._failed_run(task, exc)
-                return
-            self._save_outputs(task, outputs)
+            self._save_outputs(task, result)
         except ServerUnavailable as exc:
             self._mark_down(exc)
             self.needs_reconcile = True

@@ -76,6 +76,7 @@ class Store:
         self._local = threading.local()
         self._all: list[sqlite_utils.Database] = []
         self._lock = threading.Lock()
+        self._write_lock = threading.RLock()
         self.migrate()
 
     # -- connections and transactions -------------------------------------------------------------
@@ -105,13 +106,16 @@ class Store:
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction taken with BEGIN IMMEDIATE (the lock is held from the first statement)."""
         conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        # Threads of this process queue on a Python lock (woken at once) instead of SQLite's busy handler,
+        # which sleeps in steps of milliseconds; other processes still wait through busy_timeout.
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def migrate(self) -> None:
         db = self.db

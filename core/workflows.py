@@ -14,7 +14,6 @@ node can also be addressed as `<node_id>.<input>` or `<node title>.<input>`.
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import tomllib
@@ -223,8 +222,10 @@ def resolve_params(workflow: Workflow, values: dict[str, Any], rng: random.Rando
 
 
 def patch(workflow: Workflow, resolved: dict[str, Any]) -> dict[str, Any]:
-    """Apply already-resolved values to a deep copy of the graph."""
-    graph = copy.deepcopy(workflow.graph)
+    """Apply already-resolved values to a copy of the graph. Each node and its inputs are copied; link lists
+    and `_meta` stay shared with the template, which is safe because only input values are ever replaced
+    (a deep copy was 90% of the time of a 10,000-row intake)."""
+    graph = {nid: {**node, "inputs": dict(node["inputs"])} for nid, node in workflow.graph.items()}
     for key, value in resolved.items():
         p = workflow.param_for(key)
         graph[p.node_id]["inputs"][p.input_name] = value
