@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Attempts per task before it is marked failed (HTTP 400 rejections are never retried)."),
     Setting("COMFYBATCH_LEASE_SECONDS", "lease_seconds", "15", float,
             "A scheduler that stops renewing its lease for this long is presumed dead and replaced."),
+    Setting("COMFYBATCH_API_TOKENS", "api_tokens", "", list,
+            "Comma-separated bearer tokens for the HTTP API and file downloads. Empty: no token needed."),
+    Setting("COMFYBATCH_CORS_ORIGINS", "cors_origins", "", list,
+            "Comma-separated origins allowed to call the HTTP API from a browser (`*` for any). Empty: none."),
+    Setting("COMFYBATCH_PUBLIC_URL", "public_url", "", str,
+            "Base URL used in API replies (e.g. behind a proxy). Empty: taken from each request."),
+    Setting("COMFYBATCH_MAX_UPLOAD_MB", "max_upload_mb", "200", float,
+            "Largest HTTP API request body (CSV and images) in megabytes."),
 )
 
 
@@ -58,7 +66,10 @@ class Settings:
     read_timeout: float = 60.0
     max_attempts: int = 3
     lease_seconds: float = 15.0
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    api_tokens: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    public_url: str = ""
+    max_upload_mb: float = 200.0
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None, secrets_path: Path | None = None,
@@ -104,6 +115,11 @@ def parse_urls(raw: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 def _convert(s: Setting, raw: Any, base: Path) -> Any:
     if s.kind is tuple:
         return parse_urls(raw)
+    if s.kind is list:
+        items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+        return tuple(str(i).strip() for i in items if str(i).strip())
+    if s.kind is str:
+        return str(raw).strip().rstrip("/")
     if s.kind is Path:
         p = Path(str(raw)).expanduser()
         return p if p.is_absolute() else base / p
