@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core import csvin, files, workflows
+from core import csvin, files, preflight, workflows
 from core.comfy import ComfyClient
 from core.config import Settings
 from core.errors import ComfyBatchError, InputError
@@ -43,6 +43,8 @@ class Submitted:
     batch_ids: list[int]
     task_ids: list[int]
     jobs: list[Job]
+    reports: list[preflight.ServerReport] = field(default_factory=list)
+    servers: list[str] | None = None  # the servers the tasks are routed to; None = any
 
 
 def input_dir(settings: Settings) -> Path:
@@ -117,28 +119,62 @@ def enqueue(store: Store, workflow: Workflow, jobs: list[Job], batch_name: str |
     return Submitted(batch_ids, task_ids, jobs)
 
 
+def enabled_servers(settings: Settings, store: Store) -> list[str]:
+    store.sync_servers(settings.comfyui_urls, lambda: uuid.uuid4().hex)
+    return [s["url"] for s in store.servers(enabled_only=True)]
+
+
+def workflow_for_servers(settings: Settings, store: Store, name: str) -> tuple[Workflow, list[str]]:
+    """The workflow with list parameters offering the choices the (reachable) enabled servers have."""
+    workflow = load_workflow(settings, name)
+    urls = enabled_servers(settings, store)
+    infos = [info for info in (preflight.object_info(u) for u in urls) if info is not None]
+    return preflight.with_server_choices(workflow, infos), urls
+
+
+def route(workflow: Workflow, jobs: list[Job], urls: list[str]
+          ) -> tuple[list[preflight.ServerReport], list[str] | None]:
+    """Preflight every job on every enabled server. Returns the reports and the servers to route to (None:
+    any). Refuses (InputError) when servers answered and none of them can run the workflow."""
+    uploaded = {target for job in jobs for target in job.inputs}
+    reports = preflight.check_servers(urls, workflow, [j.graph for j in jobs], uploaded)
+    reachable = [r for r in reports if r.reachable]
+    if reachable and not any(r.ok for r in reachable):
+        problems = [f"{r.url}: {p}" for r in reachable for p in r.problems]
+        raise InputError(f"no ComfyUI server can run workflow '{workflow.name}'; nothing was enqueued", problems)
+    if all(r.ok for r in reachable):
+        return reports, None
+    return reports, [r.url for r in reports if r.ok or not r.reachable]
+
+
 def submit_rows(settings: Settings, store: Store, workflow_name: str, rows: list[dict[str, Any]],
                 batch_name: str | None = None, priority: int = 0, count: int = 1, dry_run: bool = False,
                 images: dict[str, bytes] | None = None, image_dir: Path | None = None) -> Submitted:
-    workflow = load_workflow(settings, workflow_name)
+    workflow, urls = workflow_for_servers(settings, store, workflow_name)
     jobs = build_jobs(settings, workflow, rows, count=count, images=images, image_dir=image_dir)
-    if dry_run:
-        return Submitted([], [], jobs)
-    return enqueue(store, workflow, jobs, batch_name, priority)
+    return _submit(store, workflow, jobs, urls, batch_name, priority, None, dry_run)
 
 
 def submit_csv(settings: Settings, store: Store, data: bytes, filename: str, workflow_name: str,
                batch_name: str | None = None, priority: int = 0, count: int = 1, dry_run: bool = False,
                images: dict[str, bytes] | None = None, image_dir: Path | None = None) -> Submitted:
-    workflow = load_workflow(settings, workflow_name)
+    workflow, urls = workflow_for_servers(settings, store, workflow_name)
     parsed = csvin.read_csv(data, filename)
     jobs = build_jobs(settings, workflow, [r.params for r in parsed], count=count, source=filename, images=images,
                       image_dir=image_dir, row_numbers=[r.row_number for r in parsed],
                       counts=[r.count for r in parsed], batch_names=[r.batch_name for r in parsed],
                       row_problems=[r.problems for r in parsed])
+    return _submit(store, workflow, jobs, urls, batch_name, priority, filename, dry_run)
+
+
+def _submit(store: Store, workflow: Workflow, jobs: list[Job], urls: list[str], batch_name: str | None,
+            priority: int, source: str | None, dry_run: bool) -> Submitted:
+    reports, servers = route(workflow, jobs, urls)
     if dry_run:
-        return Submitted([], [], jobs)
-    return enqueue(store, workflow, jobs, batch_name, priority, source=filename)
+        return Submitted([], [], jobs, reports, servers)
+    result = enqueue(store, workflow, jobs, batch_name, priority, source=source, servers=servers)
+    result.reports, result.servers = reports, servers
+    return result
 
 
 def _stage_image(settings: Settings, ref: str, images: dict[str, bytes] | None, image_dir: Path | None

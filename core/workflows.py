@@ -6,7 +6,15 @@ optionally beside `workflows/NAME.toml` that declares its title, description and
     title = "SD1.5 text to image"
     [params.prompt]
     target = "6.text"          # node id . input name
-    label = "Prompt"           # optional: type, default, min, max, choices, required, multiline
+    label = "Prompt"           # optional: type, default, min, max, choices, required, multiline, help
+    [params.image2]
+    target = "106.image"
+    type = "image"
+    prune = ["106", "115"]     # when not given: these nodes go, and every input linking to them
+    [presets.size]             # optional: named width/height pairs for the form
+    "16:9" = [1664, 928]
+    [requires.custom_nodes]    # optional: where a custom node class comes from, for preflight messages
+    RembgByBiRefNet = "lldacing/ComfyUI_BiRefNet_ll"
 
 Without a declaration, parameters are discovered from the graph (see `discover_params`). Any input of any
 node can also be addressed as `<node_id>.<input>` or `<node title>.<input>`.
@@ -44,6 +52,8 @@ class Param:
     choices: tuple[Any, ...] | None = None
     required: bool = False
     multiline: bool = False
+    help: str = ""
+    prune: tuple[str, ...] = ()  # nodes removed from the graph when this parameter is not given
 
     @property
     def target(self) -> str:
@@ -59,6 +69,7 @@ class Workflow:
     description: str = ""
     declared: bool = False
     presets: dict[str, Any] = field(default_factory=dict)
+    custom_nodes: dict[str, str] = field(default_factory=dict)  # class_type -> custom node pack
 
     def param_for(self, key: str) -> Param:
         """Resolve a parameter key (named, `node_id.input` or `title.input`) or raise InputError."""
@@ -123,7 +134,8 @@ def load_workflow(path: Path) -> Workflow:
         raise WorkflowError(f"{sidecar.name}: cannot read ({exc})") from None
     params = _declared_params(graph, meta.get("params", {}), sidecar.name)
     return Workflow(path.stem, graph, params, title=meta.get("title", path.stem),
-                    description=meta.get("description", ""), declared=True, presets=meta.get("presets", {}))
+                    description=meta.get("description", ""), declared=True, presets=meta.get("presets", {}),
+                    custom_nodes=dict((meta.get("requires") or {}).get("custom_nodes") or {}))
 
 
 def list_workflows(folder: Path) -> tuple[list[Workflow], list[str]]:
@@ -225,7 +237,10 @@ def patch(workflow: Workflow, resolved: dict[str, Any]) -> dict[str, Any]:
     """Apply already-resolved values to a copy of the graph. Each node and its inputs are copied; link lists
     and `_meta` stay shared with the template, which is safe because only input values are ever replaced
     (a deep copy was 90% of the time of a 10,000-row intake)."""
-    graph = {nid: {**node, "inputs": dict(node["inputs"])} for nid, node in workflow.graph.items()}
+    pruned = {n for p in workflow.params.values() if p.prune and p.name not in resolved for n in p.prune}
+    graph = {nid: {**node, "inputs": {k: v for k, v in node["inputs"].items()
+                                      if not (_is_link(v) and str(v[0]) in pruned)}}
+             for nid, node in workflow.graph.items() if nid not in pruned}
     for key, value in resolved.items():
         p = workflow.param_for(key)
         graph[p.node_id]["inputs"][p.input_name] = value
@@ -276,8 +291,13 @@ def coerce(param: Param, raw: Any) -> Any:
         raise InputError(f"parameter '{name}' ({param.target}): {value} is above the maximum {param.maximum:g}")
     if param.choices and value not in param.choices:
         raise InputError(f"parameter '{name}' ({param.target}): {value!r} is not one of "
-                         + ", ".join(map(str, param.choices)))
+                         + short_list(list(param.choices)))
     return value
+
+
+def short_list(items: list[Any], limit: int = 8) -> str:
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 def _address(graph: dict[str, Any], key: str) -> tuple[str, str]:
@@ -318,7 +338,11 @@ def _declared_params(graph: dict[str, Any], decl: dict[str, Any], source: str) -
             name, node_id, input_name, spec.get("type", "seed" if name == "seed" else _kind_of(value)),
             default=spec.get("default", value), label=spec.get("label", ""), minimum=spec.get("min"),
             maximum=spec.get("max"), choices=tuple(choices) if choices else None,
-            required=bool(spec.get("required", False)), multiline=bool(spec.get("multiline", False)))
+            required=bool(spec.get("required", False)), multiline=bool(spec.get("multiline", False)),
+            help=spec.get("help", ""), prune=tuple(str(n) for n in spec.get("prune", ())))
+        missing = [n for n in params[name].prune if n not in graph]
+        if missing:
+            problems.append(f"[params.{name}]: prune names missing node(s) {', '.join(missing)}")
     if problems:
         raise WorkflowError(f"{source}: parameter declarations do not match the graph", problems)
     return params

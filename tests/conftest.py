@@ -3,7 +3,6 @@ in-process scheduler. Thin named fixtures over a few factories, as in datasette'
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,7 +51,10 @@ def make_settings(tmp_path: Path, urls: list[str], **overrides) -> Settings:
     wf = tmp_path / "workflows"
     wf.mkdir(exist_ok=True)
     for src in [*sorted((ROOT / "workflows").glob("*")), *sorted((ROOT / "tests" / "workflows").glob("*"))]:
-        shutil.copy(src, wf / src.name)
+        # The test servers hold a random-weight SD1.5 checkpoint under its own name: point the shipped
+        # SD1.5 templates at it, as a team points templates at the model files its servers have.
+        (wf / src.name).write_text(src.read_text(encoding="utf-8").replace(
+            "v1-5-pruned-emaonly.safetensors", "random_sd15.safetensors"), encoding="utf-8")
     values = dict(comfyui_urls=tuple(urls), db_path=tmp_path / "tasks.db", output_dir=tmp_path / "generated_images",
                   workflows_dir=wf, log_dir=tmp_path / "logs", lease_seconds=3.0, connect_timeout=3.0,
                   read_timeout=30.0)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from PIL import Image
 
 from core import service
+from core.errors import InputError
 from core.models import TaskStatus
 from tests.conftest import wait_until
 
@@ -74,12 +76,22 @@ def test_random_seed_is_resolved_and_stored(settings, store):
 
 
 def test_http_400_fails_at_once_with_node_and_input_named(settings, store, scheduler):
-    result = service.submit_rows(settings, store, "sd15_txt2img", [{"prompt": "x", "4.ckpt_name": "missing.ckpt"}])
+    # Preflight catches missing models and bad values; a link between wrong types only ComfyUI sees.
+    result = service.submit_rows(settings, store, "mismatched_link", [{"2.filename_prefix": "x"}])
     assert service.wait_for_tasks(store, result.task_ids, timeout=60) == {"failed": 1}
     task = store.get_task(result.task_ids[0])
     assert task["attempts"] == 1
-    assert task["error"].startswith("ComfyUI rejected the prompt: node 4 (CheckpointLoaderSimple) input 'ckpt_name'")
-    assert "missing.ckpt" in task["error"]
+    assert task["error"] == ("ComfyUI rejected the prompt: node 2 (SaveImage) input 'images': Return type mismatch "
+                             "between linked nodes: images, received_type(LATENT) mismatch input_type(IMAGE)")
+    assert [e["status"] for e in store.events(task_id=task["id"])] == ["queued", "submitted", "failed"]
+
+
+def test_missing_checkpoint_is_refused_before_enqueue(settings, store):
+    with pytest.raises(InputError) as err:
+        service.submit_rows(settings, store, "sd15_txt2img", [{"prompt": "x", "checkpoint": "missing.ckpt"}])
+    assert err.value.problems == ["parameter 'checkpoint' (4.ckpt_name): 'missing.ckpt' is not one of "
+                                  "random_sd15.safetensors"]
+    assert store.counts() == {}
 
 
 def test_execution_error_is_retried_then_fails_with_comfyui_message(settings, store, scheduler):

@@ -15,8 +15,15 @@ from tests.conftest import ROOT
 WF = ROOT / "workflows"
 
 
-def test_sd15_parameters_are_discovered_from_the_graph():
-    wf = workflows.load_workflow(WF / "sd15_txt2img.json")
+def undeclared(tmp_path, name):
+    """A copy of a shipped graph without its .toml declaration, to exercise discovery."""
+    path = tmp_path / f"{name}.json"
+    path.write_text((WF / f"{name}.json").read_text(encoding="utf-8"), encoding="utf-8")
+    return workflows.load_workflow(path)
+
+
+def test_sd15_parameters_are_discovered_from_the_graph(tmp_path):
+    wf = undeclared(tmp_path, "sd15_txt2img")
     assert {name: (p.target, p.kind) for name, p in wf.params.items()} == {
         "prompt": ("6.text", "string"), "negative_prompt": ("7.text", "string"), "seed": ("3.seed", "seed"),
         "steps": ("3.steps", "int"), "cfg": ("3.cfg", "int"), "sampler_name": ("3.sampler_name", "string"),
@@ -48,8 +55,8 @@ def test_random_seed_is_resolved_to_an_integer():
     assert workflows.build_graph(wf, {}, random.Random(7))[0] == resolved  # random is the default
 
 
-def test_generic_and_title_addressing_on_a_model_free_graph():
-    wf = workflows.load_workflow(WF / "empty_image.json")
+def test_generic_and_title_addressing_on_a_model_free_graph(tmp_path):
+    wf = undeclared(tmp_path, "empty_image")
     assert set(wf.params) == {"width", "height", "batch_size"}  # no sampler: the one sized node
     _, graph = workflows.build_graph(wf, {"1.color": "255", "Save Image.filename_prefix": "x/y", "width": 8})
     assert graph["1"]["inputs"] == {"width": 8, "height": 64, "batch_size": 1, "color": 255}
@@ -68,8 +75,8 @@ def test_generic_and_title_addressing_on_a_model_free_graph():
     ({"width": "1.5"}, "parameter 'width' (1.width): expected an integer, got '1.5'"),
     ({"1.color": True}, "parameter '1.color' (1.color): expected an integer, got True"),
 ])
-def test_bad_parameters_are_named(values, problem):
-    wf = workflows.load_workflow(WF / "empty_image.json")
+def test_bad_parameters_are_named(tmp_path, values, problem):
+    wf = undeclared(tmp_path, "empty_image")
     with pytest.raises(InputError) as err:
         workflows.resolve_params(wf, values, where="jobs.csv row 2")
     assert err.value.problems == [f"jobs.csv row 2: {problem}"]
