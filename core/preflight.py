@@ -106,7 +106,7 @@ def check_graph(workflow: Workflow, graph: dict[str, Any], info: dict[str, Any],
                 continue
             kind, opts = spec
             if isinstance(kind, list):
-                if kind and value not in kind and not opts.get("image_upload"):
+                if value not in kind and not opts.get("image_upload"):  # an empty list: nothing installed
                     if "loader" in class_type.lower() or name.endswith("_name") or name in ("model", "ckpt_name"):
                         problems.append(f"{where} input '{name}': model file '{value}' is missing on the server")
                     else:
