@@ -8,9 +8,10 @@ import subprocess
 import sys
 from collections import Counter
 
-from core import service
+from core import preflight, service
 from core.store import Store
 from tests.conftest import ROOT, make_settings, wait_until
+from tests.fake_comfy import FakeComfy
 
 
 def worker_env(settings) -> dict[str, str]:
@@ -80,3 +81,23 @@ def test_comfyui_restarted_mid_batch_the_batch_still_completes(comfy_factory, tm
         assert requeued, "prompts lost with the restart should have been requeued"
     finally:
         store.close()
+
+
+def test_a_server_that_freezes_mid_job_loses_nothing(comfy, tmp_path, scheduler_factory):
+    """The fake accepts the first prompt, then hangs on every call: that task goes to the real server."""
+    info = preflight.object_info(comfy.url, refresh=True)
+    with FakeComfy(info, freeze_after_prompts=1) as fake:
+        settings = make_settings(tmp_path, [fake.url, comfy.url], read_timeout=2.0, connect_timeout=2.0)
+        store = Store(settings.db_path)
+        try:
+            result = service.submit_rows(settings, store, "empty_image",
+                                         [{"color": str(i), "width": "8"} for i in range(6)])
+            scheduler_factory(settings)
+            assert service.wait_for_tasks(store, result.task_ids, timeout=90) == {"succeeded": 6}
+            assert len(fake.prompts) == 1
+            stuck = store.task_by_prompt_id(fake.prompts[0])
+            assert stuck is None  # its prompt id was replaced when it was requeued
+            assert Counter(store.get_task(t)["server"] for t in result.task_ids) == Counter({comfy.url: 6})
+            assert any(e["status"] == "queued" and e["detail"] and fake.url in e["detail"] for e in store.events())
+        finally:
+            store.close()
