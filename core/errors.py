@@ -90,7 +90,7 @@ class Interrupted(ComfyError):
 
 def describe_rejection(body: dict[str, Any]) -> str:
     """Render ComfyUI's 400 body as one sentence per problem, naming node id, class, input and reason."""
-    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    error: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else {}
     parts: list[str] = []
     for node_id, info in sorted((body.get("node_errors") or {}).items(), key=lambda kv: str(kv[0])):
         class_type = info.get("class_type", "?")

@@ -132,7 +132,7 @@ class Store:
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(target),))
         if "tasks_fts" not in db.table_names():
             try:
-                db["tasks"].enable_fts(["prompt"], tokenize="trigram", create_triggers=True)
+                db.table("tasks").enable_fts(["prompt"], tokenize="trigram", create_triggers=True)
             except sqlite3.OperationalError:
                 pass  # SQLite older than 3.34 has no trigram tokenizer: search falls back to LIKE
 
