@@ -2,7 +2,9 @@
 and the scheduler, which the lifespan starts once per server process and stops on shutdown. If another
 scheduler already holds the database's lease, this one waits in standby and takes over if that one dies.
 
-HTTP API routes belong in `routes` (a module `core/api.py` exposing `routes` is picked up automatically).
+HTTP routes: `routes` below. Each module named in ROUTE_MODULES that exists is loaded: its `routes` are served
+and its `bind(settings, store)` is called by the lifespan (as core.webfiles' FileServer is). A module that fails
+to load is logged and left out, so the pages and the scheduler still come up.
 """
 
 from __future__ import annotations
@@ -26,10 +28,21 @@ from core.webfiles import FileServer
 
 log = logging.getLogger("core.app")
 
+ROUTE_MODULES = ("core.api",)
+
 files = FileServer()
 routes: list[Any] = [*files.routes]
-if importlib.util.find_spec("core.api") is not None:
-    routes.extend(importlib.import_module("core.api").routes)
+bound: list[Any] = [files]  # things whose bind(settings, store) the lifespan calls
+for _name in ROUTE_MODULES:
+    if importlib.util.find_spec(_name) is None:
+        continue
+    try:
+        _module = importlib.import_module(_name)
+    except Exception:
+        log.exception("%s could not be loaded; serving without its routes", _name)
+        continue
+    routes.extend(_module.routes)
+    bound.append(_module)
 
 
 @asynccontextmanager
@@ -46,13 +59,17 @@ async def lifespan(app: st.App) -> AsyncIterator[dict[str, Any]]:
     store = Store(settings.db_path)
     scheduler = Scheduler(settings, store)
     scheduler.start()
-    files.bind(settings, store)
+    for part in bound:
+        if hasattr(part, "bind"):
+            part.bind(settings, store)
     log.info("scheduler %s started (database %s, servers: %s)", scheduler.owner, settings.db_path,
              ", ".join(settings.comfyui_urls) or "none configured")
     try:
         yield {"settings": settings, "scheduler": scheduler}
     finally:
-        files.unbind()
+        for part in bound:
+            if hasattr(part, "unbind"):
+                part.unbind()
         await asyncio.to_thread(scheduler.stop)
         store.close()
         log.info("scheduler %s stopped", scheduler.owner)

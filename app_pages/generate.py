@@ -25,6 +25,12 @@ def aspect_size(aspect: str, long_side: int, multiple: int = 8) -> tuple[int, in
     return (long_side, short) if a >= b else (short, long_side)
 
 
+def declared_sizes(wf: Workflow) -> dict[str, tuple[int, int]]:
+    """Named sizes a workflow's TOML declares (`[presets.size]`), e.g. {"3:4": (512, 680)}."""
+    sizes = (wf.presets or {}).get("size") or {}
+    return {str(name): (int(pair[0]), int(pair[1])) for name, pair in sizes.items()}
+
+
 def key(wf: Workflow, name: str) -> str:
     return f"gen_{wf.name}_{name}"
 
@@ -88,6 +94,7 @@ def number_widget(wf: Workflow, p: Param, label: str, **kw: Any) -> Any:
 def param_widget(ctx: ui.Context, wf: Workflow, p: Param) -> Any:
     label = p.label or p.name.replace("_", " ").capitalize()
     k = key(wf, p.name)
+    tip = getattr(p, "help", "") or None
     options = list(p.choices) if p.choices else None
     if options is None and p.kind == "string" and not p.multiline and p.name not in FIRST:
         options = ui.input_choices(ctx, wf.graph[p.node_id]["class_type"], p.input_name)
@@ -95,24 +102,29 @@ def param_widget(ctx: ui.Context, wf: Workflow, p: Param) -> Any:
         default_state(k, p.default if p.default in options else options[0])
         if st.session_state[k] not in options:
             options = [st.session_state[k], *options]  # keep a prefilled value the server does not list
-        return st.selectbox(label, options, key=k)
+        return st.selectbox(label, options, key=k, help=tip)
     if p.kind == "bool":
         default_state(k, bool(p.default))
-        return st.checkbox(label, key=k)
+        return st.checkbox(label, key=k, help=tip)
     if p.kind in ("int", "float"):
-        return number_widget(wf, p, label, step=8 if p.name in SIZE else None)
+        return number_widget(wf, p, label, step=8 if p.name in SIZE else None, help=tip)
     default_state(k, "" if p.default is None else str(p.default))
     if p.multiline or p.name in FIRST:
-        return st.text_area(label, key=k, height=120 if p.name == "prompt" else 80)
-    return st.text_input(label, key=k)
+        return st.text_area(label, key=k, height=120 if p.name == "prompt" else 80, help=tip)
+    return st.text_input(label, key=k, help=tip)
 
 
 def on_aspect(wf: Workflow) -> None:
     aspect = st.session_state[key(wf, "aspect")]
     if aspect == "Custom":
         return
-    w, h = st.session_state.get(key(wf, "width"), 512), st.session_state.get(key(wf, "height"), 512)
-    st.session_state[key(wf, "width")], st.session_state[key(wf, "height")] = aspect_size(aspect, max(w, h))
+    sizes = declared_sizes(wf)
+    if aspect in sizes:
+        size = sizes[aspect]
+    else:
+        w, h = st.session_state.get(key(wf, "width"), 512), st.session_state.get(key(wf, "height"), 512)
+        size = aspect_size(aspect, max(w, h))
+    st.session_state[key(wf, "width")], st.session_state[key(wf, "height")] = size
 
 
 def parse_extra(text: str) -> dict[str, str]:
@@ -140,18 +152,22 @@ def form(ctx: ui.Context, wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes
             row[name] = param_widget(ctx, wf, params[name])
     for p in params.values():
         if p.kind == "image":
-            upload = st.file_uploader(f"{p.label or p.name} (input image)", type=["png", "jpg", "jpeg", "webp"],
-                                      key=key(wf, p.name))
+            upload = st.file_uploader(f"{p.label or p.name} (input image{', required' if p.required else ''})",
+                                      type=["png", "jpg", "jpeg", "webp"], key=key(wf, p.name),
+                                      help=getattr(p, "help", "") or None)
             if upload is not None:
                 images[upload.name] = upload.getvalue()
                 row[p.name] = upload.name
                 st.image(upload.getvalue(), caption=upload.name, width=240)
-            else:
+            elif not p.required:
                 st.caption(f"No upload: the workflow's own image ({p.default}) is used.")
     if all(s in params for s in SIZE):
         c1, c2, c3 = st.columns(3)
         with c1:
-            st.selectbox("Aspect", ["Custom", *ASPECTS], key=key(wf, "aspect"), on_change=on_aspect, args=(wf,))
+            st.selectbox("Aspect", ["Custom", *(declared_sizes(wf) or ASPECTS)], key=key(wf, "aspect"),
+                         on_change=on_aspect, args=(wf,),
+                         format_func=lambda a: a if a not in declared_sizes(wf) else
+                         "{} ({}×{})".format(a, *declared_sizes(wf)[a]))
         with c2:
             row["width"] = param_widget(ctx, wf, params["width"])
         with c3:

@@ -108,6 +108,7 @@ with ui.guard():
             frame = pd.DataFrame([views.task_row(r) for r in rows],
                                  columns=["id", "batch", "row", "status", "progress", "server", "attempts", "priority",
                                           "prompt", "error", "created", "wait_s", "run_s"])
+            frame = frame.astype({"row": "Int64", "wait_s": "Float64", "run_s": "Float64"})
             st.dataframe(
                 frame, key=table_key(), on_select="rerun", selection_mode="multi-row", hide_index=True,
                 column_config={

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from core.errors import NotFound
+from core.errors import ComfyBatchError, NotFound
 from core.models import TaskStatus
 from core.store import Store
 from core.workflows import Workflow
@@ -154,16 +154,28 @@ def task_parameters(task: dict[str, Any], workflow: Workflow | None) -> dict[str
     random seed shows as the number used), then any other inputs the row set by node address."""
     values: dict[str, Any] = {}
     graph = task.get("graph") or {}
+    named: set[str] = set()
     if workflow is not None:
         for name, param in workflow.params.items():
             node = graph.get(param.node_id, {}).get("inputs", {})
             if param.input_name in node:
                 values[name] = node[param.input_name]
+                named.add(param.target)
     for key, value in (task.get("params") or {}).items():
-        values.setdefault(key, value)
+        if key not in values and _target(workflow, key) not in named:  # "1.color" when "color" names it
+            values[key] = value
     if task.get("seed") is not None:
         values["seed"] = task["seed"]
     return values
+
+
+def _target(workflow: Workflow | None, key: str) -> str | None:
+    if workflow is None:
+        return None
+    try:
+        return workflow.param_for(key).target
+    except ComfyBatchError:
+        return None
 
 
 # -- formatting -------------------------------------------------------------------------------------

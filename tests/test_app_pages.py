@@ -70,6 +70,18 @@ def page(name: str) -> AppTest:
     return at.run()
 
 
+def generate(workflow: str) -> AppTest:
+    at = page("generate")
+    at.selectbox(key="gen_workflow").set_value(workflow)
+    return at.run()
+
+
+def batch(workflow: str) -> AppTest:
+    at = page("batch")
+    at.selectbox(key="batch_workflow").set_value(workflow)
+    return at.run()
+
+
 def texts(at: AppTest) -> list[str]:
     return [t.value for t in at.text]
 
@@ -103,6 +115,12 @@ def finish_with_images(settings: Settings, store: Store, colors: list[tuple[int,
             "subfolder": "", "type": "output", "width": 48, "height": 32, "mode": "RGB", "size_bytes": len(data)}])
         done.append(task["id"])
     return done
+
+
+def test_no_pages_folder_next_to_the_main_script():
+    # Streamlit's old page discovery would make a deep link on a fresh server say "Page not found" (or run a
+    # page without ui_main.py); the pages live in app_pages/.
+    assert not (Path(__file__).resolve().parent.parent / "pages").exists()
 
 
 # -- every page -------------------------------------------------------------------------------------
@@ -140,23 +158,23 @@ def test_a_malformed_setting_is_one_sentence_not_a_traceback(offline, monkeypatc
 
 # -- Generate -----------------------------------------------------------------------------------------
 def test_generate_queues_work_while_comfyui_is_down(offline, db):
-    at = page("generate")
-    assert at.selectbox(key="gen_workflow").value == "empty_image"
+    at = generate("empty_image")
     at.number_input(key="gen_empty_image_width").set_value(40)
     at.number_input(key="gen_empty_image_count").set_value(2)
-    at.text_area(key="gen_empty_image_extra").set_value("1.color=255")
+    at.text_area(key="gen_empty_image_extra").set_value("2.filename_prefix=red")
     at.button[0].click().run()
     no_failures(at)
     assert messages(at, "success") == ["Batch 1: 2 task(s) queued."]
     assert db.counts() == {"queued": 2}
     task = db.get_task(1)
-    assert task["params"] == {"width": 40, "height": 64, "batch_size": 1, "1.color": "255"}
-    assert task["graph"]["1"]["inputs"] == {"width": 40, "height": 64, "batch_size": 1, "color": 255}
+    assert task["params"]["width"] == 40 and task["params"]["2.filename_prefix"] == "red"
+    assert (task["graph"]["1"]["inputs"]["width"], task["graph"]["1"]["inputs"]["height"]) == (40, 64)
+    assert task["graph"]["2"]["inputs"]["filename_prefix"] == "red"
     assert "Batch 1: 0/2 done (0%) - 2 queued" in texts(at)
 
 
 def test_generate_reports_bad_inputs_and_enqueues_nothing(offline, db):
-    at = page("generate")
+    at = generate("empty_image")
     at.text_area(key="gen_empty_image_extra").set_value("just words").run()
     assert messages(at, "error") == ["the other inputs need fixing\n\n- other inputs line 1: expected <node id>.<input>"
                                      "=value, got 'just words'"]
@@ -171,16 +189,15 @@ def test_generate_reports_bad_inputs_and_enqueues_nothing(offline, db):
 
 
 def test_generate_form_for_sd15_with_aspect_preset_and_fixed_seed(offline, db):
-    at = page("generate")
-    at.selectbox(key="gen_workflow").set_value("sd15_txt2img").run()
-    assert [t.label for t in at.text_area][:2] == ["Prompt", "Negative prompt"]
+    at = generate("sd15_txt2img")
+    assert [t.key for t in at.text_area][:2] == ["gen_sd15_txt2img_prompt", "gen_sd15_txt2img_negative_prompt"]
     assert at.text_area(key="gen_sd15_txt2img_negative_prompt").value == "text, watermark"
-    assert {n.label for n in at.number_input} >= {"Width", "Height", "Seed value", "Steps", "Cfg", "Denoise",
-                                                  "Images per prompt"}
+    assert {n.key for n in at.number_input} >= {f"gen_sd15_txt2img_{k}" for k in ("width", "height", "seed", "steps",
+                                                                                  "cfg", "count")}
     assert at.text_input(key="gen_sd15_txt2img_sampler_name").value == "euler"  # server down: no choice list
-    at.selectbox(key="gen_sd15_txt2img_aspect").set_value("16:9").run()
+    at.selectbox(key="gen_sd15_txt2img_aspect").set_value("3:4").run()  # a size the workflow's TOML declares
     assert (at.number_input(key="gen_sd15_txt2img_width").value,
-            at.number_input(key="gen_sd15_txt2img_height").value) == (512, 288)
+            at.number_input(key="gen_sd15_txt2img_height").value) == (512, 680)
     at.text_area(key="gen_sd15_txt2img_prompt").set_value("一只小猪在花园里")
     at.radio(key="gen_sd15_txt2img_seed_mode").set_value("Fixed").run()
     at.number_input(key="gen_sd15_txt2img_seed").set_value(1234)
@@ -192,13 +209,12 @@ def test_generate_form_for_sd15_with_aspect_preset_and_fixed_seed(offline, db):
     first, second = db.get_task(1), db.get_task(2)
     assert (first["seed"], second["seed"]) == (1234, 1235)  # a fixed seed counts up across copies
     assert first["prompt"] == "一只小猪在花园里"
-    assert first["graph"]["5"]["inputs"] == {"width": 512, "height": 288, "batch_size": 1}
+    assert first["graph"]["5"]["inputs"] == {"width": 512, "height": 680, "batch_size": 1}
     assert first["graph"]["3"]["inputs"]["steps"] == 2
 
 
 def test_generate_with_an_input_image_shows_a_preview_and_stages_the_upload(offline, db):
-    at = page("generate")
-    at.selectbox(key="gen_workflow").set_value("invert").run()
+    at = generate("invert")
     assert "No upload: the workflow's own image (example.png) is used." in [c.value for c in at.caption]
     at.get("file_uploader")[0].set_value(("red.png", png((255, 0, 0)), "image/png")).run()
     assert len(at.image) == 1
@@ -220,7 +236,7 @@ def upload_csv(at: AppTest, data: bytes, name: str = "jobs.csv") -> AppTest:
 
 
 def test_batch_submits_the_whole_table_once(offline, db):
-    at = upload_csv(page("batch"), GOOD_CSV.encode())
+    at = upload_csv(batch("empty_image"), GOOD_CSV.encode())
     no_failures(at)
     assert messages(at, "success") == ["Ready: 3 task(s) from 2 row(s) in 1 batch(es)."]
     assert db.counts() == {}  # the dry run wrote nothing
@@ -235,7 +251,7 @@ def test_batch_submits_the_whole_table_once(offline, db):
 
 
 def test_batch_marks_every_bad_cell_and_enqueues_nothing(offline, db):
-    at = upload_csv(page("batch"), BAD_CSV.encode(), "bad.csv")
+    at = upload_csv(batch("empty_image"), BAD_CSV.encode(), "bad.csv")
     no_failures(at)
     (error,) = messages(at, "error")
     lines = error.split("\n")
@@ -258,7 +274,7 @@ def test_batch_marks_every_bad_cell_and_enqueues_nothing(offline, db):
 
 
 def test_batch_edits_in_the_table_fix_the_problems(offline, db):
-    at = upload_csv(page("batch"), b"1.color,width\n255,abc\n7,16\n")
+    at = upload_csv(batch("empty_image"), b"1.color,width\n255,abc\n7,16\n")
     assert messages(at, "error")[0].startswith("1 problem(s) in 1 row(s)")
     (editor,) = at.data_editor
     assert editor.value["width"].tolist() == ["abc", "16"]
@@ -273,9 +289,7 @@ def test_batch_edits_in_the_table_fix_the_problems(offline, db):
 
 def test_batch_reads_gbk_and_shows_the_dry_run(offline, db):
     csv = "prompt,seed,steps,width,height\n一只小猪在花园里,99,2,64,96\n".encode("gbk")
-    at = page("batch")
-    at.selectbox(key="batch_workflow").set_value("sd15_txt2img").run()
-    at = upload_csv(at, csv, "gbk.csv")
+    at = upload_csv(batch("sd15_txt2img"), csv, "gbk.csv")
     no_failures(at)
     assert messages(at, "success") == ["Ready: 1 task(s) from 1 row(s) in 1 batch(es)."]
     preview = at.dataframe[-1].value
@@ -285,9 +299,7 @@ def test_batch_reads_gbk_and_shows_the_dry_run(offline, db):
 
 
 def test_batch_images_named_in_the_csv_come_from_the_second_uploader(offline, db):
-    at = page("batch")
-    at.selectbox(key="batch_workflow").set_value("invert").run()
-    at = upload_csv(at, b"image\nred.png\n")
+    at = upload_csv(batch("invert"), b"image\nred.png\n")
     error = messages(at, "error")[0]
     assert "- row 2, column 'image': image file 'red.png' not found among the uploaded images" in error
     at.get("file_uploader")[1].set_value([("red.png", png((255, 0, 0)), "image/png")]).run()
@@ -296,8 +308,7 @@ def test_batch_images_named_in_the_csv_come_from_the_second_uploader(offline, db
 
 
 def test_batch_offers_a_template_for_the_chosen_workflow(offline):
-    at = page("batch")
-    at.selectbox(key="batch_workflow").set_value("sd15_txt2img").run()
+    at = batch("sd15_txt2img")
     (button,) = at.get("download_button")
     assert button.proto.label == "Download a template CSV for this workflow"
     assert "Upload a CSV file to check it and see what would be submitted." in messages(at, "info")
@@ -470,8 +481,7 @@ def test_generate_with_a_real_comfyui_and_scheduler_shows_the_images(app_setting
     scheduler = Scheduler(settings, store)
     scheduler.start()
     try:
-        at = page("generate")
-        at.selectbox(key="gen_workflow").set_value("sd15_txt2img").run()
+        at = generate("sd15_txt2img")
         sampler = at.selectbox(key="gen_sd15_txt2img_sampler_name")  # choices come from the server
         assert sampler.value == "euler" and "dpmpp_2m" in sampler.options
         at.text_area(key="gen_sd15_txt2img_prompt").set_value("a red fox in the snow")

@@ -1,0 +1,258 @@
+"""The real thing: `streamlit run app.py` as a subprocess against a real ComfyUI, driven in headless Chromium.
+
+Waits on the app's own state (health endpoint, connection and script state, texts the pages print), never on
+fixed sleeps. Screenshots of every page land in test-artifacts/screenshots/.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from core.config import Settings
+from core.scheduler import LEASE, Scheduler
+from core.store import Store
+from tests.comfyui_harness.server import free_port
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.browser
+expect.set_options(timeout=20_000)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+CHROMIUM = os.environ.get("COMFYBATCH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+GOOD_CSV = "1.color,width,height,count\n16711680,32,32,1\n65280,48,32,2\n"
+BAD_CSV = "1.color,width,heigth\n255,abc,32\n7,32,count\n"
+
+
+@dataclass
+class AppServer:
+    url: str
+    settings: Settings
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> int:
+        """SIGTERM, as a service manager would; Streamlit ends by re-raising it, so -15 is a clean exit."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start_app(home: Path, urls: list[str]) -> AppServer:
+    settings = make_settings(home, urls)
+    env = {**os.environ, "COMFYUI_URL": ",".join(urls), "COMFYBATCH_DB": str(settings.db_path),
+           "COMFYBATCH_OUTPUT_DIR": str(settings.output_dir), "COMFYBATCH_WORKFLOWS_DIR": str(settings.workflows_dir),
+           "COMFYBATCH_LOG_DIR": str(settings.log_dir), "COMFYBATCH_LEASE_SECONDS": "3"}
+    port = free_port()
+    log = home / "streamlit.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
+             str(port), "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = AppServer(f"http://127.0.0.1:{port}", settings, proc, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if requests.get(server.url + "/_stcore/health", timeout=1).text == "ok":
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"streamlit did not answer on {server.url}:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def app(comfy, tmp_path) -> Iterator[AppServer]:
+    server = start_app(tmp_path, [comfy.url])
+    yield server
+    server.stop()
+
+
+def open_page(browser_page: Page, url: str) -> Page:
+    browser_page.goto(url)
+    settle(browser_page)
+    return browser_page
+
+
+def settle(page: Page) -> None:
+    """Wait like Streamlit's own e2e suite: connected, and the script done."""
+    page.wait_for_selector("[data-testid=stApp][data-test-connection-state=CONNECTED]", timeout=30_000)
+    page.wait_for_selector("[data-test-script-state=notRunning]", timeout=30_000)
+
+
+def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+def choose(page: Page, label: str, option: str) -> None:
+    """Pick the option whose text contains `option` in the selectbox labelled `label`."""
+    page.get_by_test_id("stSelectbox").filter(has_text=label).first.click()
+    page.get_by_role("option").filter(has_text=option).first.click()
+    settle(page)
+
+
+def upload(page: Page, path: Path, index: int = 0) -> None:
+    page.get_by_test_id("stFileUploaderDropzoneInput").nth(index).set_input_files(str(path))
+    expect(page.get_by_test_id("stFileChipName").filter(has_text=path.name)).to_be_visible()
+    settle(page)
+
+
+def test_csv_batch_to_live_tasks_to_gallery_zip(app, browser, tmp_path):
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1300})
+    store = Store(app.settings.db_path)
+    try:
+        # Tasks is open before anything is submitted; it must pick the work up by itself.
+        tasks = open_page(context.new_page(), app.url + "/tasks")
+        expect(tasks.get_by_text("Showing 0-0 of 0 task(s)")).to_be_visible()
+        expect(tasks.get_by_role("dialog")).to_have_count(0)  # a deep link on a fresh server: no "Page not found"
+
+        page = open_page(context.new_page(), app.url + "/batch")
+        choose(page, "Workflow", "(empty_image)")
+        (tmp_path / "bad.csv").write_text(BAD_CSV)
+        upload(page, tmp_path / "bad.csv")
+        alert = page.get_by_test_id("stAlertContentError")
+        expect(alert).to_contain_text("problem(s) in 2 row(s); nothing will be enqueued until they are fixed.")
+        expect(alert).to_contain_text("row 2, column 'width': expected an integer, got 'abc'")
+        expect(alert).to_contain_text("row 3, column 'heigth': not a named parameter of this workflow")
+        expect(page.get_by_role("button", name="Submit batch")).to_have_count(0)
+        shot(page, "batch-errors")
+        assert store.counts() == {}
+
+        (tmp_path / "good.csv").write_text(GOOD_CSV)
+        upload(page, tmp_path / "good.csv")
+        expect(page.get_by_text("Ready: 3 task(s) from 2 row(s) in 1 batch(es).")).to_be_visible()
+        page.get_by_role("button", name="Submit batch").click()
+        settle(page)
+        expect(page.get_by_text("Batch 1: 3 task(s) queued.")).to_be_visible()
+        shot(page, "batch")
+
+        expect(tasks.get_by_text("Batch 1: 3/3 done (100%) - 3 succeeded")).to_be_visible(timeout=60_000)
+        expect(tasks.get_by_text("Showing 1-3 of 3 task(s)")).to_be_visible()
+        tasks.bring_to_front()  # a background tab does not repaint the grid's canvas
+        tasks.wait_for_timeout(500)
+        shot(tasks, "tasks")
+        assert store.counts() == {"succeeded": 3}
+
+        gallery = open_page(page, app.url + "/gallery")
+        thumbs = gallery.locator("img[src^='/files/thumb/']")
+        expect(thumbs).to_have_count(3)
+        gallery.wait_for_function("() => [...document.querySelectorAll(\"img[src^='/files/thumb/']\")]"
+                                  ".every(i => i.complete && i.naturalWidth > 0)")
+        shot(gallery, "gallery")
+        gallery.get_by_role("button", name="Select all on this page").click()
+        settle(gallery)
+        expect(gallery.get_by_text("Showing 1-3 of 3 image(s); 3 selected")).to_be_visible()
+        with gallery.expect_download() as download:
+            gallery.get_by_role("button", name="Download 3 selected as ZIP").click()
+        images = store.images_for_batch(1)
+        with zipfile.ZipFile(download.value.path()) as zf:
+            assert sorted(zf.namelist()) == sorted(img["path"] for img in images)
+            for img in images:
+                assert zf.read(img["path"]) == (app.settings.output_dir / img["path"]).read_bytes()
+
+        gallery.locator("[class*='st-key-gopen_'] button").first.click()
+        settle(gallery)
+        dialog = gallery.get_by_role("dialog")
+        expect(dialog).to_contain_text("workflow empty_image")
+        expect(dialog).to_contain_text(f"server {app.settings.comfyui_urls[0]}")
+        shot(gallery, "gallery-detail")
+        dialog.get_by_role("button", name="Re-run with changes").click()
+        settle(gallery)
+        expect(gallery.get_by_text("Prefilled from task")).to_be_visible()
+        settle(gallery)
+        expect(gallery.get_by_test_id("stNumberInput").first).to_be_visible()
+        shot(gallery, "generate")
+
+        servers = open_page(gallery, app.url + "/servers")
+        expect(servers.get_by_text(f"{app.settings.comfyui_urls[0]}: up, ComfyUI 0.")).to_be_visible()
+        shot(servers, "servers")
+
+        thumb = requests.get(f"{app.url}/files/thumb/{images[0]['id']}", timeout=5)
+        assert (thumb.status_code, thumb.headers["content-type"]) == (200, "image/webp")
+        assert requests.get(f"{app.url}/files/image/999", timeout=5).status_code == 404
+        assert requests.get(f"{app.url}/files/image/..%2Ftasks.db", timeout=5).status_code in (400, 404)
+    finally:
+        context.close()
+        store.close()
+
+    assert app.stop() in (0, -signal.SIGTERM)
+    log = app.log.read_text()
+    assert "took the lease" in log and "INFO core.app: scheduler" in log and log.rstrip().endswith("stopped")
+    assert "page error" not in log and "callback error" not in log
+    after = Store(app.settings.db_path)
+    try:
+        assert after.lease_holder(LEASE) is None  # released on shutdown, not left to expire
+    finally:
+        after.close()
+
+
+def test_results_csv_and_a_second_app_waits_for_the_lease(comfy, browser, tmp_path):
+    settings = make_settings(tmp_path, [comfy.url])
+    store = Store(settings.db_path)
+    holder = Scheduler(settings, store, owner="test-holder")
+    holder.start()  # holds the lease: the app's own scheduler must stand by
+    try:
+        deadline = time.monotonic() + 10
+        while store.lease_holder(LEASE) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server = start_app(tmp_path, [comfy.url])
+        try:
+            context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1100})
+            page = open_page(context.new_page(), server.url + "/")
+            expect(page.get_by_text(f"Scheduler: running in another process (pid {os.getpid()}")).to_be_visible()
+            choose(page, "Workflow", "(empty_image)")
+            page.get_by_label("Width").fill("24")
+            page.get_by_label("Width").press("Enter")
+            settle(page)
+            page.get_by_role("button", name="Generate", exact=True).click()
+            settle(page)
+            expect(page.get_by_text("Batch 1: 1/1 done (100%) - 1 succeeded")).to_be_visible(timeout=60_000)
+            page = open_page(page, server.url + "/gallery")
+            choose(page, "Batch", "#1 ")
+            with page.expect_download() as download:
+                page.get_by_role("button", name="Batch 1 results CSV").click()
+            rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text("utf-8-sig"))))
+            assert [(r["task_id"], r["width"], r["status"], r["server"]) for r in rows] == [
+                ("1", "24", "succeeded", comfy.url)]
+            assert rows[0]["images"] == store.images_for_task(1)[0]["path"]
+            context.close()
+        finally:
+            assert server.stop() in (0, -signal.SIGTERM)
+        assert store.lease_holder(LEASE)["owner"] == "test-holder"
+    finally:
+        holder.stop()
+        store.close()
