@@ -52,6 +52,7 @@ class ServerWorker:
         self.slot_free = threading.Condition()
         self.inflight: dict[str, int] = {}  # prompt_id -> task_id
         self.outputs: dict[str, dict[str, Any]] = {}  # prompt_id -> outputs reported by `executed` events
+        self.started: set[str] = set()  # prompts whose execution_start this connection saw (all events seen)
         self.collecting: set[str] = set()
         self.progress_written: dict[str, float] = {}
         self.healthy = False
@@ -182,11 +183,13 @@ class ServerWorker:
             self.inflight.pop(prompt_id, None)
             self.progress_written.pop(prompt_id, None)
             self.outputs.pop(prompt_id, None)
+            self.started.discard(prompt_id)
             self.slot_free.notify_all()
 
     # -- events -----------------------------------------------------------------------------------
     def _on_connect(self) -> None:
         self.last_message = time.monotonic()
+        self.started.clear()
         self.needs_reconcile = True
 
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
@@ -198,6 +201,7 @@ class ServerWorker:
         if task_id is None:
             return
         if kind == "execution_start":
+            self.started.add(prompt_id)
             self.store.transition(task_id, TaskStatus.RUNNING, [TaskStatus.SUBMITTED])
         elif kind == "progress":
             self._record_progress(prompt_id, task_id, data)
@@ -206,8 +210,8 @@ class ServerWorker:
         elif kind in TERMINAL_EVENTS or (kind == "executing" and data.get("node") is None):
             # The events already tell the outcome (and the outputs): no /history round trip on the hot path.
             result: Any = None
-            if kind == "execution_success":
-                result = self.outputs.get(prompt_id, {})
+            if kind == "execution_success" and prompt_id in self.started:
+                result = self.outputs.get(prompt_id, {})  # else some `executed` events may be missing: /history
             elif kind == "execution_error":
                 result = ExecutionFailed(data, self.url)
             elif kind == "execution_interrupted":
