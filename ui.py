@@ -22,7 +22,6 @@ from typing import Any
 import streamlit as st
 
 from core import service, views, webfiles
-from core.comfy import ComfyClient
 from core.config import Settings
 from core.errors import ComfyBatchError, ConfigError, InputError
 from core.scheduler import LEASE
@@ -171,40 +170,6 @@ def health(ctx: Context) -> list[dict[str, Any]]:
 
 def refresh_health() -> None:
     _health.clear()
-
-
-@st.cache_data(ttl=600, show_spinner=False)
-def _combo_inputs(url: str, timeout: float) -> dict[str, dict[str, list[Any]]]:
-    """{node class: {input: allowed values}} for every list-valued input a ComfyUI server reports."""
-    client = ComfyClient(url, "comfybatch-ui", timeout, timeout * 3)
-    try:
-        info = client.object_info()
-    finally:
-        client.close()
-    combos: dict[str, dict[str, list[Any]]] = {}
-    for class_type, spec in info.items():
-        inputs = (spec or {}).get("input") or {}
-        for group in ("required", "optional"):
-            for name, value in (inputs.get(group) or {}).items():
-                options = None
-                if isinstance(value, list) and value and isinstance(value[0], list):
-                    options = value[0]
-                elif isinstance(value, list) and value and value[0] == "COMBO" and len(value) > 1:
-                    options = (value[1] or {}).get("options")
-                if options:
-                    combos.setdefault(class_type, {})[name] = list(options)
-    return combos
-
-
-def input_choices(ctx: Context, class_type: str, input_name: str) -> list[Any] | None:
-    """The values a node input accepts, from the first reachable server (e.g. samplers, checkpoints)."""
-    for server in health(ctx):
-        if server["enabled"] and server["up"]:
-            try:
-                return _combo_inputs(server["url"], 2.0).get(class_type, {}).get(input_name)
-            except ComfyBatchError:
-                return None
-    return None
 
 
 def short_reason(error: str | None) -> str:

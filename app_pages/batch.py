@@ -35,7 +35,7 @@ def marked_table(table: pd.DataFrame, labels: list[str], problems: list[csvtable
         where = f"{p.column}: " if p.column else ""
         current = shown.iat[p.position, 0]
         shown.iat[p.position, 0] = (current + "; " if current else "") + where + p.reason
-        if p.column in table.columns:
+        if p.column is not None and p.column in table.columns:
             bad_cells.add((p.position, p.column))
         else:
             bad_rows.add(p.position)
@@ -99,6 +99,7 @@ with ui.guard():
     cells = edited.astype(object).where(edited.notna(), "").values.tolist()
     data = csvtable.table_to_csv(list(edited.columns), cells)
     images = {f.name: f.getvalue() for f in image_files or []}
+    dry: service.Submitted | None
     try:
         dry = service.submit_csv(ctx.settings, ctx.store, data, csv_file.name, wf.name, batch_name=batch_name or None,
                                  priority=int(priority), images=images, dry_run=True)
@@ -119,6 +120,13 @@ with ui.guard():
     elif dry is not None:
         batches = sorted({j.batch_name or (batch_name or "(one batch)") for j in dry.jobs})
         st.success(f"Ready: {len(dry.jobs)} task(s) from {len(edited)} row(s) in {len(batches)} batch(es).")
+        for report in dry.reports:
+            if not report.reachable:
+                st.caption(f"{report.url} could not be checked ({ui.short_reason(report.error)}); the work waits "
+                           "for it or runs on another server.")
+            elif report.problems:
+                st.warning(f"{report.url} cannot run this workflow, so these tasks go to the other servers:\n\n"
+                           + "\n".join(f"- {ui.md_escape(p)}" for p in report.problems))
         with st.expander("Dry run: what would be submitted", expanded=False):
             st.caption("Random seeds are drawn again when you submit.")
             st.dataframe(pd.DataFrame(csvtable.preview_rows(dry.jobs)), hide_index=True)

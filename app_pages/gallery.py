@@ -128,9 +128,10 @@ with ui.guard():
                             "comfybatch-images.zip", mime="application/zip", disabled=not chosen,
                             icon=":material/folder_zip:", on_click="ignore")
     if batch_id is not None:
-        actions.download_button(f"Batch {batch_id} as ZIP", lambda: zip_batch(batch_id), f"batch-{batch_id}.zip",
+        bid: int = batch_id
+        actions.download_button(f"Batch {bid} as ZIP", lambda: zip_batch(bid), f"batch-{batch_id}.zip",
                                 mime="application/zip", icon=":material/folder_zip:", on_click="ignore")
-        actions.download_button(f"Batch {batch_id} results CSV", lambda: results_csv(batch_id),
+        actions.download_button(f"Batch {batch_id} results CSV", lambda: results_csv(bid),
                                 f"batch-{batch_id}-results.csv", mime="text/csv", icon=":material/download:",
                                 on_click="ignore")
     first = (page - 1) * size + 1 if images else 0

@@ -84,20 +84,19 @@ def is_float(p: Param) -> bool:
 
 def number_widget(wf: Workflow, p: Param, label: str, **kw: Any) -> Any:
     cast = float if is_float(p) else int
-    bounds = {k: cast(v) for k, v in (("min_value", p.minimum), ("max_value", p.maximum)) if v is not None}
+    bounds: dict[str, Any] = {k: cast(v) for k, v in (("min_value", p.minimum), ("max_value", p.maximum))
+                              if v is not None}
     default = p.default if isinstance(p.default, (int, float)) and not isinstance(p.default, bool) else 0
     default_state(key(wf, p.name), cast(default))
     step = kw.pop("step", None) or (0.5 if cast is float else 1)
     return st.number_input(label, key=key(wf, p.name), step=cast(step), **bounds, **kw)
 
 
-def param_widget(ctx: ui.Context, wf: Workflow, p: Param) -> Any:
+def param_widget(wf: Workflow, p: Param) -> Any:
     label = p.label or p.name.replace("_", " ").capitalize()
     k = key(wf, p.name)
     tip = getattr(p, "help", "") or None
-    options = list(p.choices) if p.choices else None
-    if options is None and p.kind == "string" and not p.multiline and p.name not in FIRST:
-        options = ui.input_choices(ctx, wf.graph[p.node_id]["class_type"], p.input_name)
+    options = list(p.choices) if p.choices else None  # declared, or what the servers offer
     if options:
         default_state(k, p.default if p.default in options else options[0])
         if st.session_state[k] not in options:
@@ -142,14 +141,14 @@ def parse_extra(text: str) -> dict[str, str]:
     return values
 
 
-def form(ctx: ui.Context, wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
+def form(wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
     """Draw the workflow's form; returns (row, uploaded images, count)."""
     params = wf.params
     row: dict[str, Any] = {}
     images: dict[str, bytes] = {}
     for name in FIRST:
         if name in params:
-            row[name] = param_widget(ctx, wf, params[name])
+            row[name] = param_widget(wf, params[name])
     for p in params.values():
         if p.kind == "image":
             upload = st.file_uploader(f"{p.label or p.name} (input image{', required' if p.required else ''})",
@@ -169,9 +168,9 @@ def form(ctx: ui.Context, wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes
                          format_func=lambda a: a if a not in declared_sizes(wf) else
                          "{} ({}×{})".format(a, *declared_sizes(wf)[a]))
         with c2:
-            row["width"] = param_widget(ctx, wf, params["width"])
+            row["width"] = param_widget(wf, params["width"])
         with c3:
-            row["height"] = param_widget(ctx, wf, params["height"])
+            row["height"] = param_widget(wf, params["height"])
     if "seed" in params:
         c1, c2 = st.columns([1, 2])
         with c1:
@@ -184,7 +183,7 @@ def form(ctx: ui.Context, wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes
     cols = st.columns(3)
     for i, p in enumerate(rest):
         with cols[i % 3]:
-            row[p.name] = param_widget(ctx, wf, p)
+            row[p.name] = param_widget(wf, p)
     c1, c2, c3 = st.columns(3)
     with c1:
         count = st.number_input("Images per prompt", min_value=1, max_value=1000, value=1, step=1,
@@ -235,13 +234,13 @@ with ui.guard():
     by_name = {w.name: w for w in found}
     name = st.selectbox("Workflow", names, key="gen_workflow",
                         format_func=lambda n: f"{by_name[n].title or n} ({n})")
-    wf = by_name[name]
+    wf, _ = service.workflow_for_servers(ctx.settings, ctx.store, name)  # list inputs offer the servers' choices
     if wf.description:
         st.caption(wf.description)
     fill_widgets(wf)
     ui.show_flash("generate")
     try:
-        row, images, count = form(ctx, wf)
+        row, images, count = form(wf)
         form_error = None
     except InputError as exc:
         row, images, count, form_error = {}, {}, 1, exc

@@ -50,13 +50,13 @@ def ensure_thumb(output_dir: Path, relative: str, size: int = THUMB_SIZE) -> Pat
 def make_thumb(data: bytes, size: int = THUMB_SIZE) -> bytes:
     """Encode a thumbnail no larger than `size` on its longest side, keeping transparency."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = ImageOps.exif_transpose(im)
-            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-            im = im.convert("RGBA" if has_alpha else "RGB")
-            im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        with Image.open(io.BytesIO(data)) as original:
+            has_alpha = original.mode in ("RGBA", "LA", "PA") or (
+                original.mode == "P" and "transparency" in original.info)
+            small = ImageOps.exif_transpose(original).convert("RGBA" if has_alpha else "RGB")
+            small.thumbnail((size, size), Image.Resampling.LANCZOS)
             out = io.BytesIO()
-            im.save(out, THUMB_FORMAT[0], quality=82, method=4)
+            small.save(out, THUMB_FORMAT[0], quality=82, method=4)
             return out.getvalue()
     except (OSError, ValueError) as exc:
         raise NotFound(f"cannot read the image to make a thumbnail: {exc}") from None
