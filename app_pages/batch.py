@@ -105,18 +105,22 @@ with ui.guard():
                                  priority=int(priority), images=images, dry_run=True)
         problems: list[csvtable.Problem] = []
     except InputError as exc:
-        dry, problems = None, csvtable.locate_problems(exc.problems or [exc.summary])
+        dry, problems, summary = None, csvtable.locate_problems(exc.problems or [exc.summary]), exc.summary
 
     if problems:
         lines = []
         for p in problems:
-            row = (f"row {labels[p.position]}" if p.position is not None and p.position < len(labels)
-                   else "file")
-            lines.append(ui.md_escape(f"- {row}" + (f", column '{p.column}'" if p.column else "") + f": {p.reason}"))
+            if p.position is not None and p.position < len(labels):
+                where = f"row {labels[p.position]}" + (f", column '{p.column}'" if p.column else "")
+                lines.append(ui.md_escape(f"- {where}: {p.reason}"))
+            else:
+                lines.append(ui.md_escape(f"- {p.text}"))  # the whole file, or a server that cannot run it
         bad_rows = {p.position for p in problems if p.position is not None}
-        st.error(f"{len(problems)} problem(s) in {len(bad_rows)} row(s); nothing will be enqueued until they are "
-                 "fixed.\n\n" + "\n".join(lines))
-        st.dataframe(marked_table(edited, labels, problems), hide_index=True)
+        header = (f"{len(problems)} problem(s) in {len(bad_rows)} row(s); nothing will be enqueued until they are "
+                  "fixed." if bad_rows else ui.md_escape(summary))
+        st.error(header + "\n\n" + "\n".join(lines))
+        if bad_rows:
+            st.dataframe(marked_table(edited, labels, problems), hide_index=True)
     elif dry is not None:
         batches = sorted({j.batch_name or (batch_name or "(one batch)") for j in dry.jobs})
         st.success(f"Ready: {len(dry.jobs)} task(s) from {len(edited)} row(s) in {len(batches)} batch(es).")

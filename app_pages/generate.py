@@ -98,9 +98,10 @@ def param_widget(wf: Workflow, p: Param) -> Any:
     tip = getattr(p, "help", "") or None
     options = list(p.choices) if p.choices else None  # declared, or what the servers offer
     if options:
-        default_state(k, p.default if p.default in options else options[0])
+        default_state(k, p.default if p.default is not None else options[0])
         if st.session_state[k] not in options:
-            options = [st.session_state[k], *options]  # keep a prefilled value the server does not list
+            # Keep the template's (or a prefilled) value even if no server lists it: the preflight says why.
+            options = [st.session_state[k], *options]
         return st.selectbox(label, options, key=k, help=tip)
     if p.kind == "bool":
         default_state(k, bool(p.default))
@@ -158,6 +159,8 @@ def form(wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
                 images[upload.name] = upload.getvalue()
                 row[p.name] = upload.name
                 st.image(upload.getvalue(), caption=upload.name, width=240)
+            elif getattr(p, "prune", ()):
+                st.caption("No upload: this part of the workflow is left out.")
             elif not p.required:
                 st.caption(f"No upload: the workflow's own image ({p.default}) is used.")
     if all(s in params for s in SIZE):

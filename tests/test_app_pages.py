@@ -497,3 +497,19 @@ def test_generate_with_a_real_comfyui_and_scheduler_shows_the_images(app_setting
     finally:
         scheduler.stop()
         store.close()
+
+
+def test_batch_names_what_no_server_can_run(app_settings, comfy):
+    settings = app_settings([comfy.url])
+    at = upload_csv(batch("qwen_image_t2i"), "prompt\n一只小猪在花园里\n".encode())
+    no_failures(at)
+    (error,) = messages(at, "error")
+    lines = error.split("\n")
+    assert lines[0] == "no ComfyUI server can run workflow 'qwen_image_t2i'; nothing was enqueued"
+    assert lines[2:] and all(line.startswith(f"- {comfy.url}: ") for line in lines[2:])
+    assert all("problem" not in d.value.columns for d in at.dataframe)
+    store = Store(settings.db_path)
+    try:
+        assert store.counts() == {}
+    finally:
+        store.close()
