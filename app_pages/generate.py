@@ -66,7 +66,9 @@ def fill_widgets(wf: Workflow) -> None:
             st.session_state[key(wf, name)] = str(value)
     st.session_state[key(wf, "extra")] = "\n".join(extra)
     st.session_state[key(wf, "aspect")] = "Custom"
-    st.info(f"Prefilled from task {prefill.get('task_id')}: change what you like and generate.")
+    uploads = " Input images are not kept with a task: upload them again." if any(
+        p.kind == "image" for p in wf.params.values()) else ""
+    st.info(f"Prefilled from task {prefill.get('task_id')}: change what you like and generate.{uploads}")
 
 
 FLOATY = ("cfg", "denoise")
