@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._all: list[sqlite_utils.Database] = []
+        # Weak: a connection dies with the thread that opened it (Streamlit runs each rerun in a new thread).
+        self._all: weakref.WeakSet[sqlite_utils.Database] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()
         self.migrate()
@@ -91,12 +93,12 @@ class Store:
             db = sqlite_utils.Database(conn)
             self._local.db = db
             with self._lock:
-                self._all.append(db)
+                self._all.add(db)
         return db
 
     def close(self) -> None:
         with self._lock:
-            for db in self._all:
+            for db in list(self._all):
                 with contextlib.suppress(sqlite3.Error):
                     db.close()
             self._all.clear()

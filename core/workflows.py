@@ -188,7 +188,7 @@ def discover_params(graph: dict[str, Any]) -> dict[str, Param]:
         seed_input = "seed" if "seed" in inputs else "noise_seed"
         add("seed", s, seed_input, kind="seed", minimum=0, maximum=SEED_MAX)
         for name in SAMPLER_SETTINGS:
-            add(name, s, name)
+            add(name, s, name, **({"kind": "float"} if name in ("cfg", "denoise") else {}))
         if _is_link(inputs.get("latent_image")):
             size_node = str(inputs["latent_image"][0])
     if size_node is None or "width" not in graph[size_node]["inputs"]:

@@ -26,8 +26,8 @@ def test_sd15_parameters_are_discovered_from_the_graph(tmp_path):
     wf = undeclared(tmp_path, "sd15_txt2img")
     assert {name: (p.target, p.kind) for name, p in wf.params.items()} == {
         "prompt": ("6.text", "string"), "negative_prompt": ("7.text", "string"), "seed": ("3.seed", "seed"),
-        "steps": ("3.steps", "int"), "cfg": ("3.cfg", "int"), "sampler_name": ("3.sampler_name", "string"),
-        "scheduler": ("3.scheduler", "string"), "denoise": ("3.denoise", "int"), "width": ("5.width", "int"),
+        "steps": ("3.steps", "int"), "cfg": ("3.cfg", "float"), "sampler_name": ("3.sampler_name", "string"),
+        "scheduler": ("3.scheduler", "string"), "denoise": ("3.denoise", "float"), "width": ("5.width", "int"),
         "height": ("5.height", "int"), "batch_size": ("5.batch_size", "int"),
         "checkpoint": ("4.ckpt_name", "string")}
 
