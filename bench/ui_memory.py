@@ -1,0 +1,78 @@
+"""Resident memory of the `streamlit run app.py` process (pages + scheduler + API in one process) while a
+5,000-task batch runs on a real ComfyUI with two headless Chromium sessions open on the live Tasks and
+Gallery pages, for `--minutes` (the target scenario is an hour; pass --minutes 60).
+
+    .venv/bin/python bench/ui_memory.py [--tasks 5000] [--minutes 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+from core import service  # noqa: E402
+from core.store import Store  # noqa: E402
+from tests.comfyui_harness import server as harness  # noqa: E402
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, settle, start_app  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=5000)
+    ap.add_argument("--minutes", type=float, default=60)
+    args = ap.parse_args()
+    harness.ensure_installed()
+    with tempfile.TemporaryDirectory() as tmp:
+        comfy = harness.ComfyServer(Path(tmp) / "comfy").start()
+        app = start_app(Path(tmp) / "app", [comfy.url])
+        samples: list[tuple[float, float]] = []
+        try:
+            store = Store(app.settings.db_path)
+            rows = [{"color": str(i), "width": "64", "height": "64"} for i in range(args.tasks)]
+            result = service.submit_rows(app.settings, store, "empty_image", rows, batch_name="memory bench")
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                pages = []
+                for path in ("/tasks", "/gallery"):
+                    page = browser.new_context(viewport={"width": 1400, "height": 1300}).new_page()
+                    page.goto(app.url + path)
+                    settle(page)
+                    pages.append(page)
+                start = time.monotonic()
+                finished_at = None
+                while time.monotonic() - start < args.minutes * 60:
+                    samples.append((time.monotonic() - start, rss_mb(app.proc.pid)))
+                    if finished_at is None and not store.has_pending_work():
+                        finished_at = time.monotonic() - start
+                        pages[1].reload()  # the gallery shows the finished batch's thumbnails
+                    pages[0].wait_for_timeout(10_000)
+                browser.close()
+            counts = store.counts(result.batch_ids[0])
+            store.close()
+        finally:
+            app.stop()
+            comfy.stop()
+    peak = max(s[1] for s in samples)
+    print(f"| streamlit process RSS | {args.tasks} tasks ({counts}), batch done after "
+          f"{finished_at if finished_at is None else round(finished_at)} s, 2 Chromium sessions, "
+          f"{args.minutes:g} min | start {samples[0][1]:.0f} MB | peak {peak:.0f} MB | end {samples[-1][1]:.0f} MB "
+          f"| target < 500 MB |")
+
+
+if __name__ == "__main__":
+    main()
