@@ -1,0 +1,257 @@
+"""The HTTP API, versioned under /api/v1: one ASGI app mounted into `st.App(routes=...)` by app.py.
+
+This module owns the edge every request crosses before an endpoint runs (core.api_endpoints) and the
+one it crosses on the way out:
+
+    CORS (settings.cors_origins; preflights answered here, before the token check)
+     -> guard: API bound? bearer token (constant-time compare, never logged)? body under max_upload_mb?
+     -> router: /api/v1/... -> endpoint (engine calls run in the thread pool)
+     <- any failure becomes JSON {"error": sentence, "problems": [{message, row, parameter}]}, never a
+        traceback: InputError 422, NotFound 404, too large 413, no/bad token 401, the rest 500 (logged).
+
+Settings and the store are bound once by the server's lifespan (`bind`), as core.webfiles does for its
+file routes. Side effects: none here beyond the response; endpoints act through core.service and Store.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route, Router
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core import api_endpoints as endpoints
+from core import api_events as events
+from core.api_http import PREFIX, ApiError, Endpoint, json_response
+from core.api_intake import BadRequest
+from core.config import Settings
+from core.errors import ComfyBatchError, InputError, NotFound, ServerUnavailable
+from core.store import Store
+
+log = logging.getLogger("core.api")
+
+DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) this much of an oversize body so the client sees the 413
+_ROW = re.compile(r"\brow (\d+)\b")
+_PARAM = re.compile(r"\bparameter '([^']*)'")
+
+
+# The API: every route, in matching order. The OpenAPI test checks this table against the document.
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("GET", "/", endpoints.index),
+    Endpoint("GET", "/openapi.json", endpoints.openapi),
+    Endpoint("GET", "/health", endpoints.health),
+    Endpoint("GET", "/workflows", endpoints.list_workflows),
+    Endpoint("GET", "/workflows/{name}", endpoints.get_workflow),
+    Endpoint("GET", "/batches", endpoints.list_batches),
+    Endpoint("POST", "/batches", endpoints.submit_batch, body="json"),
+    Endpoint("POST", "/batches/csv", endpoints.submit_csv, body="form"),
+    Endpoint("GET", "/batches/{batch_id}", endpoints.get_batch),
+    Endpoint("GET", "/batches/{batch_id}/images", endpoints.batch_images),
+    Endpoint("GET", "/batches/{batch_id}/images.zip", endpoints.batch_zip),
+    Endpoint("GET", "/batches/{batch_id}/results.csv", endpoints.batch_csv),
+    Endpoint("POST", "/batches/{batch_id}/cancel", endpoints.cancel_batch),
+    Endpoint("POST", "/batches/{batch_id}/retry", endpoints.retry_batch),
+    Endpoint("POST", "/batches/{batch_id}/priority", endpoints.batch_priority, body="json"),
+    Endpoint("GET", "/tasks", endpoints.list_tasks),
+    Endpoint("GET", "/tasks/{task_id}", endpoints.get_task),
+    Endpoint("GET", "/tasks/{task_id}/events", endpoints.task_events),
+    Endpoint("POST", "/tasks/{task_id}/cancel", endpoints.cancel_task),
+    Endpoint("POST", "/tasks/{task_id}/retry", endpoints.retry_task),
+    Endpoint("POST", "/tasks/{task_id}/priority", endpoints.task_priority, body="json"),
+    Endpoint("GET", "/images/{image_id}", endpoints.image),
+    Endpoint("GET", "/images/{image_id}/thumbnail", endpoints.thumbnail),
+    Endpoint("GET", "/events", events.list_events),
+    Endpoint("GET", "/events/stream", events.stream_events),
+)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Api:
+    """The ASGI app behind `PREFIX`. `bind` hands it the settings and store of the running server."""
+
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.store: Store | None = None
+        self.endpoints = ENDPOINTS
+        self.router = Router(routes=[Route(e.path, self._wrap(e), methods=[e.method], name=e.name)
+                                     for e in self.endpoints], default=self._no_such_endpoint,
+                             redirect_slashes=False)
+        self._entry: ASGIApp = self._guarded
+
+    def bind(self, settings: Settings, store: Store) -> None:
+        self.settings, self.store = settings, store
+        self._entry = self._guarded
+        if settings.cors_origins:
+            self._entry = CORSMiddleware(
+                self._guarded, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                expose_headers=["Content-Disposition", "Location"], max_age=600)
+
+    def unbind(self) -> None:
+        self.settings, self.store = None, None
+        self._entry = self._guarded
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # a websocket here is refused by the server when the app returns without accepting
+        await self._entry(scope, receive, send)
+
+    # -- the guard ----------------------------------------------------------------------------------
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            if self.settings is None or self.store is None:
+                raise ApiError(503, "the API is not started: the server could not load its settings "
+                                    "(the log file and the app's pages say why)")
+            check_token(self.settings.api_tokens, Headers(scope=scope).get("authorization"))
+            limit = int(self.settings.max_upload_mb * 1024 * 1024)
+            length = Headers(scope=scope).get("content-length", "")
+            if length.isdigit() and int(length) > limit:
+                raise BodyTooLarge
+            # Without the host app's exception handlers, every failure comes back here and is answered as JSON.
+            inner = {k: v for k, v in scope.items() if k != "starlette.exception_handlers"}
+            await self.router(inner, _limited(receive, limit), tracking_send)
+        except Exception as exc:  # the catch-all: a person gets a sentence, the log gets the traceback
+            if started:
+                log.error("%s %s failed after its response started", scope["method"], scope["path"], exc_info=exc)
+                return
+            if isinstance(exc, BodyTooLarge):
+                await _drain(receive)
+            response = self.error_response(exc, scope)
+            await response(scope, receive, send)
+
+    def error_response(self, exc: Exception, scope: Scope) -> Response:
+        headers: dict[str, str] = {}
+        problems: list[str] = []
+        if isinstance(exc, ApiError):
+            status, message, problems, headers = exc.status, str(exc), exc.problems, exc.headers
+        elif isinstance(exc, BodyTooLarge):
+            assert self.settings is not None
+            status, message = 413, (f"the request body is larger than {self.settings.max_upload_mb:g} MB "
+                                    "(COMFYBATCH_MAX_UPLOAD_MB); nothing was enqueued")
+        elif isinstance(exc, BadRequest):
+            status, message = 400, str(exc)
+        elif isinstance(exc, InputError):
+            status, message, problems = 422, exc.summary, exc.problems
+        elif isinstance(exc, NotFound):
+            status, message = 404, str(exc)
+        elif isinstance(exc, HTTPException):  # raised by Starlette itself: 405, malformed multipart
+            status, message, headers = exc.status_code, _http_detail(exc), dict(exc.headers or {})
+        elif isinstance(exc, ServerUnavailable):
+            status, message = 503, str(exc)
+        elif isinstance(exc, ComfyBatchError):
+            log.error("%s %s: %s", scope["method"], scope["path"], exc)
+            status, message = 500, str(exc)
+        else:
+            log.error("%s %s: unexpected error", scope["method"], scope["path"], exc_info=exc)
+            status, message = 500, (f"internal error while handling {scope['method']} {scope['path']}; "
+                                    "the details are in the server's log")
+        return json_response(error_body(message, problems), status, headers)
+
+    async def _no_such_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise ApiError(404, f"no such API endpoint: {scope['method']} {scope['path']} "
+                            f"(every endpoint is listed in {PREFIX}/openapi.json)")
+
+    def _wrap(self, endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            assert self.settings is not None and self.store is not None
+            return await endpoint.run(request, self.settings, self.store)
+
+        return handle
+
+
+def check_token(tokens: tuple[str, ...], authorization: str | None) -> None:
+    """Pass when no tokens are configured or the bearer token is one of them (every token compared in
+    constant time, so timing tells nothing about how much of a token matched)."""
+    if not tokens:
+        return
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise ApiError(401, "this API needs a token: send the header 'Authorization: Bearer <token>' "
+                            "(the tokens are set in COMFYBATCH_API_TOKENS)",
+                       headers={"WWW-Authenticate": 'Bearer realm="ComfyBatch"'})
+    candidate = given.strip().encode("utf-8", "surrogateescape")
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(candidate, token.encode("utf-8"))
+    if not matched:
+        raise ApiError(401, "the API token is not valid (compare it with COMFYBATCH_API_TOKENS on the server)",
+                       headers={"WWW-Authenticate": 'Bearer realm="ComfyBatch", error="invalid_token"'})
+
+
+def error_body(message: str, problems: list[str]) -> dict[str, Any]:
+    """{"error": sentence, "problems": [{"message", "row", "parameter"}]}: row and parameter are read from
+    the engine's problem lines ("row 3: parameter 'steps' ...") so a client can point at the cell."""
+    items = []
+    for text in problems:
+        row, param = _ROW.search(text), _PARAM.search(text)
+        items.append({"message": text, "row": int(row.group(1)) if row else None,
+                      "parameter": param.group(1) if param else None})
+    return {"error": message, "problems": items}
+
+
+def _http_detail(exc: HTTPException) -> str:
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return "this endpoint does not take that method" + (f"; it takes {allowed}" if allowed else "")
+    return str(exc.detail)
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """`receive`, raising BodyTooLarge as soon as the body passes `limit` bytes (chunked uploads too)."""
+    total = 0
+
+    async def limited_receive() -> Message:
+        nonlocal total
+        message = await receive()
+        if message["type"] == "http.request":
+            total += len(message.get("body", b""))
+            if total > limit:
+                raise BodyTooLarge
+        return message
+
+    return limited_receive
+
+
+async def _drain(receive: Receive) -> None:
+    """Read the rest of a refused body (up to DRAIN_LIMIT), so a client still sending sees our 413 instead
+    of a connection reset."""
+    seen = 0
+    while seen < DRAIN_LIMIT:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+api = Api()
+routes: list[Any] = [Mount(PREFIX, app=api, name="api")]
+
+
+def bind(settings: Settings, store: Store) -> None:
+    """Called by app.py's lifespan once the settings and store exist."""
+    api.bind(settings, store)
+
+
+def unbind() -> None:
+    api.unbind()

@@ -1,0 +1,259 @@
+"""The endpoints of the HTTP API (paths relative to /api/v1), one small function each over core.service,
+Store and core.views: reading batches, tasks, workflows and health; submitting; acting on tasks; files.
+Live updates are in core.api_events; the route table that names them all is in core.api.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.background import BackgroundTask
+from starlette.responses import FileResponse, Response
+
+from core import api_intake, api_openapi, service, thumbs, views, workflows
+from core.api_http import ApiError, Call, json_response
+from core.api_views import (
+    batch_json,
+    event_json,
+    image_json,
+    load_workflow_quietly,
+    task_detail_json,
+    task_json,
+    workflow_json,
+)
+from core.errors import InputError, NotFound
+from core.models import TaskStatus
+from core.scheduler import LEASE
+
+ACTIVE = [TaskStatus.QUEUED.value, TaskStatus.SUBMITTED.value, TaskStatus.RUNNING.value]
+RETRYABLE = [TaskStatus.FAILED.value, TaskStatus.CANCELLED.value]
+
+
+# -- index, schema, health, workflows -----------------------------------------------------------------
+def index(call: Call) -> dict[str, Any]:
+    return {"name": "ComfyBatch API", "version": "v1", "openapi_url": call.url("/openapi.json"),
+            "health_url": call.url("/health"), "workflows_url": call.url("/workflows"),
+            "batches_url": call.url("/batches"), "tasks_url": call.url("/tasks"),
+            "events_url": call.url("/events/stream")}
+
+
+def openapi(call: Call) -> dict[str, Any]:
+    return api_openapi.document(call.base)
+
+
+def health(call: Call) -> dict[str, Any]:
+    servers = service.server_health(call.settings, call.store)
+    holder = call.store.lease_holder(LEASE)
+    scheduler = {"running": holder is not None, "owner": holder["owner"] if holder else None,
+                 "host": holder["host"] if holder else None, "pid": holder["pid"] if holder else None}
+    enabled = [s for s in servers if s["enabled"]]
+    ok = holder is not None and bool(enabled) and all(s["up"] for s in enabled)
+    return {"status": "ok" if ok else "degraded", "scheduler": scheduler, "counts": call.store.counts(),
+            "servers": servers}
+
+
+def list_workflows(call: Call) -> dict[str, Any]:
+    found, broken = workflows.list_workflows(call.settings.workflows_dir)
+    return {"workflows": [workflow_json(w, call.url) for w in found], "problems": broken}
+
+
+def get_workflow(call: Call) -> dict[str, Any]:
+    name = str(call.request.path_params["name"])
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NotFound("unknown workflow (the name is not valid text)") from None
+    return workflow_json(service.load_workflow(call.settings, name), call.url)
+
+
+# -- batches ------------------------------------------------------------------------------------------
+def list_batches(call: Call) -> dict[str, Any]:
+    limit = call.query_int("limit", 50, 1, 500) or 50
+    offset = call.query_int("offset", 0, 0, 10**6) or 0
+    rows = call.store.list_batches(offset + limit + 1)[offset:]
+    batches = [batch_json(call.store, b["id"], call.url) for b in rows[:limit]]
+    more = len(rows) > limit
+    return {"batches": batches, "limit": limit, "offset": offset,
+            "next": call.url(f"/batches?limit={limit}&offset={offset + limit}") if more else None}
+
+
+def submit_batch(call: Call) -> Response:
+    intake = api_intake.read_json_submission(api_intake.parse_json(call.body))
+    return _submitted(call, api_intake.submit_json(call.settings, call.store, intake), intake.dry_run)
+
+
+def submit_csv(call: Call) -> Response:
+    images: dict[str, bytes] = {}
+    problems = [f"unknown file field '{k}' (the file fields are: csv, images)" for k in call.form_files
+                if k not in ("csv", "images")]
+    for name, data in call.form_files.get("images", []):
+        safe = api_intake.safe_filename(name)
+        if safe:
+            images[safe] = data
+        else:
+            problems.append(f"form field 'images': {name!r} is not a usable file name")
+    intake = api_intake.read_form_submission(call.form_fields, call.form_files.get("csv", []), images, problems)
+    return _submitted(call, api_intake.submit_csv(call.settings, call.store, intake), intake.dry_run)
+
+
+def _submitted(call: Call, result: service.Submitted, dry_run: bool) -> Response:
+    routing = {"servers": result.servers, "preflight": [
+        {"url": r.url, "reachable": r.reachable, "ok": r.ok, "problems": r.problems, "error": r.error}
+        for r in result.reports]}
+    if dry_run:
+        return json_response({"dry_run": True, "tasks": len(result.jobs), **routing, "jobs": [
+            {"row": j.row_number, "batch_name": j.batch_name, "parameters": j.resolved} for j in result.jobs]})
+    batches = [batch_json(call.store, b, call.url) for b in result.batch_ids]
+    body = {"batch_ids": result.batch_ids, "task_ids": result.task_ids, **routing, "batches": batches}
+    return json_response(body, 201, {"Location": batches[0]["url"]})
+
+
+def get_batch(call: Call) -> dict[str, Any]:
+    return batch_json(call.store, call.path_id("batch_id", "batch"), call.url)
+
+
+def batch_images(call: Call) -> dict[str, Any]:
+    batch_id = call.path_id("batch_id", "batch")
+    call.store.get_batch(batch_id)
+    return {"batch_id": batch_id, "images": [image_json(i, call.url) for i in call.store.images_for_batch(batch_id)]}
+
+
+def batch_zip(call: Call) -> Response:
+    batch_id = call.path_id("batch_id", "batch")
+    call.store.get_batch(batch_id)
+    path = _temp_file(".zip")
+    try:
+        service.export_batch(call.settings, call.store, batch_id, zip_path=path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return FileResponse(path, media_type="application/zip", filename=f"batch-{batch_id}.zip",
+                        background=BackgroundTask(path.unlink, missing_ok=True))
+
+
+def batch_csv(call: Call) -> Response:
+    batch_id = call.path_id("batch_id", "batch")
+    call.store.get_batch(batch_id)
+    path = _temp_file(".csv")
+    try:
+        service.export_batch(call.settings, call.store, batch_id, csv_path=path)
+        data = path.read_bytes()
+    finally:
+        path.unlink(missing_ok=True)
+    return Response(data, media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}-results.csv"'})
+
+
+def cancel_batch(call: Call) -> dict[str, Any]:
+    batch_id = call.path_id("batch_id", "batch")
+    call.store.get_batch(batch_id)
+    done = service.cancel(call.store, call.store.task_ids(batch_id=batch_id, statuses=ACTIVE))
+    return {**done, "batch": batch_json(call.store, batch_id, call.url)}
+
+
+def retry_batch(call: Call) -> dict[str, Any]:
+    batch_id = call.path_id("batch_id", "batch")
+    call.store.get_batch(batch_id)
+    requeued = service.retry(call.store, call.store.task_ids(batch_id=batch_id, statuses=RETRYABLE))
+    return {"requeued": requeued, "batch": batch_json(call.store, batch_id, call.url)}
+
+
+def batch_priority(call: Call) -> dict[str, Any]:
+    batch_id = call.path_id("batch_id", "batch")
+    call.store.get_batch(batch_id)
+    priority = _priority(call.json_object())
+    updated = call.store.set_priority(call.store.task_ids(batch_id=batch_id), priority)
+    return {"updated": updated, "priority": priority, "batch": batch_json(call.store, batch_id, call.url)}
+
+
+# -- tasks --------------------------------------------------------------------------------------------
+def list_tasks(call: Call) -> dict[str, Any]:
+    limit = call.query_int("limit", 50, 1, 500) or 50
+    offset = call.query_int("offset", 0, 0, 10**9) or 0
+    order = call.request.query_params.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, f"query parameter 'order': expected asc or desc, got {order!r}")
+    filters: dict[str, Any] = {"batch_id": call.query_int("batch_id", None), "statuses": call.statuses(),
+                               "workflow": call.request.query_params.get("workflow") or None,
+                               "text": call.request.query_params.get("q") or None}
+    total = call.store.count_tasks(**filters)
+    tasks = call.store.list_tasks(**filters, limit=limit, offset=offset, newest_first=order == "desc")
+    query = [(k, v) for k, v in call.request.query_params.multi_items() if k != "offset"]
+    more = offset + limit < total
+    return {"tasks": [task_json(t, call.url) for t in tasks], "total": total, "limit": limit, "offset": offset,
+            "next": call.url("/tasks?" + urlencode([*query, ("offset", offset + limit)])) if more else None}
+
+
+def get_task(call: Call) -> dict[str, Any]:
+    task = call.store.get_task(call.path_id("task_id", "task"))
+    workflow = load_workflow_quietly(call.settings.workflows_dir, task["workflow"])
+    return task_detail_json(call.store, task, workflow, call.url)
+
+
+def task_events(call: Call) -> dict[str, Any]:
+    task_id = call.path_id("task_id", "task")
+    call.store.get_task(task_id)
+    return {"task_id": task_id, "events": [event_json(e) for e in call.store.events(task_id=task_id, limit=10_000)]}
+
+
+def cancel_task(call: Call) -> dict[str, Any]:
+    task = call.store.get_task(call.path_id("task_id", "task"))
+    if task["status"] not in ACTIVE:
+        raise ApiError(409, f"task {task['id']} is already {task['status']}; only queued, submitted or running "
+                            "tasks can be cancelled")
+    done = service.cancel(call.store, [task["id"]])
+    return {**done, "task": task_json(call.store.get_task(task["id"]), call.url)}
+
+
+def retry_task(call: Call) -> dict[str, Any]:
+    task = call.store.get_task(call.path_id("task_id", "task"))
+    if not service.retry(call.store, [task["id"]]):
+        raise ApiError(409, f"task {task['id']} is {task['status']}; only failed or cancelled tasks can be retried")
+    return {"requeued": [task["id"]], "task": task_json(call.store.get_task(task["id"]), call.url)}
+
+
+def task_priority(call: Call) -> dict[str, Any]:
+    task = call.store.get_task(call.path_id("task_id", "task"))
+    priority = _priority(call.json_object())
+    call.store.set_priority([task["id"]], priority)
+    return {"updated": 1, "priority": priority, "task": task_json(call.store.get_task(task["id"]), call.url)}
+
+
+def _priority(data: dict[str, Any]) -> int:
+    value = data.get("priority")
+    extra = [k for k in data if k != "priority"]
+    if extra or isinstance(value, bool) or not isinstance(value, int) or abs(value) > api_intake.MAX_PRIORITY:
+        raise InputError(
+            "1 problem(s) found; nothing was changed",
+            [f"unknown field '{extra[0]}' (send only 'priority')" if extra else
+             f"field 'priority': expected a whole number from {-api_intake.MAX_PRIORITY} to "
+             f"{api_intake.MAX_PRIORITY} (higher runs first), got {json.dumps(value)}"])
+    return value
+
+
+# -- files --------------------------------------------------------------------------------------------
+def image(call: Call) -> Response:
+    row = views.get_image(call.store, call.path_id("image_id", "image"))
+    path = thumbs.source_path(call.settings.output_dir, row["path"])
+    if not path.is_file():
+        raise NotFound(f"image {row['id']}: its file {row['path']} is missing from the output folder")
+    return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+                        filename=path.name, content_disposition_type="inline")
+
+
+def thumbnail(call: Call) -> Response:
+    row = views.get_image(call.store, call.path_id("image_id", "image"))
+    path = thumbs.ensure_thumb(call.settings.output_dir, row["path"])
+    return FileResponse(path, media_type=thumbs.THUMB_FORMAT[2], headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _temp_file(suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix="comfybatch-api-", suffix=suffix)
+    os.close(fd)
+    return Path(name)

@@ -1,0 +1,93 @@
+"""Live updates of the HTTP API, read from the events table (every status change, in order, with an id):
+a server-sent event stream that resumes from Last-Event-ID or ?after=, and the same events as JSON pages.
+
+The stream ends itself after `timeout` seconds (default 30); EventSource and comfybatch_client reconnect and
+resume without a gap. That bound also keeps a server restart from waiting long on open streams, since the
+ASGI server lets open responses finish before it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response, StreamingResponse
+
+from core.api_http import MAX_ID, ApiError, Call
+from core.api_views import event_json
+from core.store import Store
+
+STREAM_POLL = 0.25  # seconds between reads of the events table while a stream is open
+STREAM_KEEPALIVE = 10.0  # a comment line this often, so proxies keep the stream and dead clients are noticed
+STREAM_SECONDS = 30  # default life of one stream
+STREAM_MAX_SECONDS = 300
+
+
+def list_events(call: Call) -> dict[str, Any]:
+    after = call.query_int("after", 0) or 0
+    limit = call.query_int("limit", 500, 1, 5000) or 500
+    batch_id, task_id = call.query_int("batch_id", None), call.query_int("task_id", None)
+    events, last = _events_after(call.store, after, batch_id, task_id, limit)
+    query = "&".join(f"{k}={v}" for k, v in (("batch_id", batch_id), ("task_id", task_id)) if v is not None)
+    latest = call.store.db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+    return {"events": [event_json(e) for e in events], "last_id": last, "latest_id": latest,
+            "next": call.url(f"/events?after={last}" + (f"&{query}" if query else ""))}
+
+
+async def stream_events(call: Call) -> Response:
+    """Server-sent events from the events table, oldest first, each with its id: a client that reconnects
+    with Last-Event-ID (as EventSource does) or ?after= misses nothing and sees nothing twice."""
+    header = call.request.headers.get("last-event-id", "").strip()
+    if header and (not header.isascii() or not header.isdigit() or int(header) > MAX_ID):
+        raise ApiError(400, f"header Last-Event-ID: expected an event id (a whole number), got {header!r}")
+    after = int(header) if header else (call.query_int("after", 0) or 0)
+    batch_id, task_id = call.query_int("batch_id", None), call.query_int("task_id", None)
+    seconds = call.query_int("timeout", STREAM_SECONDS, 1, STREAM_MAX_SECONDS) or STREAM_SECONDS
+    store = call.store
+
+    async def lines() -> AsyncIterator[str]:
+        nonlocal after
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        last_write = loop.time()
+        yield "retry: 2000\n\n"
+        while True:
+            events, scanned = await run_in_threadpool(_events_after, store, after, batch_id, task_id, 500)
+            progressed, after = scanned != after, scanned
+            for event in events:
+                yield f"id: {event['id']}\ndata: {json.dumps(event_json(event), separators=(',', ':'))}\n\n"
+                last_write = loop.time()
+            now = loop.time()
+            if now >= deadline:
+                return
+            if progressed:
+                continue  # there may be more right away
+            if now - last_write >= STREAM_KEEPALIVE:
+                yield ": keep-alive\n\n"
+                last_write = now
+            await asyncio.sleep(STREAM_POLL)
+
+    return StreamingResponse(lines(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _events_after(store: Store, after: int, batch_id: int | None, task_id: int | None, limit: int,
+                  scan_limit: int = 20_000) -> tuple[list[dict[str, Any]], int]:
+    """Up to `limit` events after `after` matching the filters, and the last id looked at (so the next read
+    starts there even when a whole page belonged to other batches)."""
+    found: list[dict[str, Any]] = []
+    scanned = after
+    while len(found) < limit and scanned - after < scan_limit:
+        page = store.events(task_id=task_id, after_id=scanned, limit=1000)
+        if not page:
+            break
+        for event in page:
+            if batch_id is None or event["batch_id"] == batch_id:
+                found.append(event)
+                if len(found) == limit:
+                    return found, event["id"]
+            scanned = event["id"]
+    return found, scanned
