@@ -583,3 +583,15 @@ def test_public_url_open_access_and_not_started(local_api):
     bind(cors_origins=("*",))
     reply = requests.get(base + "/health", headers={"Origin": "https://any.example"}, timeout=10)
     assert reply.headers["access-control-allow-origin"] == "*"
+
+
+def test_an_unexpected_failure_is_a_json_500_with_no_traceback(local_api, caplog):
+    api, bind, base = local_api
+    bind()
+    api.store.db.execute("DROP TABLE events")  # a database in a state no endpoint expects
+    reply = requests.get(base + "/events", timeout=10)
+    assert reply.status_code == 500
+    assert reply.json() == {"error": "internal error while handling GET /api/v1/events; the details are in the "
+                                     "server's log", "problems": []}
+    assert "Traceback" not in reply.text and "sqlite" not in reply.text
+    assert any(r.name == "core.api" and r.exc_info for r in caplog.records)
