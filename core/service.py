@@ -182,13 +182,16 @@ def _stage_image(settings: Settings, ref: str, images: dict[str, bytes] | None, 
     """Find an input image by file name (uploaded alongside, or beside the CSV) and copy it into the
     content-addressed input folder, so the task keeps working if the original moves."""
     name = Path(ref).name
-    if images is not None and name in images:
+    if images is not None:
+        # Uploaded alongside (pages, API): only those files count; never read the server's disk for them.
+        if name not in images:
+            raise InputError(f"image file '{ref}' is not among the uploaded images "
+                             f"({', '.join(sorted(images)) or 'none uploaded'})")
         data = images[name]
     else:
         path = Path(ref) if Path(ref).is_absolute() else (image_dir or Path.cwd()) / ref
         if not path.is_file():
-            raise InputError(f"image file '{ref}' not found" + (" among the uploaded images" if images is not None
-                                                                  else f" (looked in {path.parent})"))
+            raise InputError(f"image file '{ref}' not found (looked in {path.parent})")
         data = path.read_bytes()
     if files.describe_image(data)["width"] is None:
         raise InputError(f"'{name}' is not an image file PIL can read")

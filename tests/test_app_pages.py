@@ -301,7 +301,7 @@ def test_batch_reads_gbk_and_shows_the_dry_run(offline, db):
 def test_batch_images_named_in_the_csv_come_from_the_second_uploader(offline, db):
     at = upload_csv(batch("invert"), b"image\nred.png\n")
     error = messages(at, "error")[0]
-    assert "- row 2, column 'image': image file 'red.png' not found among the uploaded images" in error
+    assert "- row 2, column 'image': image file 'red.png' is not among the uploaded images (none uploaded)" in error
     at.get("file_uploader")[1].set_value([("red.png", png((255, 0, 0)), "image/png")]).run()
     no_failures(at)
     assert messages(at, "success") == ["Ready: 1 task(s) from 1 row(s) in 1 batch(es)."]

@@ -179,13 +179,13 @@ def test_engine_problems_are_located_by_row_and_column():
         "jobs.csv row 3: parameter 'steps' (3.steps): expected an integer, got 'abc'",
         "jobs.csv row 4 column 'count': expected a whole number from 1 to 1000, got '0'",
         "jobs.csv row 5: unknown parameter 'stpes': not a named parameter of this workflow",
-        "jobs.csv row 6: parameter 'image': image file 'a.png' not found among the uploaded images",
+        "jobs.csv row 6: parameter 'image': image file 'a.png' is not among the uploaded images (none uploaded)",
         "jobs.csv row 1 column 2: duplicate column 'x'",
         "jobs.csv: no data rows below the header"])
     assert [(p.position, p.column, p.reason) for p in located] == [
         (1, "steps", "expected an integer, got 'abc'"),
         (2, "count", "expected a whole number from 1 to 1000, got '0'"),
         (3, "stpes", "not a named parameter of this workflow"),
-        (4, "image", "image file 'a.png' not found among the uploaded images"),
+        (4, "image", "image file 'a.png' is not among the uploaded images (none uploaded)"),
         (None, None, "duplicate column 'x'"),
         (None, None, "jobs.csv: no data rows below the header")]
