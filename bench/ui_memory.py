@@ -20,8 +20,9 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 
 from core import service  # noqa: E402
 from core.store import Store  # noqa: E402
+from tests.appserver import start_app  # noqa: E402
 from tests.comfyui_harness import server as harness  # noqa: E402
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, settle, start_app  # noqa: E402
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, settle  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -41,7 +42,6 @@ def main() -> None:
     harness.ensure_installed()
     with tempfile.TemporaryDirectory() as tmp:
         comfy = harness.ComfyServer(Path(tmp) / "comfy").start()
-        (Path(tmp) / "app").mkdir()
         app = start_app(Path(tmp) / "app", [comfy.url])
         samples: list[tuple[float, float]] = []
         try:

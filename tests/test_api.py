@@ -11,14 +11,12 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 import zipfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +24,9 @@ import pytest
 import requests
 from PIL import Image
 
-from core.config import Settings
 from core.store import Store
+from tests import appserver
+from tests.appserver import AppServer
 from tests.comfyui_harness.server import free_port
 from tests.conftest import make_settings
 
@@ -37,54 +36,9 @@ ORIGIN = "https://ui.example"
 SLOW = {"1.width": 1536, "1.height": 1536}
 
 
-@dataclass
-class AppServer:
-    url: str
-    settings: Settings
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def api(self) -> str:
-        return self.url + "/api/v1"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
 def start_app(home: Path, urls: list[str]) -> AppServer:
-    settings = make_settings(home, urls, api_tokens=(TOKEN, OTHER_TOKEN), max_upload_mb=1.0, cors_origins=(ORIGIN,))
-    env = {**os.environ, "COMFYUI_URL": ",".join(urls), "COMFYBATCH_DB": str(settings.db_path),
-           "COMFYBATCH_OUTPUT_DIR": str(settings.output_dir), "COMFYBATCH_WORKFLOWS_DIR": str(settings.workflows_dir),
-           "COMFYBATCH_LOG_DIR": str(settings.log_dir), "COMFYBATCH_LEASE_SECONDS": "3",
-           "COMFYBATCH_API_TOKENS": f"{TOKEN},{OTHER_TOKEN}", "COMFYBATCH_MAX_UPLOAD_MB": "1",
-           "COMFYBATCH_CORS_ORIGINS": ORIGIN, "COMFYBATCH_PUBLIC_URL": ""}
-    port = free_port()
-    log = home / "streamlit.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
-             str(port), "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = AppServer(f"http://127.0.0.1:{port}", settings, proc, log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if requests.get(server.url + "/_stcore/health", timeout=1).text == "ok":
-                return server
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"streamlit did not answer on {server.url}:\n{log.read_text()}")
+    return appserver.start_app(home, urls, api_tokens=(TOKEN, OTHER_TOKEN), max_upload_mb=1.0,
+                               cors_origins=(ORIGIN,), public_url="")
 
 
 @pytest.fixture(scope="module")

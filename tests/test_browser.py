@@ -10,22 +10,18 @@ import csv
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from core.config import Settings
 from core.scheduler import LEASE, Scheduler
 from core.store import Store
-from tests.comfyui_harness.server import free_port
+from tests.appserver import AppServer, start_app
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.browser
@@ -38,52 +34,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 GOOD_CSV = "1.color,width,height,count\n16711680,32,32,1\n65280,48,32,2\n"
 BAD_CSV = "1.color,width,heigth\n255,abc,32\n7,32,count\n"
-
-
-@dataclass
-class AppServer:
-    url: str
-    settings: Settings
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> int:
-        """SIGTERM, as a service manager would; Streamlit ends by re-raising it, so -15 is a clean exit."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-
-def start_app(home: Path, urls: list[str]) -> AppServer:
-    settings = make_settings(home, urls)
-    env = {**os.environ, "COMFYUI_URL": ",".join(urls), "COMFYBATCH_DB": str(settings.db_path),
-           "COMFYBATCH_OUTPUT_DIR": str(settings.output_dir), "COMFYBATCH_WORKFLOWS_DIR": str(settings.workflows_dir),
-           "COMFYBATCH_LOG_DIR": str(settings.log_dir), "COMFYBATCH_LEASE_SECONDS": "3"}
-    port = free_port()
-    log = home / "streamlit.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
-             str(port), "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = AppServer(f"http://127.0.0.1:{port}", settings, proc, log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if requests.get(server.url + "/_stcore/health", timeout=1).text == "ok":
-                return server
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"streamlit did not answer on {server.url}:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")
