@@ -79,6 +79,7 @@ class Store:
         self._all: weakref.WeakSet[sqlite_utils.Database] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()
+        self._has_fts: bool | None = None
         self.migrate()
 
     # -- connections and transactions -------------------------------------------------------------
@@ -137,6 +138,13 @@ class Store:
                 db.table("tasks").enable_fts(["prompt"], tokenize="trigram", create_triggers=True)
             except sqlite3.OperationalError:
                 pass  # SQLite older than 3.34 has no trigram tokenizer: search falls back to LIKE
+
+    @property
+    def has_fts(self) -> bool:
+        """Whether the trigram prompt index exists (SQLite 3.34+); read once."""
+        if self._has_fts is None:
+            self._has_fts = "tasks_fts" in self.db.table_names()
+        return self._has_fts
 
     def schema_version(self) -> int:
         return int(self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
@@ -313,14 +321,14 @@ class Store:
                    workflow: str | None = None, text: str | None = None, limit: int = 50, offset: int = 0,
                    newest_first: bool = True) -> list[dict[str, Any]]:
         where, args = _where(batch_id=batch_id, statuses=statuses, workflow=workflow, text=text,
-                             fts="tasks_fts" in self.db.table_names())
+                             fts=self.has_fts)
         order = "DESC" if newest_first else "ASC"
         rows = self.db.query(f"SELECT * FROM tasks {where} ORDER BY id {order} LIMIT ? OFFSET ?",
                              [*args, limit, offset])
         return [_decode(r) for r in rows]
 
     def count_tasks(self, **filters: Any) -> int:
-        where, args = _where(**filters, fts="tasks_fts" in self.db.table_names())
+        where, args = _where(**filters, fts=self.has_fts)
         return int(self.db.execute(f"SELECT COUNT(*) FROM tasks {where}", args).fetchone()[0])
 
     def images_for_task(self, task_id: int) -> list[dict[str, Any]]:
@@ -400,26 +408,33 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _where(batch_id: int | None = None, statuses: Iterable[str] | None = None, workflow: str | None = None,
-           text: str | None = None, fts: bool = False) -> tuple[str, list[Any]]:
+def filter_clauses(batch_id: int | None = None, statuses: Iterable[str] | None = None, workflow: str | None = None,
+                   text: str | None = None, fts: bool = False, alias: str = "") -> tuple[list[str], list[Any]]:
+    """SQL conditions for the task filters the UI and API offer; `alias` prefixes columns (e.g. "t.").
+    Prompt search uses the trigram index for 3+ characters when SQLite has it, else LIKE."""
     clauses: list[str] = []
     args: list[Any] = []
     if batch_id is not None:
-        clauses.append("batch_id = ?")
+        clauses.append(f"{alias}batch_id = ?")
         args.append(batch_id)
     statuses = [str(s) for s in statuses or []]
     if statuses:
-        clauses.append(f"status IN ({','.join('?' * len(statuses))})")
+        clauses.append(f"{alias}status IN ({','.join('?' * len(statuses))})")
         args.extend(statuses)
     if workflow:
-        clauses.append("workflow = ?")
+        clauses.append(f"{alias}workflow = ?")
         args.append(workflow)
     if text and text.strip():
         text = text.strip()
         if fts and len(text) >= 3:
-            clauses.append("id IN (SELECT rowid FROM tasks_fts WHERE tasks_fts MATCH ?)")
+            clauses.append(f"{alias}id IN (SELECT rowid FROM tasks_fts WHERE tasks_fts MATCH ?)")
             args.append('"' + text.replace('"', '""') + '"')
         else:
-            clauses.append("prompt LIKE ? ESCAPE '\\'")
+            clauses.append(f"{alias}prompt LIKE ? ESCAPE '\\'")
             args.append("%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+    return clauses, args
+
+
+def _where(**filters: Any) -> tuple[str, list[Any]]:
+    clauses, args = filter_clauses(**filters)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", args

@@ -12,7 +12,7 @@ from typing import Any
 
 from core.errors import ComfyBatchError, NotFound
 from core.models import TaskStatus
-from core.store import Store
+from core.store import Store, filter_clauses
 from core.workflows import Workflow
 
 ACTIVE = (TaskStatus.QUEUED.value, TaskStatus.SUBMITTED.value, TaskStatus.RUNNING.value)
@@ -219,55 +219,27 @@ def batch_status_line(summary: dict[str, Any]) -> str:
 
 # -- filters ----------------------------------------------------------------------------------------
 def _task_where(store: Store, flt: TaskFilter) -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    args: list[Any] = []
-    if flt.batch_id is not None:
-        clauses.append("t.batch_id = ?")
-        args.append(flt.batch_id)
-    if flt.statuses:
-        clauses.append(f"t.status IN ({','.join('?' * len(flt.statuses))})")
-        args.extend(flt.statuses)
-    if flt.workflow:
-        clauses.append("t.workflow = ?")
-        args.append(flt.workflow)
-    _text_clause(store, flt.text, clauses, args)
+    clauses, args = filter_clauses(batch_id=flt.batch_id, statuses=flt.statuses, workflow=flt.workflow,
+                                   text=flt.text, fts=store.has_fts, alias="t.")
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
 def _image_where(store: Store, flt: ImageFilter) -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    args: list[Any] = []
+    clauses, args = filter_clauses(workflow=flt.workflow, text=flt.text, fts=store.has_fts, alias="t.")
     if flt.batch_id is not None:
         clauses.append("i.batch_id = ?")
         args.append(flt.batch_id)
-    if flt.workflow:
-        clauses.append("t.workflow = ?")
-        args.append(flt.workflow)
     if flt.since:
         clauses.append("i.created_at >= ?")
         args.append(time.mktime(flt.since.timetuple()))
     if flt.until:
         clauses.append("i.created_at < ?")
         args.append(time.mktime((flt.until + dt.timedelta(days=1)).timetuple()))
-    _text_clause(store, flt.text, clauses, args)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
 def _needs_task_join(flt: ImageFilter) -> bool:
     return bool(flt.workflow or flt.text.strip())
-
-
-def _text_clause(store: Store, text: str, clauses: list[str], args: list[Any]) -> None:
-    """Prompt search: the trigram full-text index for 3+ characters when SQLite has it, else LIKE."""
-    text = (text or "").strip()
-    if not text:
-        return
-    if len(text) >= 3 and "tasks_fts" in store.db.table_names():
-        clauses.append("t.id IN (SELECT rowid FROM tasks_fts WHERE tasks_fts MATCH ?)")
-        args.append('"' + text.replace('"', '""') + '"')
-    else:
-        clauses.append("t.prompt LIKE ? ESCAPE '\\'")
-        args.append("%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
 
 
 def _clip(text: str, n: int) -> str:
