@@ -4,12 +4,17 @@
     GET /files/image/{image_id}   the original file, bytes unchanged
 
 Paths come from the images table only, never from the request, and must stay inside the output folder.
-The browser fetches these URLs itself, so big galleries cost the Streamlit server no memory. Like static
-files, these routes are outside any in-app login gate: put an auth middleware in front if that matters.
+The browser fetches these URLs itself, so big galleries cost the Streamlit server no memory.
+
+When API tokens are configured, a request needs either `Authorization: Bearer <token>` or the `sig` query
+parameter that the pages put in the URLs they render (an HMAC of the image id keyed by the tokens), so an
+`<img>` tag works while a guessed `/files/image/42` does not.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import mimetypes
 from pathlib import Path
 
@@ -35,10 +40,14 @@ class FileServer:
         self.store: Store | None = None
 
     def bind(self, settings: Settings, store: Store) -> None:
+        global _signing_key
         self.settings, self.store = settings, store
+        _signing_key = _key(settings.api_tokens)
 
     def unbind(self) -> None:
+        global _signing_key
         self.settings, self.store = None, None
+        _signing_key = None
 
     @property
     def routes(self) -> list[Route]:
@@ -56,6 +65,9 @@ class FileServer:
         if self.settings is None or self.store is None:
             return JSONResponse({"error": "the file server is not started"}, status_code=503)
         image_id = int(request.path_params["image_id"])
+        if not _allowed(request, self.settings, image_id):
+            return JSONResponse({"error": "this file needs an API token (Authorization: Bearer ...) or a signed link "
+                                          "from the app"}, status_code=401)
         try:
             row = views.get_image(self.store, image_id)
             if thumbnail:
@@ -73,9 +85,35 @@ class FileServer:
                             content_disposition_type="inline")
 
 
+_signing_key: bytes | None = None  # set while a FileServer is bound with API tokens configured
+
+
+def _key(tokens: tuple[str, ...]) -> bytes | None:
+    return hashlib.sha256("\n".join(sorted(tokens)).encode()).digest() if tokens else None
+
+
+def signature(image_id: int, key: bytes | None = None) -> str:
+    return hmac.new(key or b"", f"image:{int(image_id)}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _allowed(request: Request, settings: Settings, image_id: int) -> bool:
+    key = _key(settings.api_tokens)
+    if key is None:
+        return True
+    sig = request.query_params.get("sig", "")
+    if sig and hmac.compare_digest(sig, signature(image_id, key)):
+        return True
+    given = request.headers.get("authorization", "")
+    return any(hmac.compare_digest(given, f"Bearer {token}") for token in settings.api_tokens)
+
+
+def _signed(url: str, image_id: int) -> str:
+    return f"{url}?sig={signature(image_id, _signing_key)}" if _signing_key else url
+
+
 def thumb_url(image_id: int) -> str:
-    return THUMB_URL.format(image_id=int(image_id))
+    return _signed(THUMB_URL.format(image_id=int(image_id)), image_id)
 
 
 def image_url(image_id: int) -> str:
-    return IMAGE_URL.format(image_id=int(image_id))
+    return _signed(IMAGE_URL.format(image_id=int(image_id)), image_id)

@@ -24,6 +24,7 @@ import pytest
 import requests
 from PIL import Image
 
+from core import webfiles
 from core.store import Store
 from tests import appserver
 from tests.appserver import AppServer
@@ -154,6 +155,17 @@ def test_batch_submitted_over_http_runs_and_its_files_download_unchanged(app, we
         (str(i["task_id"]), "succeeded", i["path"]) for i in images]
     every_url = urls_in(batch) + urls_in(images) + urls_in(task)
     assert every_url and all(u.startswith(app.api + "/") for u in every_url)
+
+    # The pages' own file routes: a token, or the signed link the gallery renders; nothing else.
+    image_id = images[0]["id"]
+    page_url = f"{app.url}/files/image/{image_id}"
+    on_disk = (app.settings.output_dir / images[0]["path"]).read_bytes()
+    assert requests.get(page_url, timeout=10).status_code == 401
+    assert requests.get(page_url + "?sig=" + "0" * 32, timeout=10).status_code == 401
+    assert web.get(page_url).content == on_disk
+    key = webfiles._key(app.settings.api_tokens)
+    signed = requests.get(f"{page_url}?sig={webfiles.signature(image_id, key)}", timeout=10)
+    assert (signed.status_code, signed.content) == (200, on_disk)
 
 
 def test_prompt_form_repeats_one_job_count_times(app, web):
