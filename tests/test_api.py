@@ -453,7 +453,7 @@ def test_openapi_document_lists_exactly_the_routes(app, web):
 
 
 def test_readme_client_example_runs(app, tmp_path):
-    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     (code,) = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "ComfyBatchClient(" in block]
     env = {**os.environ, "COMFYBATCH_URL": app.url, "COMFYBATCH_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
