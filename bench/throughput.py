@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+import requests
 import websocket
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +71,10 @@ def direct(url: str, graphs: list[dict], download: bool = False) -> float:
     return elapsed
 
 
+def clear_history(url: str) -> None:
+    requests.post(url + "/history", json={"clear": True}, timeout=30).raise_for_status()
+
+
 def ours(settings, workflow: str, rows: list[dict]) -> tuple[float, int]:
     """Enqueue, then time `python -m core worker --until-idle` from start to exit; returns (seconds, images)."""
     store = Store(settings.db_path)
@@ -96,10 +101,14 @@ def measure(name: str, url: str, settings, workflow: str, make_rows, n: int, rou
     # warm-up: load models / first-run costs out of the measurement
     direct(url, [build_graph(wf, r)[1] for r in make_rows(2, 98, 0)])
     for r in range(rounds):
-        d_rows, o_rows = make_rows(n, r, 0), make_rows(n, r, n)
+        d_rows, o_rows, dl_rows = make_rows(n, r, 0), make_rows(n, r, n), make_rows(n, r, 2 * n)
+        # ComfyUI slows down as its in-memory history fills up (up to 10,000 entries): clear it before each
+        # measurement so no side runs against a fuller server than the other.
+        clear_history(url)
         d_times.append(direct(url, [build_graph(wf, row)[1] for row in d_rows]))
-        dl_rows = make_rows(n, r, 2 * n)
+        clear_history(url)
         dl_times.append(direct(url, [build_graph(wf, row)[1] for row in dl_rows], download=True))
+        clear_history(url)
         t, images = ours(settings, workflow, o_rows)
         assert images == n
         o_times.append(t)
