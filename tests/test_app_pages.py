@@ -499,6 +499,30 @@ def test_generate_with_a_real_comfyui_and_scheduler_shows_the_images(app_setting
         store.close()
 
 
+def test_generate_image_to_image_with_a_real_comfyui(app_settings, comfy):
+    settings = app_settings([comfy.url])
+    store = Store(settings.db_path)
+    from core.scheduler import Scheduler
+    scheduler = Scheduler(settings, store)
+    scheduler.start()
+    try:
+        at = generate("sd15_img2img")
+        at.get("file_uploader")[0].set_value(("photo.png", png((200, 30, 30), (64, 48)), "image/png")).run()
+        assert len(at.image) == 1  # the preview
+        at.text_area(key="gen_sd15_img2img_prompt").set_value("watercolour")
+        at.number_input(key="gen_sd15_img2img_steps").set_value(2)
+        at.button[0].click().run()
+        no_failures(at)
+        assert messages(at, "success") == ["Batch 1: 1 task(s) queued."]
+        assert service.wait_for_tasks(store, [1], timeout=120) == {"succeeded": 1}
+        (image,) = store.images_for_task(1)
+        assert (image["width"], image["height"]) == (64, 48)
+        assert store.get_task(1)["graph"]["10"]["inputs"]["image"] == "photo.png"
+    finally:
+        scheduler.stop()
+        store.close()
+
+
 def test_batch_names_what_no_server_can_run(app_settings, comfy):
     settings = app_settings([comfy.url])
     at = upload_csv(batch("qwen_image_t2i"), "prompt\n一只小猪在花园里\n".encode())

@@ -14,6 +14,8 @@ from PIL import Image
 from core import preflight, service, workflows
 from core.errors import InputError
 from tests.conftest import ROOT
+from tests.test_cli import run
+from tests.test_recovery import worker_env
 
 WF = ROOT / "workflows"
 SHIPPED = sorted(p.stem for p in WF.glob("*.json"))
@@ -170,15 +172,22 @@ def test_batch_is_routed_only_to_servers_that_can_run_it(settings, store):
     assert [(r.url, r.reachable) for r in result.reports] == [(settings.comfyui_urls[0], True), (down, False)]
 
 
-def test_sd15_img2img_from_the_cli_keeps_the_input_size(settings, store, scheduler, tmp_path):
+def test_sd15_text_and_image_to_image_from_the_cli(settings, store, tmp_path):
     Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "photo.png")
-    (tmp_path / "jobs.csv").write_text("image,prompt,steps,denoise,seed\nphoto.png,watercolour,2,0.5,11\n")
-    result = service.submit_csv(settings, store, (tmp_path / "jobs.csv").read_bytes(), "jobs.csv", "sd15_img2img",
-                                image_dir=tmp_path)
-    assert service.wait_for_tasks(store, result.task_ids, timeout=300) == {"succeeded": 1}
-    (image,) = store.images_for_task(result.task_ids[0])
-    assert (image["width"], image["height"]) == (64, 48)
-    assert store.get_task(result.task_ids[0])["graph"]["10"]["inputs"]["image"] == "photo.png"
+    (tmp_path / "i2i.csv").write_text("image,prompt,steps,denoise,seed\nphoto.png,watercolour,2,0.5,11\n")
+    env = {**worker_env(settings), "WORK": str(tmp_path)}
+    t2i = run(env, "submit", "--workflow", "sd15_txt2img", "--prompt", "一只小猪", "--param", "steps=2",
+              "--param", "width=64", "--param", "height=96", "--param", "seed=5")
+    i2i = run(env, "submit", "i2i.csv", "--workflow", "sd15_img2img")
+    assert (t2i.returncode, t2i.stdout, i2i.returncode, i2i.stdout) == (0, "1\n", 0, "2\n"), t2i.stderr + i2i.stderr
+    worker = run(env, "worker", "--until-idle", "--quiet", timeout=300)
+    assert worker.returncode == 0, worker.stderr
+    assert store.counts() == {"succeeded": 2}
+    (made,) = store.images_for_batch(1)
+    (redrawn,) = store.images_for_batch(2)
+    assert (made["width"], made["height"], redrawn["width"], redrawn["height"]) == (64, 96, 64, 48)
+    assert store.get_task(2)["graph"]["10"]["inputs"]["image"] == "photo.png"
+    assert store.get_task(1)["seed"] == 5
 
 
 def test_rgba_output_stays_rgba_on_disk_and_in_the_zip(settings, store, scheduler, tmp_path):
