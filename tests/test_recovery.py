@@ -101,3 +101,18 @@ def test_a_server_that_freezes_mid_job_loses_nothing(comfy, tmp_path, scheduler_
             assert any(e["status"] == "queued" and e["detail"] and fake.url in e["detail"] for e in store.events())
         finally:
             store.close()
+
+
+def test_two_schedulers_on_one_database_never_both_dispatch(settings, store, scheduler_factory):
+    first = scheduler_factory(settings)
+    wait_until(lambda: first.is_leader, 10, message="the first scheduler to take the lease")
+    second = scheduler_factory(settings)
+    result = service.submit_rows(settings, store, "empty_image", [{"color": str(i)} for i in range(30)])
+    assert service.wait_for_tasks(store, result.task_ids, timeout=60) == {"succeeded": 30}
+    assert (first.is_leader, second.is_leader, second.workers) == (True, False, {})
+    submits = Counter(e["task_id"] for e in store.events() if e["status"] == "submitted")
+    assert submits == Counter({t: 1 for t in result.task_ids})
+    first.stop()  # releases the lease: the standby takes over within a tick
+    wait_until(lambda: second.is_leader, 10, message="the standby to take over")
+    more = service.submit_rows(settings, store, "empty_image", [{"color": "99"}])
+    assert service.wait_for_tasks(store, more.task_ids, timeout=30) == {"succeeded": 1}
