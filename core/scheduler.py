@@ -415,11 +415,30 @@ class Scheduler:
         for url in list(self.workers):
             if url not in wanted:
                 self.workers.pop(url).stop()
+        self._requeue_orphans(wanted)
         for url, client_id in wanted.items():
             if url not in self.workers:
                 worker = ServerWorker(self, url, client_id)
                 self.workers[url] = worker
                 worker.start()
+
+    def _requeue_orphans(self, wanted: dict[str, str]) -> None:
+        """Tasks left in flight on a server that was disabled or removed go back to the queue (no attempt
+        spent): nothing watches that server any more. A pending prompt there is deleted if it still answers."""
+        for task in self.store.in_flight_tasks():
+            if task["server"] in wanted:
+                continue
+            reason = f"server {task['server']} was disabled or removed"
+            if self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=reason,
+                                     attempts=max(task["attempts"] - 1, 0), error=reason):
+                log.info("task %s requeued: %s", task["id"], reason)
+                client = ComfyClient(task["server"], "comfybatch-cleanup", 2.0, 5.0)
+                try:
+                    client.delete_pending([task["prompt_id"]])
+                except ComfyError:
+                    pass
+                finally:
+                    client.close()
 
     def _stop_workers(self) -> None:
         while self.workers:

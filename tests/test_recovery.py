@@ -116,3 +116,26 @@ def test_two_schedulers_on_one_database_never_both_dispatch(settings, store, sch
     wait_until(lambda: second.is_leader, 10, message="the standby to take over")
     more = service.submit_rows(settings, store, "empty_image", [{"color": "99"}])
     assert service.wait_for_tasks(store, more.task_ids, timeout=30) == {"succeeded": 1}
+
+
+def test_disabling_a_server_mid_batch_moves_its_tasks_to_the_others(comfy, comfy_factory, tmp_path,
+                                                                   scheduler_factory):
+    second = comfy_factory()
+    settings = make_settings(tmp_path, [comfy.url, second.url])
+    store = Store(settings.db_path)
+    try:
+        rows = [{"1.color": str(i), "1.width": "512", "1.height": "512"} for i in range(10)]
+        result = service.submit_rows(settings, store, "slow_blur", rows)
+        scheduler_factory(settings)
+        wait_until(lambda: any(t["server"] == second.url for t in store.in_flight_tasks()), 60,
+                   message="a task on the second server")
+        store.set_server_enabled(second.url, False)
+        assert service.wait_for_tasks(store, result.task_ids, timeout=180) == {"succeeded": 10}
+        moved = [e for e in store.events() if e["status"] == "queued" and e["detail"]
+                 and "disabled or removed" in e["detail"]]
+        assert moved
+        assert all(store.get_task(e["task_id"])["server"] == comfy.url for e in moved)
+        images = store.images_for_batch(result.batch_ids[0])
+        assert Counter(img["task_id"] for img in images) == Counter({t: 1 for t in result.task_ids})
+    finally:
+        store.close()
