@@ -90,22 +90,25 @@ def cmd_worker(settings: Settings, store: Store, args: argparse.Namespace) -> in
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stop_event.set())
     scheduler.start()
     tty = sys.stderr.isatty()
+
+    def progress_line() -> str:
+        counts = "  ".join(f"{k} {v}" for k, v in store.counts().items()) or "no tasks"
+        return f"\r{counts}  {'(leader)' if scheduler.is_leader else '(standby: another scheduler runs)'}\x1b[K"
+
     try:
         while not scheduler.stop_event.is_set():
             time.sleep(0.05)
             if args.until_idle and scheduler.is_leader and not scheduler.busy():
                 break
             if tty:
-                counts = store.counts()
-                line = "  ".join(f"{k} {v}" for k, v in counts.items())
-                sys.stderr.write(f"\r{line}  {'(leader)' if scheduler.is_leader else '(standby)'}\x1b[K")
+                sys.stderr.write(progress_line())
                 sys.stderr.flush()
     except KeyboardInterrupt:
         pass
     finally:
         scheduler.stop()
         if tty:
-            sys.stderr.write("\n")
+            sys.stderr.write(progress_line() + "\n")
     return 0
 
 
