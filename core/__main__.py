@@ -91,9 +91,10 @@ def cmd_worker(settings: Settings, store: Store, args: argparse.Namespace) -> in
     scheduler.start()
     tty = sys.stderr.isatty()
 
-    def progress_line() -> str:
+    def progress_line(final: bool = False) -> str:
         counts = "  ".join(f"{k} {v}" for k, v in store.counts().items()) or "no tasks"
-        return f"\r{counts}  {'(leader)' if scheduler.is_leader else '(standby: another scheduler runs)'}\x1b[K"
+        role = "" if final else ("  (leader)" if scheduler.is_leader else "  (standby: another scheduler runs)")
+        return f"\r{counts}{role}\x1b[K"
 
     try:
         while not scheduler.stop_event.is_set():
@@ -108,7 +109,7 @@ def cmd_worker(settings: Settings, store: Store, args: argparse.Namespace) -> in
     finally:
         scheduler.stop()
         if tty:
-            sys.stderr.write(progress_line() + "\n")
+            sys.stderr.write(progress_line(final=True) + "\n")
     return 0
 
 
