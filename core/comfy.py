@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -230,13 +229,3 @@ class EventSocket:
             if isinstance(message, dict) and isinstance(message.get("data"), dict):
                 self.on_event(str(message.get("type")), message["data"])
 
-
-def wait_until_up(client: ComfyClient, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            client.system_stats()
-            return True
-        except ServerUnavailable:
-            time.sleep(0.2)
-    return False

@@ -447,6 +447,3 @@ class Scheduler:
     def busy(self) -> bool:
         """Anything still to do: queued or in-flight tasks, or results being collected."""
         return self.store.has_pending_work() or any(w.collecting for w in self.workers.values())
-
-    def server_states(self) -> dict[str, bool]:
-        return {url: w.healthy for url, w in self.workers.items()}
