@@ -18,7 +18,7 @@ from typing import Any
 import requests
 import websocket
 
-from core.errors import ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
+from core.errors import ComfyError, ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
 
 log = logging.getLogger(__name__)
 TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
@@ -229,3 +229,18 @@ class EventSocket:
             if isinstance(message, dict) and isinstance(message.get("data"), dict):
                 self.on_event(str(message.get("type")), message["data"])
 
+
+def probe(url: str, client_id: str, timeout: float) -> dict[str, Any]:
+    """Reachable, ComfyUI version, queue length, device and VRAM of one server. Never raises."""
+    client = ComfyClient(url, client_id, timeout, timeout)
+    try:
+        stats = client.system_stats()
+        running, pending = client.queue()
+        device = (stats.get("devices") or [{}])[0]
+        return {"up": True, "version": stats.get("system", {}).get("comfyui_version"),
+                "queue_running": len(running), "queue_pending": len(pending), "device": device.get("name"),
+                "vram_total": device.get("vram_total"), "vram_free": device.get("vram_free")}
+    except ComfyError as exc:
+        return {"up": False, "error": str(exc)}
+    finally:
+        client.close()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core import files
-from core.comfy import TERMINAL_EVENTS, ComfyClient, EventSocket, outcome, output_images
+from core.comfy import TERMINAL_EVENTS, ComfyClient, EventSocket, outcome, output_images, probe
 from core.config import Settings
 from core.errors import ComfyError, ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
 from core.models import TaskStatus
@@ -36,6 +36,7 @@ LEASE = "scheduler"
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes for one task
 QUIET_RECONCILE = 3.0  # reconcile in-flight prompts after this long without any websocket message
 DOWN_GRACE = 10.0  # after this long unreachable, a server's in-flight tasks go back to the queue
+HEALTH_INTERVAL = 5.0  # seconds between health snapshots published for the pages
 
 
 class ServerWorker:
@@ -59,6 +60,7 @@ class ServerWorker:
         self.down_since: float | None = None
         self.needs_reconcile = True
         self.last_message = time.monotonic()
+        self.health_published = 0.0
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -87,6 +89,8 @@ class ServerWorker:
 
     def loop_once(self) -> None:
         """One unit of work: check health, reconcile if needed, handle cancels, submit at most one task."""
+        if time.monotonic() - self.health_published > HEALTH_INTERVAL:
+            self._publish_health()
         if not self.healthy and not self._check_health():
             return
         if self.needs_reconcile or (self.inflight and time.monotonic() - self.last_message > QUIET_RECONCILE):
@@ -102,6 +106,11 @@ class ServerWorker:
             self.stop_event.wait(0.2)
             return
         self.submit(task)
+
+    def _publish_health(self) -> None:
+        """Write this server's health for the pages (they then need not probe it themselves)."""
+        self.health_published = time.monotonic()
+        self.store.set_server_health(self.url, probe(self.url, self.client.client_id, self.settings.connect_timeout))
 
     def _check_health(self) -> bool:
         try:

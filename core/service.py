@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 import time
 import uuid
@@ -18,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from core import csvin, files, preflight, workflows
-from core.comfy import ComfyClient
+from core.comfy import ComfyClient, probe
 from core.config import Settings
-from core.errors import ComfyBatchError, InputError
+from core.errors import InputError
 from core.models import TaskStatus
 from core.store import Store
 from core.workflows import Workflow
@@ -253,25 +254,22 @@ def zip_bytes(settings: Settings, images: list[dict[str, Any]]) -> bytes:
 
 
 # -- servers --------------------------------------------------------------------------------------
+HEALTH_FRESH = 15.0  # seconds a health snapshot published by the scheduler is trusted
+
+
 def server_health(settings: Settings, store: Store, timeout: float = 3.0) -> list[dict[str, Any]]:
-    """Health of every known server: reachable, queue length, device, VRAM, ComfyUI version."""
+    """Health of every known server. Uses what the running scheduler published in the last few seconds, and
+    probes (one by one, `timeout` each) only the servers it has no fresh word on."""
     store.sync_servers(settings.comfyui_urls, lambda: uuid.uuid4().hex)
     report = []
+    now = time.time()
     for server in store.servers():
         entry: dict[str, Any] = {"url": server["url"], "enabled": bool(server["enabled"]),
-                                 "source": server["source"], "up": False}
-        client = ComfyClient(server["url"], server["client_id"], min(timeout, settings.connect_timeout), timeout)
-        try:
-            stats = client.system_stats()
-            running, pending = client.queue()
-            device = (stats.get("devices") or [{}])[0]
-            entry.update(up=True, version=stats.get("system", {}).get("comfyui_version"),
-                         queue_running=len(running), queue_pending=len(pending), device=device.get("name"),
-                         vram_total=device.get("vram_total"), vram_free=device.get("vram_free"))
-        except ComfyBatchError as exc:
-            entry["error"] = str(exc)
-        finally:
-            client.close()
+                                 "source": server["source"]}
+        if server.get("health") and now - (server.get("health_at") or 0) < HEALTH_FRESH:
+            entry.update(json.loads(server["health"]))
+        else:
+            entry.update(probe(server["url"], server["client_id"], min(timeout, settings.connect_timeout)))
         report.append(entry)
     return report
 

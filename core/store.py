@@ -25,7 +25,7 @@ import sqlite_utils
 from core.errors import NotFound
 from core.models import FINAL_STATUSES, TaskStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 IN_FLIGHT = (TaskStatus.SUBMITTED.value, TaskStatus.RUNNING.value)
 _JSON_COLUMNS = ("params", "graph", "inputs")
 
@@ -64,6 +64,11 @@ _MIGRATIONS: dict[int, str] = {
         server TEXT NOT NULL, sha256 TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY(server, sha256));
     CREATE TABLE leases (
         name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL, pid INTEGER, host TEXT);
+    """,
+    # v2: the scheduler publishes each server's health, so pages need not probe servers themselves.
+    2: """
+    ALTER TABLE servers ADD COLUMN health TEXT;
+    ALTER TABLE servers ADD COLUMN health_at REAL;
     """,
 }
 
@@ -368,6 +373,11 @@ class Store:
     def servers(self, enabled_only: bool = False) -> list[dict[str, Any]]:
         sql = "SELECT * FROM servers" + (" WHERE enabled = 1" if enabled_only else "") + " ORDER BY added_at, url"
         return list(self.db.query(sql))
+
+    def set_server_health(self, url: str, health: dict[str, Any]) -> None:
+        with self.write() as conn:
+            conn.execute("UPDATE servers SET health = ?, health_at = ? WHERE url = ?",
+                         (json.dumps(health), time.time(), url))
 
     def get_upload(self, server: str, sha256: str) -> str | None:
         row = self.db.execute("SELECT name FROM uploads WHERE server = ? AND sha256 = ?", (server, sha256)).fetchone()

@@ -149,3 +149,14 @@ def test_status_events_are_timestamped_in_order(settings, store, scheduler):
     task = store.get_task(result.task_ids[0])
     assert task["created_at"] <= task["submitted_at"] <= task["started_at"] <= task["finished_at"]
     assert TaskStatus(task["status"]).is_final
+
+
+def test_the_scheduler_publishes_server_health_for_the_pages(settings, store, scheduler_factory):
+    down = "http://127.0.0.1:9"
+    settings = settings.with_overrides(comfyui_urls=(*settings.comfyui_urls, down))
+    scheduler_factory(settings)
+    wait_until(lambda: all(s["health"] for s in store.servers()), 20, message="health published")
+    up, gone = service.server_health(settings, store, timeout=0.001)  # fresh snapshots: no probing
+    assert (up["url"], up["up"], up["version"], up["device"]) == (settings.comfyui_urls[0], True, "0.3.75", "cpu")
+    assert (gone["url"], gone["up"]) == (down, False)
+    assert gone["error"].startswith("ComfyUI at http://127.0.0.1:9 is unreachable")

@@ -123,3 +123,25 @@ def test_paged_filters_and_text_search(db):
     page = db.list_tasks(limit=2, offset=1)
     assert [t["id"] for t in page] == [4, 3]
     assert db.count_tasks(statuses=["queued"], batch_id=2) == 2
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    from core.store import _MIGRATIONS
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_MIGRATIONS[1])
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.execute("INSERT INTO servers (url, enabled, source, client_id, added_at) VALUES ('http://a', 1, 'config', "
+                 "'c', 0)")
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    store.set_server_health("http://a", {"up": False, "error": "refused"})
+    (server,) = store.servers()
+    assert (server["url"], server["health"]) == ("http://a", '{"up": false, "error": "refused"}')
+    store.close()
