@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from streamlit.testing.v1 import AppTest
 import ui
 from core import files, service
 from core.config import Settings
+from core.scheduler import Scheduler
 from core.store import Store
 from tests.comfyui_harness.server import free_port
 from tests.conftest import make_settings
@@ -474,53 +476,49 @@ def test_servers_health_and_connection_test_against_a_real_comfyui(app_settings,
     assert "**Servers:** 1 up, 0 down" in [m.value for m in at.sidebar.markdown]
 
 
-def test_generate_with_a_real_comfyui_and_scheduler_shows_the_images(app_settings, comfy, tmp_path):
+@pytest.fixture
+def live(app_settings, comfy) -> Iterator[Store]:
+    """The pages pointed at the real ComfyUI, with a scheduler running in this process; yields its store."""
     settings = app_settings([comfy.url])
     store = Store(settings.db_path)
-    from core.scheduler import Scheduler
     scheduler = Scheduler(settings, store)
     scheduler.start()
-    try:
-        at = generate("sd15_txt2img")
-        sampler = at.selectbox(key="gen_sd15_txt2img_sampler_name")  # choices come from the server
-        assert sampler.value == "euler" and "dpmpp_2m" in sampler.options
-        at.text_area(key="gen_sd15_txt2img_prompt").set_value("a red fox in the snow")
-        for name, value in (("width", 64), ("height", 64), ("steps", 2), ("count", 2)):
-            at.number_input(key=f"gen_sd15_txt2img_{name}").set_value(value)
-        at.button[0].click().run()
-        assert messages(at, "success") == ["Batch 1: 2 task(s) queued."]
-        assert service.wait_for_tasks(store, [1, 2], timeout=120) == {"succeeded": 2}
-        at.run()
-        assert "Batch 1: 2/2 done (100%) - 2 succeeded" in texts(at)
-        tiles = [m.value for m in at.markdown if "/files/thumb/" in m.value]
-        assert len(tiles) == 2
-    finally:
-        scheduler.stop()
-        store.close()
+    yield store
+    scheduler.stop()
+    store.close()
 
 
-def test_generate_image_to_image_with_a_real_comfyui(app_settings, comfy):
-    settings = app_settings([comfy.url])
-    store = Store(settings.db_path)
-    from core.scheduler import Scheduler
-    scheduler = Scheduler(settings, store)
-    scheduler.start()
-    try:
-        at = generate("sd15_img2img")
-        at.get("file_uploader")[0].set_value(("photo.png", png((200, 30, 30), (64, 48)), "image/png")).run()
-        assert len(at.image) == 1  # the preview
-        at.text_area(key="gen_sd15_img2img_prompt").set_value("watercolour")
-        at.number_input(key="gen_sd15_img2img_steps").set_value(2)
-        at.button[0].click().run()
-        no_failures(at)
-        assert messages(at, "success") == ["Batch 1: 1 task(s) queued."]
-        assert service.wait_for_tasks(store, [1], timeout=120) == {"succeeded": 1}
-        (image,) = store.images_for_task(1)
-        assert (image["width"], image["height"]) == (64, 48)
-        assert store.get_task(1)["graph"]["10"]["inputs"]["image"] == "photo.png"
-    finally:
-        scheduler.stop()
-        store.close()
+def test_generate_with_a_real_comfyui_and_scheduler_shows_the_images(live: Store):
+    store = live
+    at = generate("sd15_txt2img")
+    sampler = at.selectbox(key="gen_sd15_txt2img_sampler_name")  # choices come from the server
+    assert sampler.value == "euler" and "dpmpp_2m" in sampler.options
+    at.text_area(key="gen_sd15_txt2img_prompt").set_value("a red fox in the snow")
+    for name, value in (("width", 64), ("height", 64), ("steps", 2), ("count", 2)):
+        at.number_input(key=f"gen_sd15_txt2img_{name}").set_value(value)
+    at.button[0].click().run()
+    assert messages(at, "success") == ["Batch 1: 2 task(s) queued."]
+    assert service.wait_for_tasks(store, [1, 2], timeout=120) == {"succeeded": 2}
+    at.run()
+    assert "Batch 1: 2/2 done (100%) - 2 succeeded" in texts(at)
+    tiles = [m.value for m in at.markdown if "/files/thumb/" in m.value]
+    assert len(tiles) == 2
+
+
+def test_generate_image_to_image_with_a_real_comfyui(live: Store):
+    store = live
+    at = generate("sd15_img2img")
+    at.get("file_uploader")[0].set_value(("photo.png", png((200, 30, 30), (64, 48)), "image/png")).run()
+    assert len(at.image) == 1  # the preview
+    at.text_area(key="gen_sd15_img2img_prompt").set_value("watercolour")
+    at.number_input(key="gen_sd15_img2img_steps").set_value(2)
+    at.button[0].click().run()
+    no_failures(at)
+    assert messages(at, "success") == ["Batch 1: 1 task(s) queued."]
+    assert service.wait_for_tasks(store, [1], timeout=120) == {"succeeded": 1}
+    (image,) = store.images_for_task(1)
+    assert (image["width"], image["height"]) == (64, 48)
+    assert store.get_task(1)["graph"]["10"]["inputs"]["image"] == "photo.png"
 
 
 def test_batch_names_what_no_server_can_run(app_settings, comfy):
