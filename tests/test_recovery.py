@@ -8,6 +8,8 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
+
 from core import preflight, service
 from core.store import Store
 from tests.conftest import ROOT, make_settings, wait_until
@@ -48,20 +50,25 @@ def test_kill_9_worker_mid_batch_then_restart_loses_and_duplicates_nothing(setti
     assert all(store.get_task(t["id"])["attempts"] == 1 for t in in_flight_at_kill)
 
 
-def test_two_servers_share_the_work(comfy, comfy_factory, tmp_path, scheduler_factory):
+@pytest.fixture
+def two_servers(comfy, comfy_factory, tmp_path):
+    """Settings and a store for the shared real ComfyUI plus a second real one; yields (settings, store, urls)."""
     second = comfy_factory()
     settings = make_settings(tmp_path, [comfy.url, second.url])
     store = Store(settings.db_path)
-    try:
-        rows = [{"1.color": str(i), "1.width": "256", "1.height": "256"} for i in range(16)]
-        result = service.submit_rows(settings, store, "slow_blur", rows)
-        scheduler_factory(settings)
-        assert service.wait_for_tasks(store, result.task_ids, timeout=120) == {"succeeded": 16}
-        per_server = Counter(store.get_task(t)["server"] for t in result.task_ids)
-        assert set(per_server) == {comfy.url, second.url}
-        assert min(per_server.values()) >= 4, per_server
-    finally:
-        store.close()
+    yield settings, store, (comfy.url, second.url)
+    store.close()
+
+
+def test_two_servers_share_the_work(two_servers, scheduler_factory):
+    settings, store, (first_url, second_url) = two_servers
+    rows = [{"1.color": str(i), "1.width": "256", "1.height": "256"} for i in range(16)]
+    result = service.submit_rows(settings, store, "slow_blur", rows)
+    scheduler_factory(settings)
+    assert service.wait_for_tasks(store, result.task_ids, timeout=120) == {"succeeded": 16}
+    per_server = Counter(store.get_task(t)["server"] for t in result.task_ids)
+    assert set(per_server) == {first_url, second_url}
+    assert min(per_server.values()) >= 4, per_server
 
 
 def test_comfyui_restarted_mid_batch_the_batch_still_completes(comfy_factory, tmp_path, scheduler_factory):
@@ -118,24 +125,18 @@ def test_two_schedulers_on_one_database_never_both_dispatch(settings, store, sch
     assert service.wait_for_tasks(store, more.task_ids, timeout=30) == {"succeeded": 1}
 
 
-def test_disabling_a_server_mid_batch_moves_its_tasks_to_the_others(comfy, comfy_factory, tmp_path,
-                                                                   scheduler_factory):
-    second = comfy_factory()
-    settings = make_settings(tmp_path, [comfy.url, second.url])
-    store = Store(settings.db_path)
-    try:
-        rows = [{"1.color": str(i), "1.width": "512", "1.height": "512"} for i in range(10)]
-        result = service.submit_rows(settings, store, "slow_blur", rows)
-        scheduler_factory(settings)
-        wait_until(lambda: any(t["server"] == second.url for t in store.in_flight_tasks()), 60,
-                   message="a task on the second server")
-        store.set_server_enabled(second.url, False)
-        assert service.wait_for_tasks(store, result.task_ids, timeout=180) == {"succeeded": 10}
-        moved = [e for e in store.events() if e["status"] == "queued" and e["detail"]
-                 and "disabled or removed" in e["detail"]]
-        assert moved
-        assert all(store.get_task(e["task_id"])["server"] == comfy.url for e in moved)
-        images = store.images_for_batch(result.batch_ids[0])
-        assert Counter(img["task_id"] for img in images) == Counter({t: 1 for t in result.task_ids})
-    finally:
-        store.close()
+def test_disabling_a_server_mid_batch_moves_its_tasks_to_the_others(two_servers, scheduler_factory):
+    settings, store, (first_url, second_url) = two_servers
+    rows = [{"1.color": str(i), "1.width": "512", "1.height": "512"} for i in range(10)]
+    result = service.submit_rows(settings, store, "slow_blur", rows)
+    scheduler_factory(settings)
+    wait_until(lambda: any(t["server"] == second_url for t in store.in_flight_tasks()), 60,
+               message="a task on the second server")
+    store.set_server_enabled(second_url, False)
+    assert service.wait_for_tasks(store, result.task_ids, timeout=180) == {"succeeded": 10}
+    moved = [e for e in store.events() if e["status"] == "queued" and e["detail"]
+             and "disabled or removed" in e["detail"]]
+    assert moved
+    assert all(store.get_task(e["task_id"])["server"] == first_url for e in moved)
+    images = store.images_for_batch(result.batch_ids[0])
+    assert Counter(img["task_id"] for img in images) == Counter({t: 1 for t in result.task_ids})
