@@ -84,8 +84,9 @@ def show_image(image_id: int) -> None:
         seed = "-" if task["seed"] is None else task["seed"]
         st.text(f"Task {task['id']} ({task['status']}) · batch #{batch['id']} {batch['name']} · workflow "
                 f"{task['workflow']} · seed {seed} · server {task['server'] or '-'}")
-        st.dataframe(pd.DataFrame({"parameter": list(values), "value": [str(v) for v in values.values()]}),
-                     hide_index=True)
+        # A plain table (not the canvas grid): a handful of rows, readable in screenshots and by copy-paste.
+        st.table(pd.DataFrame({"parameter": list(values), "value": [str(v) for v in values.values()]})
+                 .set_index("parameter"))
         if st.button("Re-run with changes", type="primary", icon=":material/edit:"):
             st.session_state["generate_prefill"] = {"workflow": task["workflow"], "values": values,
                                                     "task_id": task["id"]}

@@ -408,7 +408,7 @@ def test_gallery_grid_detail_and_rerun_with_changes(offline, db):
     no_failures(at)
     detail = next(t for t in texts(at) if t.startswith("Task 1 (succeeded)"))
     assert detail.endswith("· workflow sd15_txt2img · seed 42 · server http://gpu-1:8188")
-    params = dict(at.dataframe[-1].value.values.tolist())
+    params = at.table[-1].value["value"].to_dict()
     assert (params["prompt"], params["seed"], params["steps"], params["width"]) == ("a red fox", "42", "3", "512")
     next(b for b in at.button if b.label == "Re-run with changes").click().run()
     no_failures(at)

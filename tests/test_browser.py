@@ -139,6 +139,7 @@ def test_csv_batch_to_live_tasks_to_gallery_zip(app, browser, tmp_path):
         dialog = gallery.get_by_role("dialog")
         expect(dialog).to_contain_text("workflow empty_image")
         expect(dialog).to_contain_text(f"server {app.settings.comfyui_urls[0]}")
+        expect(dialog.get_by_test_id("stTable")).to_contain_text("color")  # every parameter, as a table
         shot(gallery, "gallery-detail")
         dialog.get_by_role("button", name="Re-run with changes").click()
         settle(gallery)
