@@ -64,7 +64,7 @@ with ui.guard():
     if not servers:
         st.info("No ComfyUI server is configured yet. " + ui.URL_HELP)
     else:
-        st.dataframe(health_table(servers), hide_index=True)
+        st.table(health_table(servers).set_index("server"))  # a few rows: a plain table reads best
         for s in servers:
             st.text(f"{s['url']}: " + ("up" if s["up"] else "down") + ("" if s["enabled"] else " (disabled)")
                     + (f", ComfyUI {s['version']}" if s.get("version") else ""))

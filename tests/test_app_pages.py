@@ -468,7 +468,7 @@ def test_servers_health_and_connection_test_against_a_real_comfyui(app_settings,
     assert messages(at, "warning") == []
     (line,) = texts(at)
     assert line.startswith(f"{comfy.url}: up, ComfyUI 0.")
-    table = at.dataframe[0].value
+    table = at.table[0].value
     assert table[["status", "running", "pending", "device"]].values.tolist() == [["up", 0, 0, "cpu"]]
     at.text_input(key="servers_new_url").set_value(comfy.url)
     next(b for b in at.button if b.label == "Test connection").click().run()
