@@ -225,15 +225,34 @@ def live_panel(batch_id: int, done_at_draw: bool) -> None:
     panel()
 
 
+def add_workflow_panel() -> None:
+    """Upload an API-format JSON to add a workflow; it is available at once with its discovered parameters."""
+    with st.expander("Add a workflow (ComfyUI API-format JSON)"):
+        upload = st.file_uploader("Workflow file", type=["json"], key="gen_add_workflow")
+        if upload is not None and st.button("Add this workflow", key="gen_add_workflow_button"):
+            try:
+                added = service.add_workflow(ctx.settings, upload.name, upload.getvalue())
+            except InputError as exc:
+                ui.show_error(exc)
+                return
+            st.session_state["gen_workflow_next"] = added.name
+            ui.flash("generate", "success", f"Added workflow '{added.name}' with parameters: "
+                     + (", ".join(added.params) or "none found; address inputs as <node id>.<input>"))
+            st.rerun()
+
+
 ctx = ui.setup("Generate")
 with ui.guard():
+    if "gen_workflow_next" in st.session_state:
+        st.session_state["gen_workflow"] = st.session_state.pop("gen_workflow_next")
     found, broken = workflows.list_workflows(ctx.settings.workflows_dir)
     for problem in broken:
         st.warning(f"Workflow file skipped: {problem}")
     names = [w.name for w in found]
     if not names:
         st.info(f"No workflows in {ctx.settings.workflows_dir}: put API-format JSON files there "
-                "(in ComfyUI: Workflow > Export (API)).")
+                "(in ComfyUI: Workflow > Export (API)), or add one here.")
+        add_workflow_panel()
         st.stop()
     apply_prefill(names)
     by_name = {w.name: w for w in found}
@@ -242,6 +261,7 @@ with ui.guard():
     wf, _ = service.workflow_for_servers(ctx.settings, ctx.store, name)  # list inputs offer the servers' choices
     if wf.description:
         st.caption(wf.description)
+    add_workflow_panel()
     fill_widgets(wf)
     ui.show_flash("generate")
     try:

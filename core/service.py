@@ -56,6 +56,25 @@ def load_workflow(settings: Settings, name: str) -> Workflow:
     return workflows.get_workflow(settings.workflows_dir, name)
 
 
+def add_workflow(settings: Settings, filename: str, data: bytes) -> Workflow:
+    """Save an uploaded API-format workflow as `workflows/<name>.json` (name from the file name) and return
+    it with its discovered parameters. A UI-format file, bad JSON or an existing name is refused, unchanged."""
+    stem = Path(filename).stem.strip()
+    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem).strip("_")
+    if not name:
+        raise InputError(f"{filename}: cannot make a workflow name from this file name")
+    target = settings.workflows_dir / f"{name}.json"
+    if target.exists():
+        raise InputError(f"{filename}: a workflow named '{name}' already exists; rename the file to add another")
+    try:
+        graph = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{filename}: not a valid JSON file ({exc})") from None
+    workflows.check_api_format(graph, filename)
+    files.write_atomic(target, json.dumps(graph, ensure_ascii=False, indent=2).encode("utf-8"))
+    return workflows.load_workflow(target)
+
+
 def build_jobs(settings: Settings, workflow: Workflow, rows: list[dict[str, Any]], count: int = 1,
                source: str = "", images: dict[str, bytes] | None = None, image_dir: Path | None = None,
                row_numbers: list[int] | None = None, counts: list[int | None] | None = None,

@@ -535,3 +535,23 @@ def test_batch_names_what_no_server_can_run(app_settings, comfy):
         assert store.counts() == {}
     finally:
         store.close()
+
+
+def test_adding_a_workflow_on_generate(offline, db):
+    at = page("generate")
+    graph = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}
+    ui_format = json.dumps({"nodes": [], "links": []}).encode()
+    uploader = next(u for u in at.get("file_uploader") if u.proto.label == "Workflow file")
+    uploader.set_value(("my ui export.json", ui_format, "application/json")).run()
+    next(b for b in at.button if b.label == "Add this workflow").click().run()
+    no_failures(at)
+    assert messages(at, "error")[0].startswith("my ui export.json is a ComfyUI UI-format workflow")
+    assert not (offline.workflows_dir / "my_ui_export.json").exists()
+    uploader = next(u for u in at.get("file_uploader") if u.proto.label == "Workflow file")
+    uploader.set_value(("tiny square.json", json.dumps(graph).encode(), "application/json")).run()
+    next(b for b in at.button if b.label == "Add this workflow").click().run()
+    no_failures(at)
+    assert messages(at, "success") == ["Added workflow 'tiny_square' with parameters: width, height, batch_size"]
+    assert at.selectbox(key="gen_workflow").value == "tiny_square"
+    assert json.loads((offline.workflows_dir / "tiny_square.json").read_text()) == graph
