@@ -261,7 +261,6 @@ with ui.guard():
     wf, _ = service.workflow_for_servers(ctx.settings, ctx.store, name)  # list inputs offer the servers' choices
     if wf.description:
         st.caption(wf.description)
-    add_workflow_panel()
     fill_widgets(wf)
     ui.show_flash("generate")
     try:
@@ -285,3 +284,6 @@ if batch_id is not None:
     with ui.guard():
         first = service.batch_summary(ctx.store, batch_id)
         live_panel(batch_id, first["done"] >= first["total"])
+
+with ui.guard():
+    add_workflow_panel()
