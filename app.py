@@ -1,48 +1,33 @@
-"""`streamlit run app.py` brings up everything in one process: the pages (ui_main.py), the image file routes,
-and the scheduler, which the lifespan starts once per server process and stops on shutdown. If another
-scheduler already holds the database's lease, this one waits in standby and takes over if that one dies.
-
-HTTP routes: `routes` below. Each module named in ROUTE_MODULES that exists is loaded: its `routes` are served
-and its `bind(settings, store)` is called by the lifespan (as core.webfiles' FileServer is). A module that fails
-to load is logged and left out, so the pages and the scheduler still come up.
+"""`streamlit run app.py` brings up everything in one process: the pages (ui_main.py and pages/), the HTTP API
+and image routes (the `api` package), and the scheduler, which the lifespan starts once per server process and
+stops on shutdown. If another scheduler already holds the database's lease, this one waits in standby and
+takes over if that one dies.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import streamlit as st
+from streamlit.runtime.pages_manager import PagesManager
 
+import api
 from core.config import Settings
 from core.errors import ConfigError
 from core.logs import setup_logging
 from core.scheduler import Scheduler
 from core.store import Store
-from core.webfiles import FileServer
 
 log = logging.getLogger("core.app")
 
-ROUTE_MODULES = ("core.api",)
-
-files = FileServer()
-routes: list[Any] = [*files.routes]
-bound: list[Any] = [files]  # things whose bind(settings, store) the lifespan calls
-for _name in ROUTE_MODULES:
-    if importlib.util.find_spec(_name) is None:
-        continue
-    try:
-        _module = importlib.import_module(_name)
-    except Exception:
-        log.exception("%s could not be loaded; serving without its routes", _name)
-        continue
-    routes.extend(_module.routes)
-    bound.append(_module)
+# The pages live in pages/ and are listed by st.navigation in ui_main.py. Streamlit also keeps its old
+# "pages/ folder" mode, in which the first run on a fresh server runs a deep-linked page without ui_main.py (a
+# different sidebar, no page config). Say once, before any session starts, that this app navigates itself.
+PagesManager.uses_pages_directory = False
 
 
 @asynccontextmanager
@@ -59,17 +44,13 @@ async def lifespan(app: st.App) -> AsyncIterator[dict[str, Any]]:
     store = Store(settings.db_path)
     scheduler = Scheduler(settings, store)
     scheduler.start()
-    for part in bound:
-        if hasattr(part, "bind"):
-            part.bind(settings, store)
+    api.bind(settings, store)
     log.info("scheduler %s started (database %s, servers: %s)", scheduler.owner, settings.db_path,
              ", ".join(settings.comfyui_urls) or "none configured")
     try:
         yield {"settings": settings, "scheduler": scheduler}
     finally:
-        for part in bound:
-            if hasattr(part, "unbind"):
-                part.unbind()
+        api.unbind()
         await asyncio.to_thread(scheduler.stop)
         store.close()
         log.info("scheduler %s stopped", scheduler.owner)
@@ -80,4 +61,4 @@ def _log_script_error(exc: Exception) -> bool:
     return False
 
 
-app = st.App("ui_main.py", routes=routes, lifespan=lifespan, on_script_error=_log_script_error)
+app = st.App("ui_main.py", routes=api.routes, lifespan=lifespan, on_script_error=_log_script_error)

@@ -1,4 +1,5 @@
-"""Streamlit plumbing shared by every page: with the page scripts, the only code that imports streamlit.
+"""Streamlit plumbing shared by every page: with the page scripts (pages/), the only code that imports streamlit.
+Pages call core.service for every action and core.queries for reads; they never import the api package.
 
 Owns: the page list, the settings (read each run, so a bad setting is reported on the page), one Store per
 script-run thread (Streamlit runs every rerun in a fresh thread, so the connections of finished runs are
@@ -21,7 +22,8 @@ from typing import Any
 
 import streamlit as st
 
-from core import service, views, webfiles
+import ui_format
+from core import access, service
 from core.config import Settings
 from core.errors import ComfyBatchError, ConfigError, InputError
 from core.scheduler import LEASE
@@ -30,11 +32,11 @@ from core.store import Store
 log = logging.getLogger("core.ui")
 
 PAGES = {
-    "generate": ("app_pages/generate.py", "Generate", ":material/brush:"),
-    "batch": ("app_pages/batch.py", "Batch", ":material/table_view:"),
-    "tasks": ("app_pages/tasks.py", "Tasks", ":material/list_alt:"),
-    "gallery": ("app_pages/gallery.py", "Gallery", ":material/photo_library:"),
-    "servers": ("app_pages/servers.py", "Servers", ":material/dns:"),
+    "generate": ("pages/generate.py", "Generate", ":material/brush:"),
+    "batch": ("pages/batch.py", "Batch", ":material/table_view:"),
+    "tasks": ("pages/tasks.py", "Tasks", ":material/list_alt:"),
+    "gallery": ("pages/gallery.py", "Gallery", ":material/photo_library:"),
+    "servers": ("pages/servers.py", "Servers", ":material/dns:"),
 }
 HEALTH_TTL = 10.0  # seconds a server health probe is reused across sessions
 SIDEBAR_REFRESH = 10.0
@@ -46,6 +48,11 @@ URL_HELP = ("Set COMFYUI_URL before starting, e.g. `COMFYUI_URL=http://127.0.0.1
 class Context:
     settings: Settings
     store: Store
+
+
+def page_config() -> None:
+    """The page settings every page gets (ui_main.py and, for a deep link, setup())."""
+    st.set_page_config(page_title="ComfyBatch", page_icon=":material/burst_mode:", layout="wide")
 
 
 def navigation_pages() -> list[Any]:
@@ -99,6 +106,7 @@ def close_stores() -> None:
 def setup(title: str) -> Context:
     """Call first on every page: a deep link can run a page without the main script, so shared setup
     (sidebar, server banner) lives here rather than in ui_main.py."""
+    page_config()
     ctx = context()
     st.title(title)
     with st.sidebar:
@@ -246,25 +254,26 @@ def batch_picker(ctx: Context, key: str, label: str = "Batch", **kw: Any) -> int
                         format_func=lambda b: "All batches" if b is None else batch_label(batches[b]), **kw)
 
 
-def image_tile(image_id: int, caption: str = "", height: int = 160) -> None:
-    """A thumbnail the browser fetches from core.webfiles: nothing held in the server's memory."""
+def image_tile(ctx: Context, image_id: int, caption: str = "", height: int = 160) -> None:
+    """A thumbnail the browser fetches from the /files/ routes: nothing held in the server's memory."""
     st.markdown(
-        f'<a href="{webfiles.image_url(image_id)}" target="_blank">'
-        f'<img src="{webfiles.thumb_url(image_id)}" alt="image {image_id}" data-image-id="{image_id}" '
+        f'<a href="{access.image_url(ctx.settings, image_id)}" target="_blank">'
+        f'<img src="{access.thumb_url(ctx.settings, image_id)}" alt="image {image_id}" data-image-id="{image_id}" '
         f'loading="lazy" style="width:100%;height:{height}px;object-fit:contain;border-radius:4px;'
         f'background:repeating-conic-gradient(#eee 0% 25%, #fff 0% 50%) 50% / 16px 16px"></a>'
         + (f'<div style="font-size:0.8em;color:gray">{html.escape(caption)}</div>' if caption else ""),
         unsafe_allow_html=True)
 
 
-def full_image(image_id: int) -> None:
-    st.markdown(f'<a href="{webfiles.image_url(image_id)}" target="_blank"><img src="{webfiles.image_url(image_id)}" '
+def full_image(ctx: Context, image_id: int) -> None:
+    url = access.image_url(ctx.settings, image_id)
+    st.markdown(f'<a href="{url}" target="_blank"><img src="{url}" '
                 f'alt="image {image_id}" style="max-width:100%;max-height:70vh"></a>', unsafe_allow_html=True)
 
 
 def batch_progress(summary: dict[str, Any]) -> None:
     """A progress bar and the plain status line browser tests read (the dataframe is a canvas)."""
-    line = views.batch_status_line(summary)
+    line = ui_format.batch_status_line(summary)
     st.progress(summary["progress"], text=f"#{summary['id']} {summary['name']}")
     st.text(line)
 

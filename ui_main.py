@@ -5,5 +5,5 @@ import streamlit as st
 
 import ui
 
-st.set_page_config(page_title="ComfyBatch", page_icon=":material/burst_mode:", layout="wide")
+ui.page_config()
 st.navigation(ui.navigation_pages()).run()

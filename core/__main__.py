@@ -14,13 +14,15 @@ import json
 import logging
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from core import service
+from core import csvin, service
 from core.config import Settings
-from core.errors import ComfyBatchError, InputError
+from core.errors import ComfyBatchError, InputError, Problem
 from core.logs import setup_logging
+from core.models import RETRYABLE, UNFINISHED
 from core.scheduler import Scheduler
 from core.store import Store
 
@@ -37,13 +39,25 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             store.close()
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.summary}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"- {_line(problem)}", file=sys.stderr)
         return 2
     except ComfyBatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+OPTIONS = {"count": "--count", "priority": "--priority", "name": "--batch-name", "workflow": "--workflow"}
+
+
+def _line(problem: Problem) -> str:
+    """A problem as the CLI says it: request fields are named by the option that sets them."""
+    if problem.field in OPTIONS:
+        return f"{OPTIONS[problem.field]}: {replace(problem, field=None)}"
+    return str(problem)
 
 
 def _params(pairs: list[str]) -> dict[str, str]:
@@ -63,15 +77,19 @@ def cmd_submit(settings: Settings, store: Store, args: argparse.Namespace) -> in
         path = Path(args.file)
         if not path.is_file():
             raise InputError(f"{path}: no such file")
-        result = service.submit_csv(settings, store, path.read_bytes(), path.name, args.workflow,
-                                    batch_name=args.batch_name, priority=args.priority, count=args.count,
-                                    dry_run=args.dry_run, image_dir=path.parent)
+        if path.stat().st_size > settings.max_csv_bytes:  # refused before it is read into memory
+            raise InputError(f"{path.name}: the file is larger than {settings.max_csv_mb:g} MB "
+                             "(COMFYBATCH_MAX_CSV_MB); split it into smaller files")
+        rows = csvin.read_rows(path.read_bytes(), path.name, settings.max_csv_bytes, settings.max_rows,
+                               settings.max_count)
+        sub = service.Submission(args.workflow, rows, source=path.name, file=path.name, image_dir=path.parent)
     else:
         row = _params(args.param)
         if args.prompt is not None:
             row["prompt"] = args.prompt
-        result = service.submit_rows(settings, store, args.workflow, [row], batch_name=args.batch_name,
-                                     priority=args.priority, count=args.count, dry_run=args.dry_run)
+        sub = service.Submission(args.workflow, [service.Row(row)], source="cli")
+    sub.count, sub.name, sub.priority, sub.dry_run = args.count, args.batch_name, args.priority, args.dry_run
+    result = service.submit(settings, store, sub)
     if args.dry_run:
         for job in result.jobs:
             print(json.dumps(job.graph, ensure_ascii=False))
@@ -125,26 +143,20 @@ def cmd_status(settings: Settings, store: Store, args: argparse.Namespace) -> in
     return 0
 
 
-def _task_ids(store: Store, args: argparse.Namespace, statuses: list[str] | None) -> list[int]:
-    ids = list(args.task or [])
-    for batch in args.batch or []:
-        store.get_batch(batch)
-        ids.extend(store.task_ids(batch_id=batch, statuses=statuses))
-    if not ids:
+def _task_ids(store: Store, args: argparse.Namespace, statuses: tuple[str, ...]) -> list[int]:
+    if not args.task and not args.batch:
         raise InputError("name tasks with --task ID or batches with --batch ID")
-    for task_id in args.task or []:
-        store.get_task(task_id)
-    return ids
+    return service.task_ids_for(store, args.task or [], args.batch or [], statuses)
 
 
 def cmd_cancel(settings: Settings, store: Store, args: argparse.Namespace) -> int:
-    result = service.cancel(store, _task_ids(store, args, ["queued", "submitted", "running"]))
+    result = service.cancel(store, _task_ids(store, args, UNFINISHED))
     print(f"cancelled {len(result['cancelled'])}, cancelling on server {len(result['cancelling'])}")
     return 0
 
 
 def cmd_retry(settings: Settings, store: Store, args: argparse.Namespace) -> int:
-    ids = service.retry(store, _task_ids(store, args, ["failed"]))
+    ids = service.retry(store, _task_ids(store, args, RETRYABLE))
     print(f"requeued {len(ids)} task(s)")
     return 0
 
@@ -191,7 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("batch", nargs="?", type=int)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
-    for name, func, help_text in (("cancel", cmd_cancel, "cancel tasks"), ("retry", cmd_retry, "retry failed tasks")):
+    for name, func, help_text in (("cancel", cmd_cancel, "cancel tasks"),
+                                  ("retry", cmd_retry, "retry failed or cancelled tasks")):
         c = sub.add_parser(name, help=help_text)
         c.add_argument("--batch", type=int, action="append", help="every matching task of this batch")
         c.add_argument("--task", type=int, action="append", help="one task id (repeatable)")

@@ -51,6 +51,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Base URL used in API replies (e.g. behind a proxy). Empty: taken from each request."),
     Setting("COMFYBATCH_MAX_UPLOAD_MB", "max_upload_mb", "200", float,
             "Largest HTTP API request body (CSV and images) in megabytes."),
+    Setting("COMFYBATCH_MAX_CSV_MB", "max_csv_mb", "20", float,
+            "Largest CSV file in megabytes, from the CLI, the API and the Batch page alike (refused before reading)."),
+    Setting("COMFYBATCH_MAX_ROWS", "max_rows", "10000", int,
+            "Most rows in one submission (CSV rows or API rows)."),
+    Setting("COMFYBATCH_MAX_COUNT", "max_count", "1000", int,
+            "Largest `count` (copies of a row): the CLI's --count, the API's count, a CSV count column, the forms."),
+    Setting("COMFYBATCH_MAX_TASKS", "max_tasks", "20000", int,
+            "Most tasks one submission may create (rows x count), checked before anything is expanded."),
 )
 
 
@@ -70,6 +78,14 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     public_url: str = ""
     max_upload_mb: float = 200.0
+    max_csv_mb: float = 20.0
+    max_rows: int = 10_000
+    max_count: int = 1000
+    max_tasks: int = 20_000
+
+    @property
+    def max_csv_bytes(self) -> int:
+        return int(self.max_csv_mb * 1024 * 1024)
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None, secrets_path: Path | None = None,

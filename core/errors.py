@@ -3,8 +3,9 @@ that names what is wrong and where.
 
     ComfyBatchError
     ├── ConfigError          a setting is malformed (raised at start-up; fix the setting)
-    ├── InputError           user input is invalid: CSV rows, parameters, uploads. Carries `problems`,
-    │   │                    one line each (file, row, column/parameter, reason). Nothing was enqueued.
+    ├── InputError           user input is invalid: CSV rows, parameters, uploads. Carries `problems`, a
+    │   │                    list of `Problem` values (file, row, column, parameter, node, reason) that the
+    │   │                    edges turn into text. Nothing was enqueued.
     │   └── WorkflowError    a workflow template cannot be used (missing, not JSON, UI format, broken links)
     ├── NotFound             an id (batch, task, image, workflow) that does not exist
     └── ComfyError           talking to a ComfyUI server failed
@@ -16,7 +17,66 @@ that names what is wrong and where.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a user's input, as data: where it is and why. Only the edges (CLI, API, pages)
+    turn it into text; `str(problem)` is the one plain rendering they share, e.g.
+    "jobs.csv row 3: parameter 'steps' (3.steps): expected an integer, got 'two'"."""
+
+    message: str  # the reason, without the location
+    row: int | None = None  # spreadsheet row (header = row 1), or 1-based position in a JSON `rows` list
+    column: str | None = None  # a CSV column that is not a parameter (count, batch_name) or the header
+    parameter: str | None = None  # the parameter key as the user wrote it
+    target: str | None = None  # the node input it sets, "<node id>.<input>"
+    node: str | None = None  # a node id the problem is about (workflow files, preflight)
+    field: str | None = None  # a request field or option (workflow, count, priority, images, ...)
+    file: str | None = None  # the CSV or workflow file
+    server: str | None = None  # the ComfyUI server that reported it (preflight)
+    code: str = "invalid"  # a stable kind for programs: invalid, unknown_parameter, required, too_large, ...
+
+    def at(self, **where: Any) -> Problem:
+        """The same problem with more of its location filled in (fields already set are kept)."""
+        return replace(self, **{k: v for k, v in where.items() if getattr(self, k) is None and v is not None})
+
+    @property
+    def location(self) -> str:
+        parts = [p for p in (self.server, self.file, f"row {self.row}" if self.row is not None else None) if p]
+        where = " ".join(parts)
+        if self.column is not None:
+            where += f" column '{self.column}'" if where else f"column '{self.column}'"
+        return where
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.parameter is not None:
+            if self.code == "unknown_parameter":
+                text = f"unknown parameter '{self.parameter}': {text}"
+            else:
+                target = f" ({self.target})" if self.target else ""
+                text = f"parameter '{self.parameter}'{target}: {text}"
+        elif self.field is not None:
+            text = f"field '{self.field}': {text}"
+        return f"{self.location}: {text}" if self.location else text
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields a program reads (the API's `problems` items), with the rendered text as `message` and
+        the bare reason as `reason`."""
+        return {"message": str(self), "reason": self.message, "row": self.row, "column": self.column,
+                "parameter": self.parameter, "target": self.target, "node": self.node or _node(self.target),
+                "field": self.field, "file": self.file, "server": self.server, "code": self.code}
+
+
+def _node(target: str | None) -> str | None:
+    return target.rsplit(".", 1)[0] if target and "." in target else None
+
+
+def sort_key(problem: Problem) -> tuple[int, int]:
+    """Problems of the request first, then row by row (a stable sort keeps each row's own order)."""
+    return (0, 0) if problem.row is None else (1, problem.row)
 
 
 class ComfyBatchError(Exception):
@@ -28,12 +88,15 @@ class ConfigError(ComfyBatchError):
 
 
 class InputError(ComfyBatchError):
-    def __init__(self, message: str, problems: list[str] | None = None):
-        self.problems = list(problems or [])
+    """`summary` is one sentence; `problems` are the typed details (plain strings given here become Problems
+    with only a message). `str(exc)` is the summary and one "- problem" line per problem."""
+
+    def __init__(self, message: str, problems: list[Problem] | list[str] | list[Problem | str] | None = None):
+        self.summary = message
+        self.problems: list[Problem] = [p if isinstance(p, Problem) else Problem(str(p)) for p in problems or []]
         if self.problems:
             message = message + "\n" + "\n".join(f"- {p}" for p in self.problems)
         super().__init__(message)
-        self.summary = message.split("\n", 1)[0]
 
 
 class WorkflowError(InputError):

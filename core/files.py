@@ -79,15 +79,36 @@ def results_csv(tasks: list[dict[str, Any]], images_by_task: dict[int, list[dict
                 param_keys.append(key)
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["task_id", "row_number", *param_keys, "resolved_seed", "status", "server", "attempts",
-                     "error", "images"])
+    writer.writerow([spreadsheet_safe(k) for k in ["task_id", "row_number", *param_keys, "resolved_seed", "status",
+                                                   "server", "attempts", "error", "images"]])
     for t in tasks:
         params = t["params"]
         writer.writerow([t["id"], t.get("row_number") or "",
-                         *[_cell(params.get(k)) for k in param_keys], t.get("seed") if t.get("seed") is not None
-                         else "", t["status"], t.get("server") or "", t["attempts"], t.get("error") or "",
+                         *[spreadsheet_safe(_cell(params.get(k))) for k in param_keys],
+                         t.get("seed") if t.get("seed") is not None else "", t["status"],
+                         spreadsheet_safe(t.get("server") or ""), t["attempts"], spreadsheet_safe(t.get("error") or ""),
                          ";".join(img["path"] for img in images_by_task.get(t["id"], []))])
     return out.getvalue()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A cell a spreadsheet shows as text, never runs (OWASP CSV injection): text starting with = + - @, a tab
+    or a carriage return gets a leading apostrophe, which Excel and LibreOffice hide. Plain numbers ("-1.5",
+    "+3") are left as they are, since they cannot be formulas."""
+    if text.startswith(FORMULA_STARTS) and not _is_number(text):
+        return "'" + text
+    return text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return len(text) <= 40 and text.strip() == text and text.lower().lstrip("+-") not in ("nan", "inf", "infinity")
 
 
 def _cell(value: Any) -> str:

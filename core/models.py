@@ -1,4 +1,5 @@
-"""Plain value types shared by the engine, the pages and the CLI."""
+"""Plain value types shared by the engine, the pages, the API and the CLI: the task statuses and their groups,
+each defined once here (store, CLI, API, OpenAPI document and pages all read them from this module)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ class TaskStatus(StrEnum):
 
     @property
     def is_final(self) -> bool:
-        return self in FINAL_STATUSES
+        return self in FINAL
 
     @property
     def in_flight(self) -> bool:
-        return self in (TaskStatus.SUBMITTED, TaskStatus.RUNNING)
+        return self in IN_FLIGHT
 
 
-FINAL_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
-ALL_STATUSES = tuple(TaskStatus)
+# The status groups. Tuples of plain strings keep SQL parameters and JSON simple.
+ALL_STATUSES: tuple[str, ...] = tuple(s.value for s in TaskStatus)
+IN_FLIGHT: tuple[str, ...] = (TaskStatus.SUBMITTED.value, TaskStatus.RUNNING.value)  # on a ComfyUI server
+UNFINISHED: tuple[str, ...] = (TaskStatus.QUEUED.value, *IN_FLIGHT)  # what cancel acts on
+FINAL: tuple[str, ...] = (TaskStatus.SUCCEEDED.value, TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
+RETRYABLE: tuple[str, ...] = (TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)  # what retry acts on
+FINAL_STATUSES = frozenset(TaskStatus(s) for s in FINAL)

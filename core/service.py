@@ -1,13 +1,15 @@
-"""The engine's front door: the functions the pages, the CLI and the HTTP API all call.
+"""The engine's front door: the functions the pages, the CLI and the HTTP API all call to submit, cancel,
+retry, re-prioritise, export, manage servers and read health. No face writes through Store directly.
 
-Submitting validates everything first and enqueues all or nothing. Side effects: the database (through
-Store), input images copied into the content-addressed input folder, and (for cancel) nothing on ComfyUI
-directly: the scheduler that owns a task's server carries a cancel out.
+Submitting: every face builds a `Submission` (core.intake) and calls `submit`, which checks the request's
+limits before expanding anything, checks every row, preflights the graphs on the enabled servers and enqueues
+all or nothing. Side effects: the database (through Store), input images copied into the content-addressed
+input folder, workflow files written by `add_workflow`, and (for cancel) nothing on ComfyUI directly: the
+scheduler that owns a task's server carries a cancel out.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import random
@@ -18,25 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core import csvin, files, preflight, workflows
+from core import files, preflight, workflows
 from core.comfy import ComfyClient, probe
-from core.config import Settings
-from core.errors import InputError
-from core.models import TaskStatus
+from core.config import Settings, parse_urls
+from core.errors import ConfigError, InputError, NotFound, Problem, sort_key
+from core.intake import MAX_PRIORITY, Job, Row, Submission, build_jobs, check_request, input_dir
+from core.models import FINAL, RETRYABLE, UNFINISHED, TaskStatus
+from core.scheduler import LEASE
 from core.store import Store
 from core.workflows import Workflow
 
-
-@dataclass
-class Job:
-    """One validated row: its resolved parameters and graph, before it is enqueued."""
-
-    row_number: int | None
-    params: dict[str, Any]
-    resolved: dict[str, Any]
-    graph: dict[str, Any]
-    inputs: dict[str, dict[str, str]] = field(default_factory=dict)
-    batch_name: str | None = None
+__all__ = ["Job", "Row", "Submission", "Submitted", "input_dir", "submit"]
 
 
 @dataclass
@@ -48,75 +42,66 @@ class Submitted:
     servers: list[str] | None = None  # the servers the tasks are routed to; None = any
 
 
-def input_dir(settings: Settings) -> Path:
-    return settings.output_dir / "_inputs"
-
-
 def load_workflow(settings: Settings, name: str) -> Workflow:
     return workflows.get_workflow(settings.workflows_dir, name)
 
 
 def add_workflow(settings: Settings, filename: str, data: bytes) -> Workflow:
     """Save an uploaded API-format workflow as `workflows/<name>.json` (name from the file name) and return
-    it with its discovered parameters. A UI-format file, bad JSON or an existing name is refused, unchanged."""
+    it with its discovered parameters. Everything is checked before the file is written: size, JSON, the API
+    format, every node, parameter discovery. A bad file or an existing name leaves the folder unchanged."""
     stem = Path(filename).stem.strip()
-    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem).strip("_")
+    name = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in stem).strip("_")[:100]
     if not name:
         raise InputError(f"{filename}: cannot make a workflow name from this file name")
+    if len(data) > workflows.MAX_WORKFLOW_BYTES:
+        raise InputError(f"{filename}: {len(data):,} bytes is too large for a workflow (at most "
+                         f"{workflows.MAX_WORKFLOW_BYTES:,}); an API-format graph is usually under 100 KB")
     target = settings.workflows_dir / f"{name}.json"
     if target.exists():
         raise InputError(f"{filename}: a workflow named '{name}' already exists; rename the file to add another")
+    graph = workflows.parse_graph(data, filename)
+    text = json.dumps(graph, ensure_ascii=False, indent=2)
     try:
-        graph = json.loads(data.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{filename}: not a valid JSON file ({exc})") from None
-    workflows.check_api_format(graph, filename)
-    files.write_atomic(target, json.dumps(graph, ensure_ascii=False, indent=2).encode("utf-8"))
+        workflows.check_loadable(name, graph)
+    except Exception as exc:  # whatever discovery trips over must refuse the file, not leave it behind
+        raise InputError(f"{filename}: cannot be used as a workflow ({type(exc).__name__}: {str(exc)[:200]})"
+                         ) from None
+    files.write_atomic(target, text.encode("utf-8"))
     return workflows.load_workflow(target)
 
 
-def build_jobs(settings: Settings, workflow: Workflow, rows: list[dict[str, Any]], count: int = 1,
-               source: str = "", images: dict[str, bytes] | None = None, image_dir: Path | None = None,
-               row_numbers: list[int] | None = None, counts: list[int | None] | None = None,
-               batch_names: list[str | None] | None = None, row_problems: list[list[str]] | None = None,
-               rng: random.Random | None = None) -> list[Job]:
-    """Validate every row and expand counts. Raises one InputError naming every bad row; nothing is written
-    except input images, which are content-addressed and harmless to keep."""
-    rng = rng or random.Random()
-    problems: list[str] = []
-    jobs: list[Job] = []
-    image_params = {k for k, p in workflow.params.items() if p.kind == "image"}
-    for i, row in enumerate(rows):
-        number = row_numbers[i] if row_numbers else None
-        where = f"{source} row {number}" if number is not None else (f"{source} row {i + 1}" if source else "")
-        if row_problems and row_problems[i]:
-            problems.extend(row_problems[i])
+# -- submitting -------------------------------------------------------------------------------------
+def submit(settings: Settings, store: Store, sub: Submission, rng: random.Random | None = None) -> Submitted:
+    """Check, preflight and enqueue a submission, all or nothing. Raises InputError with every problem (the
+    request's, then row by row); with `dry_run`, checks and resolves but enqueues nothing."""
+    problems = list(sub.problems) + check_request(settings, sub)
+    workflow: Workflow | None = None
+    urls: list[str] = []
+    if isinstance(sub.workflow, str) and sub.workflow.strip():
         try:
-            resolved = workflows.resolve_params(workflow, row, rng, where)
-        except InputError as exc:
+            workflow, urls = workflow_for_servers(settings, store, sub.workflow.strip())
+        except NotFound as exc:
+            problems.append(Problem(str(exc), field="workflow", code="not_found"))
+        except InputError as exc:  # WorkflowError: the template itself is broken
+            problems.append(Problem(exc.summary, field="workflow", code="broken_workflow"))
             problems.extend(exc.problems)
-            continue
-        inputs: dict[str, dict[str, str]] = {}
-        for key in list(resolved):
-            param = workflow.param_for(key)
-            if key in image_params or param.kind == "image":
-                try:
-                    inputs[param.target] = _stage_image(settings, str(resolved[key]), images, image_dir)
-                except InputError as exc:
-                    problems.append(f"{where}: parameter '{key}': {exc}" if where else f"parameter '{key}': {exc}")
-                    continue
-                resolved[key] = inputs[param.target]["name"]
-        n = (counts[i] if counts and counts[i] else None) or count
-        for copy in range(n):
-            values = dict(resolved)
-            if "seed" in workflow.params and copy > 0:
-                fixed = row.get("seed") not in (None, "", "random")
-                values["seed"] = (resolved["seed"] + copy) if fixed else rng.randint(0, workflows.SEED_MAX)
-            jobs.append(Job(number, dict(row), values, workflows.patch(workflow, values), inputs,
-                            batch_names[i] if batch_names else None))
-    if problems:
+    else:
+        problems.append(Problem("required: the name of a workflow", field="workflow", code="required"))
+    if workflow is None or any(p.field in ("count", "rows") and p.code == "too_large" for p in problems):
+        # Without a workflow the rows cannot be checked; over the limits they must not be expanded. Still
+        # report each row's own problems (a ragged CSV row, a JSON object where a value belongs).
+        problems.extend(p.at(row=r.number, file=sub.file if r.number is not None else None)
+                        for r in sub.rows[:1000] for p in r.problems)
+        problems.sort(key=sort_key)
         raise InputError(f"{len(problems)} problem(s) found; nothing was enqueued", problems)
-    return jobs
+    jobs = build_jobs(settings, workflow, Submission(**{**sub.__dict__, "problems": problems}), rng)
+    reports, servers = route(workflow, jobs, urls)
+    if sub.dry_run:
+        return Submitted([], [], jobs, reports, servers)
+    result = enqueue(store, workflow, jobs, sub.name, sub.priority, source=sub.source, servers=servers)
+    result.reports, result.servers = reports, servers
+    return result
 
 
 def enqueue(store: Store, workflow: Workflow, jobs: list[Job], batch_name: str | None = None, priority: int = 0,
@@ -160,85 +145,71 @@ def route(workflow: Workflow, jobs: list[Job], urls: list[str]
     reports = preflight.check_servers(urls, workflow, [j.graph for j in jobs], uploaded)
     reachable = [r for r in reports if r.reachable]
     if reachable and not any(r.ok for r in reachable):
-        problems = [f"{r.url}: {p}" for r in reachable for p in r.problems]
+        problems = [Problem(p, server=r.url, code="preflight") for r in reachable for p in r.problems]
         raise InputError(f"no ComfyUI server can run workflow '{workflow.name}'; nothing was enqueued", problems)
     if all(r.ok for r in reachable):
         return reports, None
     return reports, [r.url for r in reports if r.ok or not r.reachable]
 
 
-def submit_rows(settings: Settings, store: Store, workflow_name: str, rows: list[dict[str, Any]],
-                batch_name: str | None = None, priority: int = 0, count: int = 1, dry_run: bool = False,
-                images: dict[str, bytes] | None = None, image_dir: Path | None = None) -> Submitted:
-    workflow, urls = workflow_for_servers(settings, store, workflow_name)
-    jobs = build_jobs(settings, workflow, rows, count=count, images=images, image_dir=image_dir)
-    return _submit(store, workflow, jobs, urls, batch_name, priority, None, dry_run)
-
-
-def submit_csv(settings: Settings, store: Store, data: bytes, filename: str, workflow_name: str,
-               batch_name: str | None = None, priority: int = 0, count: int = 1, dry_run: bool = False,
-               images: dict[str, bytes] | None = None, image_dir: Path | None = None) -> Submitted:
-    workflow, urls = workflow_for_servers(settings, store, workflow_name)
-    parsed = csvin.read_csv(data, filename)
-    jobs = build_jobs(settings, workflow, [r.params for r in parsed], count=count, source=filename, images=images,
-                      image_dir=image_dir, row_numbers=[r.row_number for r in parsed],
-                      counts=[r.count for r in parsed], batch_names=[r.batch_name for r in parsed],
-                      row_problems=[r.problems for r in parsed])
-    return _submit(store, workflow, jobs, urls, batch_name, priority, filename, dry_run)
-
-
-def _submit(store: Store, workflow: Workflow, jobs: list[Job], urls: list[str], batch_name: str | None,
-            priority: int, source: str | None, dry_run: bool) -> Submitted:
-    reports, servers = route(workflow, jobs, urls)
-    if dry_run:
-        return Submitted([], [], jobs, reports, servers)
-    result = enqueue(store, workflow, jobs, batch_name, priority, source=source, servers=servers)
-    result.reports, result.servers = reports, servers
-    return result
-
-
-def _stage_image(settings: Settings, ref: str, images: dict[str, bytes] | None, image_dir: Path | None
-                 ) -> dict[str, str]:
-    """Find an input image by file name (uploaded alongside, or beside the CSV) and copy it into the
-    content-addressed input folder, so the task keeps working if the original moves."""
-    name = Path(ref).name
-    if images is not None:
-        # Uploaded alongside (pages, API): only those files count; never read the server's disk for them.
-        if name not in images:
-            raise InputError(f"image file '{ref}' is not among the uploaded images "
-                             f"({', '.join(sorted(images)) or 'none uploaded'})")
-        data = images[name]
-    else:
-        path = Path(ref) if Path(ref).is_absolute() else (image_dir or Path.cwd()) / ref
-        if not path.is_file():
-            raise InputError(f"image file '{ref}' not found (looked in {path.parent})")
-        data = path.read_bytes()
-    if files.describe_image(data)["width"] is None:
-        raise InputError(f"'{name}' is not an image file PIL can read")
-    sha = hashlib.sha256(data).hexdigest()
-    stored = input_dir(settings) / f"{sha}{Path(name).suffix.lower() or '.png'}"
-    if not stored.is_file():
-        files.write_atomic(stored, data)
-    return {"path": str(stored), "sha256": sha, "name": name}
-
-
 # -- acting on tasks ------------------------------------------------------------------------------
 def cancel(store: Store, task_ids: Iterable[int]) -> dict[str, list[int]]:
     """Queued tasks are cancelled at once; tasks on a server are removed from its queue or interrupted by
-    the scheduler, then marked cancelled."""
+    the scheduler, then marked cancelled. Tasks already final are left alone."""
     cancelled, in_flight = store.request_cancel(task_ids)
     return {"cancelled": cancelled, "cancelling": [t["id"] for t in in_flight]}
 
 
 def retry(store: Store, task_ids: Iterable[int]) -> list[int]:
+    """Failed and cancelled tasks (models.RETRYABLE) go back to the queue with a fresh attempt count."""
     return store.retry(task_ids)
+
+
+def set_priority(store: Store, task_ids: Iterable[int], priority: int) -> int:
+    """Queued tasks with a higher priority are claimed first. Returns how many tasks were updated."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY:
+        raise InputError("1 problem(s) found; nothing was changed", [Problem(
+            f"expected a whole number from {-MAX_PRIORITY} to {MAX_PRIORITY} (higher runs first), got "
+            f"{workflows.show(priority)}", field="priority", code="out_of_range")])
+    return store.set_priority(list(task_ids), priority)
+
+
+def batch_task_ids(store: Store, batch_id: int, statuses: Iterable[str] | None = None) -> list[int]:
+    """A batch's task ids (NotFound for an unknown batch), optionally only those in `statuses`."""
+    store.get_batch(batch_id)
+    return store.task_ids(batch_id=batch_id, statuses=statuses)
+
+
+def cancel_batch(store: Store, batch_id: int) -> dict[str, list[int]]:
+    return cancel(store, batch_task_ids(store, batch_id, UNFINISHED))
+
+
+def retry_batch(store: Store, batch_id: int) -> list[int]:
+    return retry(store, batch_task_ids(store, batch_id, RETRYABLE))
+
+
+def set_batch_priority(store: Store, batch_id: int, priority: int) -> int:
+    return set_priority(store, batch_task_ids(store, batch_id), priority)
+
+
+def task_ids_for(store: Store, task_ids: Iterable[int], batch_ids: Iterable[int], statuses: Iterable[str]
+                 ) -> list[int]:
+    """Named tasks (each must exist) plus the tasks of named batches that are in `statuses`: what the CLI's
+    --task/--batch options select."""
+    ids = []
+    for task_id in task_ids:
+        store.get_task(task_id)
+        ids.append(task_id)
+    for batch_id in batch_ids:
+        ids.extend(batch_task_ids(store, batch_id, statuses))
+    return ids
 
 
 def batch_summary(store: Store, batch_id: int) -> dict[str, Any]:
     batch = store.get_batch(batch_id)
     counts = store.counts(batch_id)
     total = sum(counts.values())
-    done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
+    done = sum(counts.get(s, 0) for s in FINAL)
     row = store.db.execute("SELECT MIN(submitted_at), MAX(finished_at), COUNT(finished_at) FROM tasks "
                            "WHERE batch_id = ? AND status = 'succeeded'", (batch_id,)).fetchone()
     eta = None
@@ -255,15 +226,22 @@ def export_batch(settings: Settings, store: Store, batch_id: int, csv_path: Path
     images = store.images_for_batch(batch_id)
     result = {"images": len(images)}
     if csv_path:
-        tasks = store.list_tasks(batch_id=batch_id, limit=10**9, newest_first=False)
-        by_task: dict[int, list[dict[str, Any]]] = {}
-        for img in images:
-            by_task.setdefault(img["task_id"], []).append(img)
-        csv_path.write_text(files.results_csv(tasks, by_task), encoding="utf-8-sig")
-        result["rows"] = len(tasks)
+        data = results_csv_bytes(store, batch_id)
+        files.write_atomic(csv_path, data)
+        result["rows"] = store.count_tasks(batch_id=batch_id)
     if zip_path:
         result["zipped"] = files.export_zip(settings.output_dir, images, zip_path)
     return result
+
+
+def results_csv_bytes(store: Store, batch_id: int) -> bytes:
+    """A batch's results CSV (UTF-8 with BOM, spreadsheet-safe cells), as the CLI's export writes it."""
+    store.get_batch(batch_id)
+    tasks = store.list_tasks(batch_id=batch_id, limit=10**9, newest_first=False)
+    by_task: dict[int, list[dict[str, Any]]] = {}
+    for img in store.images_for_batch(batch_id):
+        by_task.setdefault(img["task_id"], []).append(img)
+    return files.results_csv(tasks, by_task).encode("utf-8-sig")
 
 
 def zip_bytes(settings: Settings, images: list[dict[str, Any]]) -> bytes:
@@ -291,6 +269,45 @@ def server_health(settings: Settings, store: Store, timeout: float = 3.0) -> lis
             entry.update(probe(server["url"], server["client_id"], min(timeout, settings.connect_timeout)))
         report.append(entry)
     return report
+
+
+def health(settings: Settings, store: Store) -> dict[str, Any]:
+    """The app's health: its scheduler (who holds the lease), task counts and every server."""
+    servers = server_health(settings, store)
+    holder = store.lease_holder(LEASE)
+    scheduler = {"running": holder is not None, "owner": holder["owner"] if holder else None,
+                 "host": holder["host"] if holder else None, "pid": holder["pid"] if holder else None}
+    enabled = [s for s in servers if s["enabled"]]
+    ok = holder is not None and bool(enabled) and all(s["up"] for s in enabled)
+    return {"status": "ok" if ok else "degraded", "scheduler": scheduler, "counts": store.counts(),
+            "servers": servers}
+
+
+def server_url(raw: str) -> str:
+    """One server URL as typed on a page or in an API call (`host:port` gets http://), or InputError."""
+    try:
+        urls = parse_urls(raw if isinstance(raw, str) else "")
+    except ConfigError:
+        urls = ()
+    if len(urls) != 1 or any(c.isspace() for c in urls[0]) or len(urls[0]) > 500:
+        raise InputError("enter one server URL, e.g. http://127.0.0.1:8188")
+    return urls[0]
+
+
+def add_server(store: Store, raw_url: str) -> str:
+    """Add (or re-enable) a server at run time; the scheduler starts feeding it within a second."""
+    url = server_url(raw_url)
+    store.add_server(url, client_id=uuid.uuid4().hex)
+    return url
+
+
+def set_server_enabled(store: Store, url: str, enabled: bool) -> None:
+    """Disabled: no new work; its in-flight tasks go back to the queue (the scheduler requeues them)."""
+    store.set_server_enabled(url, enabled)
+
+
+def remove_server(store: Store, url: str) -> None:
+    store.remove_server(url)
 
 
 def check_server(url: str, timeout: float = 3.0) -> dict[str, Any]:

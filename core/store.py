@@ -23,10 +23,9 @@ from typing import Any
 import sqlite_utils
 
 from core.errors import NotFound
-from core.models import FINAL_STATUSES, TaskStatus
+from core.models import FINAL_STATUSES, IN_FLIGHT, UNFINISHED, TaskStatus
 
 SCHEMA_VERSION = 2
-IN_FLIGHT = (TaskStatus.SUBMITTED.value, TaskStatus.RUNNING.value)
 _JSON_COLUMNS = ("params", "graph", "inputs")
 
 _MIGRATIONS: dict[int, str] = {
@@ -306,8 +305,8 @@ class Store:
         return {status: n for status, n in sorted(rows)}
 
     def has_pending_work(self) -> bool:
-        return self.db.execute("SELECT 1 FROM tasks WHERE status IN ('queued', 'submitted', 'running') "
-                               "LIMIT 1").fetchone() is not None
+        return self.db.execute(f"SELECT 1 FROM tasks WHERE status IN ({','.join('?' * len(UNFINISHED))}) LIMIT 1",
+                               UNFINISHED).fetchone() is not None
 
     def get_batch(self, batch_id: int) -> dict[str, Any]:
         row = self.db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()

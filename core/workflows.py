@@ -23,15 +23,18 @@ node can also be addressed as `<node_id>.<input>` or `<node title>.<input>`.
 from __future__ import annotations
 
 import json
+import math
 import random
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from core.errors import InputError, NotFound, WorkflowError
+from core.errors import ComfyBatchError, InputError, NotFound, Problem, WorkflowError
 
 SEED_MAX = 2**53 - 1  # exact in JSON/JavaScript, well inside ComfyUI's 64-bit seed range
+INT_MAX = 2**63 - 1  # the largest integer SQLite stores (ComfyUI's own INT inputs are 64-bit too)
+MAX_WORKFLOW_BYTES = 2 * 1024 * 1024  # an API-format graph is tens of kilobytes; refuse anything near this
 SAMPLER_SETTINGS = ("steps", "cfg", "sampler_name", "scheduler", "denoise")
 TEXT_INPUTS = ("text", "prompt", "text_g", "text_l")
 IMAGE_LOADERS = ("LoadImage", "LoadImageMask")
@@ -44,7 +47,7 @@ class Param:
     name: str
     node_id: str
     input_name: str
-    kind: str  # int | float | string | bool | seed | image
+    kind: str  # int | float | number (int or float) | string | bool | seed | image
     default: Any = None
     label: str = ""
     minimum: float | None = None
@@ -80,18 +83,33 @@ class Workflow:
         for p in self.params.values():
             if p.node_id == node_id and p.input_name == input_name:
                 return replace(p, name=key)
-        return Param(key, node_id, input_name, _kind_of(value), default=value)
+        # An integer in the template says nothing about the input's type (`denoise: 1` is a FLOAT input):
+        # an addressed input takes any number, and ComfyUI's own validation has the last word.
+        kind = _kind_of(value)
+        return Param(key, node_id, input_name, "number" if kind == "int" else kind, default=value)
 
 
 def load_graph(path: Path) -> dict[str, Any]:
     """Read an API-format graph from a JSON file, with a clear error for every way it can be wrong."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        size = path.stat().st_size
     except FileNotFoundError:
         raise NotFound(f"workflow file {path} does not exist") from None
+    if size > MAX_WORKFLOW_BYTES:
+        raise WorkflowError(f"{path.name}: {size:,} bytes is too large for a workflow (at most "
+                            f"{MAX_WORKFLOW_BYTES:,}); an API-format graph is usually under 100 KB")
+    return parse_graph(path.read_bytes(), path.name)
+
+
+def parse_graph(data: bytes, source: str) -> dict[str, Any]:
+    """An API-format graph from a file's bytes (UTF-8, with or without BOM), checked like `check_api_format`."""
+    try:
+        graph = json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WorkflowError(f"{path.name}: not a valid JSON file ({exc})") from None
-    return check_api_format(data, path.name)
+        raise WorkflowError(f"{source}: not a valid JSON file ({exc})") from None
+    except (RecursionError, ValueError) as exc:  # nested too deep; a number with too many digits
+        raise WorkflowError(f"{source}: not a usable JSON file ({type(exc).__name__}: {str(exc)[:100]})") from None
+    return check_api_format(graph, source)
 
 
 def check_api_format(data: Any, source: str) -> dict[str, Any]:
@@ -107,19 +125,29 @@ def check_api_format(data: Any, source: str) -> dict[str, Any]:
     problems = []
     for node_id, node in data.items():
         if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
-            problems.append(f"node {node_id}: missing 'class_type'")
+            problems.append(Problem(f"node {_clip(node_id)}: missing 'class_type'", node=node_id))
             continue
-        inputs = node.get("inputs", {})
+        inputs = node.get("inputs")
         if not isinstance(inputs, dict):
-            problems.append(f"node {node_id} ({node['class_type']}): 'inputs' is not an object")
+            problems.append(Problem(f"node {_clip(node_id)} ({_clip(node['class_type'])}): 'inputs' is "
+                                    f"{'missing' if inputs is None else 'not an object'}", node=node_id))
             continue
         for name, value in inputs.items():
             if _is_link(value) and str(value[0]) not in data:
-                problems.append(f"node {node_id} ({node['class_type']}) input '{name}' links to "
-                                f"missing node {value[0]}")
+                problems.append(Problem(f"node {_clip(node_id)} ({_clip(node['class_type'])}) input "
+                                        f"'{_clip(name)}' links to missing node {_clip(str(value[0]))}",
+                                        node=node_id))
+        if len(problems) >= 20:
+            break
     if problems:
         raise WorkflowError(f"{source} is not a usable API-format workflow", problems)
     return data
+
+
+def check_loadable(name: str, graph: dict[str, Any]) -> Workflow:
+    """The workflow an uploaded graph (no sidecar) would load as: parameter discovery runs on it, so a graph
+    it cannot handle is refused before the file is written."""
+    return Workflow(name, graph, discover_params(graph), title=name.replace("_", " "))
 
 
 def load_workflow(path: Path) -> Workflow:
@@ -144,8 +172,10 @@ def list_workflows(folder: Path) -> tuple[list[Workflow], list[str]]:
     for path in sorted(folder.glob("*.json")):
         try:
             workflows.append(load_workflow(path))
-        except (WorkflowError, NotFound) as exc:
+        except ComfyBatchError as exc:
             problems.append(str(exc))
+        except Exception as exc:  # a file dropped in by hand must never take the whole list down
+            problems.append(f"{path.name}: cannot be loaded ({type(exc).__name__}: {str(exc)[:200]})")
     return workflows, problems
 
 
@@ -207,27 +237,27 @@ def discover_params(graph: dict[str, Any]) -> dict[str, Param]:
     return found
 
 
-def resolve_params(workflow: Workflow, values: dict[str, Any], rng: random.Random | None = None,
-                   where: str = "") -> dict[str, Any]:
+def resolve_params(workflow: Workflow, values: dict[str, Any], rng: random.Random | None = None
+                   ) -> dict[str, Any]:
     """Validate and convert user values; returns {key: value} with `seed` resolved to an int.
 
-    Raises InputError listing every bad parameter; `where` prefixes each problem (e.g. "jobs.csv row 3").
+    Raises InputError with one Problem per bad parameter (the caller adds the row and file).
     """
     rng = rng or random.Random()
-    problems, resolved = [], {}
-    prefix = f"{where}: " if where else ""
+    problems: list[Problem] = []
+    resolved = {}
     for key, raw in values.items():
         try:
             param = workflow.param_for(key)
             resolved[key] = coerce(param, raw)
         except InputError as exc:
-            problems.append(f"{prefix}{exc}")
+            problems.extend(exc.problems)
     seed = workflow.params.get("seed")
     if seed is not None and resolved.get("seed") in (None, "random"):
         resolved["seed"] = rng.randint(0, SEED_MAX)
     for p in workflow.params.values():
         if p.required and p.name not in resolved:
-            problems.append(f"{prefix}parameter '{p.name}' is required")
+            problems.append(Problem("is required", parameter=p.name, code="required"))
     if problems:
         raise InputError("invalid parameters", problems)
     return resolved
@@ -247,31 +277,37 @@ def patch(workflow: Workflow, resolved: dict[str, Any]) -> dict[str, Any]:
     return graph
 
 
-def build_graph(workflow: Workflow, values: dict[str, Any], rng: random.Random | None = None,
-                where: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
-    resolved = resolve_params(workflow, values, rng, where)
+def build_graph(workflow: Workflow, values: dict[str, Any], rng: random.Random | None = None
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    resolved = resolve_params(workflow, values, rng)
     return resolved, patch(workflow, resolved)
 
 
 def coerce(param: Param, raw: Any) -> Any:
-    """Convert one value to the type its input takes; InputError names the parameter and the reason."""
-    name = param.name
+    """Convert one value to the type its input takes; InputError carries one Problem naming the parameter."""
+    def refuse(reason: str, code: str = "invalid") -> InputError:
+        return InputError(reason, [Problem(reason, parameter=param.name, target=param.target, code=code)])
+
     if param.kind == "seed" and (raw is None or str(raw).strip().lower() in ("", "random")):
         return "random"
+    if isinstance(raw, (dict, list, tuple)):
+        raise refuse(f"expected text, a number, true/false or null, got {show(raw)}", "wrong_type")
     if isinstance(raw, str):
+        if "\x00" in raw:
+            raise refuse("contains a NUL character (\\x00); remove it", "nul")
         raw = raw.strip() if param.kind not in ("string",) else raw
     try:
         value: Any
-        if param.kind in ("int", "seed"):
+        if param.kind in ("int", "seed", "number"):
             if isinstance(raw, bool):
                 raise ValueError
-            value = int(raw) if not isinstance(raw, float) or raw.is_integer() else None
-            if value is None:
-                raise ValueError
+            value = _number(raw, integer=param.kind != "number")
         elif param.kind == "float":
             if isinstance(raw, bool):
                 raise ValueError
-            value = float(raw)
+            value = float(raw) if not isinstance(raw, str) or len(raw) <= 400 else float("nan")
+            if not math.isfinite(value):
+                raise refuse(f"expected a finite number, got {show(raw)}")
         elif param.kind == "bool":
             text = str(raw).strip().lower()
             if text not in ("true", "false", "1", "0", "yes", "no"):
@@ -281,18 +317,56 @@ def coerce(param: Param, raw: Any) -> Any:
             if not isinstance(raw, str):
                 raise ValueError
             value = raw
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         expected = {"seed": "an integer or 'random'", "int": "an integer", "float": "a number",
-                    "bool": "true or false"}.get(param.kind, "text")
-        raise InputError(f"parameter '{name}' ({param.target}): expected {expected}, got {raw!r}") from None
+                    "number": "a number", "bool": "true or false"}.get(param.kind, "text")
+        raise refuse(f"expected {expected}, got {show(raw)}", "wrong_type") from None
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT_MAX <= value <= INT_MAX:
+        raise refuse(f"{show(value)} is outside the 64-bit range ComfyUI and ComfyBatch store "
+                     f"(at most {INT_MAX:,} in size)", "out_of_range")
+    if param.kind == "seed" and value < 0:
+        raise refuse(f"{value} is below the minimum 0", "out_of_range")
     if param.minimum is not None and value < param.minimum:
-        raise InputError(f"parameter '{name}' ({param.target}): {value} is below the minimum {param.minimum:g}")
+        raise refuse(f"{value} is below the minimum {param.minimum:g}", "out_of_range")
     if param.maximum is not None and value > param.maximum:
-        raise InputError(f"parameter '{name}' ({param.target}): {value} is above the maximum {param.maximum:g}")
+        raise refuse(f"{value} is above the maximum {param.maximum:g}", "out_of_range")
     if param.choices and value not in param.choices:
-        raise InputError(f"parameter '{name}' ({param.target}): {value!r} is not one of "
-                         + short_list(list(param.choices)))
+        raise refuse(f"{show(value)} is not one of " + short_list(list(param.choices)), "not_a_choice")
     return value
+
+
+def _number(raw: Any, integer: bool) -> int | float:
+    """An int (or, unless `integer`, a float when the value has a fraction); ValueError when not a finite
+    number. Text longer than any 64-bit number is refused before Python parses it."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if len(text) > 40:
+            raise ValueError
+        try:
+            return int(text)
+        except ValueError:
+            raw = float(text)
+    if isinstance(raw, int):
+        return raw
+    if not isinstance(raw, float) or not math.isfinite(raw):
+        raise ValueError
+    if raw.is_integer():
+        return int(raw)
+    if integer:
+        raise ValueError
+    return raw
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A user's value for a message: repr-like, clipped, so a message never grows with the input."""
+    text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    kind = "a list " if isinstance(value, (list, tuple)) else "an object " if isinstance(value, dict) else ""
+    return kind + (text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _clip(text: Any, limit: int = 60) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def short_list(items: list[Any], limit: int = 8) -> str:
@@ -301,26 +375,28 @@ def short_list(items: list[Any], limit: int = 8) -> str:
 
 
 def _address(graph: dict[str, Any], key: str) -> tuple[str, str]:
+    def refuse(reason: str, code: str = "unknown_parameter") -> InputError:
+        return InputError(reason, [Problem(reason, parameter=_clip(key), code=code)])
+
     node_ref, dot, input_name = key.rpartition(".")
     if not dot or not node_ref or not input_name:
-        raise InputError(f"unknown parameter '{key}': not a named parameter of this workflow, "
-                         "and not of the form <node id>.<input> or <node title>.<input>")
+        raise refuse("not a named parameter of this workflow, and not of the form <node id>.<input> or "
+                     "<node title>.<input>")
     if node_ref in graph:
         node_id = node_ref
     else:
         titled = [n for n, node in graph.items() if (node.get("_meta") or {}).get("title") == node_ref]
         if len(titled) != 1:
-            reason = "no node has this id or title" if not titled else f"{len(titled)} nodes have this title"
-            raise InputError(f"unknown parameter '{key}': {reason}")
+            raise refuse("no node has this id or title" if not titled else f"{len(titled)} nodes have this title")
         node_id = titled[0]
     inputs = graph[node_id]["inputs"]
     label = f"node {node_id} ({graph[node_id]['class_type']})"
     if input_name not in inputs:
-        raise InputError(f"parameter '{key}': {label} has no input '{input_name}' "
-                         f"(its inputs: {', '.join(inputs) or 'none'})")
+        raise refuse(f"{label} has no input '{_clip(input_name)}' (its inputs: {', '.join(inputs) or 'none'})",
+                     "no_such_input")
     if _is_link(inputs[input_name]):
-        raise InputError(f"parameter '{key}': {label} input '{input_name}' is a link from node "
-                         f"{inputs[input_name][0]}, not a value; it cannot be overwritten")
+        raise refuse(f"{label} input '{input_name}' is a link from node {inputs[input_name][0]}, not a value; it "
+                     "cannot be overwritten", "link")
     return node_id, input_name
 
 
@@ -330,7 +406,7 @@ def _declared_params(graph: dict[str, Any], decl: dict[str, Any], source: str) -
         try:
             node_id, input_name = _address(graph, str(spec.get("target", "")))
         except InputError as exc:
-            problems.append(f"[params.{name}]: {exc}")
+            problems.append(f"[params.{name}]: {exc.problems[0] if exc.problems else exc}")
             continue
         value = graph[node_id]["inputs"][input_name]
         choices = spec.get("choices")
@@ -374,4 +450,10 @@ def _kind_of(value: Any) -> str:
 
 
 def _sorted_ids(graph: dict[str, Any]) -> list[str]:
-    return sorted(graph, key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
+    return sorted(graph, key=id_order)
+
+
+def id_order(node_id: str) -> tuple[int, int, str]:
+    """Numeric ids in numeric order, then any others ("75:12" from subgraphs) by text; never int() a string
+    of arbitrary length."""
+    return (0, len(node_id), node_id) if node_id.isascii() and node_id.isdigit() else (1, 0, node_id)

@@ -16,8 +16,8 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
-from core.api_http import MAX_ID, ApiError, Call
-from core.api_views import event_json
+from api.calls import ApiError, Call, parse_id
+from api.shapes import event_json
 from core.store import Store
 
 STREAM_POLL = 0.25  # seconds between reads of the events table while a stream is open
@@ -41,9 +41,10 @@ async def stream_events(call: Call) -> Response:
     """Server-sent events from the events table, oldest first, each with its id: a client that reconnects
     with Last-Event-ID (as EventSource does) or ?after= misses nothing and sees nothing twice."""
     header = call.request.headers.get("last-event-id", "").strip()
-    if header and (not header.isascii() or not header.isdigit() or int(header) > MAX_ID):
-        raise ApiError(400, f"header Last-Event-ID: expected an event id (a whole number), got {header!r}")
-    after = int(header) if header else (call.query_int("after", 0) or 0)
+    resumed = parse_id(header) if header else None
+    if header and resumed is None:
+        raise ApiError(400, f"header Last-Event-ID: expected an event id (a whole number), got {header[:40]!r}")
+    after = resumed if resumed is not None else (call.query_int("after", 0) or 0)
     batch_id, task_id = call.query_int("batch_id", None), call.query_int("task_id", None)
     seconds = call.query_int("timeout", STREAM_SECONDS, 1, STREAM_MAX_SECONDS) or STREAM_SECONDS
     store = call.store

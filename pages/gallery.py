@@ -4,14 +4,13 @@ download a selection as a ZIP; export a batch's results CSV."""
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 import ui
-from core import service, views
+import ui_format
+from core import queries, service
 from core.errors import ComfyBatchError
 
 COLUMNS = 6
@@ -43,7 +42,7 @@ def clear() -> None:
 # that thread's store (never the one of the run that drew the button, nor session state).
 def zip_images(ids: frozenset[int]) -> bytes:
     ctx = ui.context()
-    return service.zip_bytes(ctx.settings, views.images_by_ids(ctx.store, ids))
+    return service.zip_bytes(ctx.settings, queries.images_by_ids(ctx.store, ids))
 
 
 def zip_batch(batch_id: int) -> bytes:
@@ -53,10 +52,7 @@ def zip_batch(batch_id: int) -> bytes:
 
 def results_csv(batch_id: int) -> bytes:
     ctx = ui.context()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "results.csv"
-        service.export_batch(ctx.settings, ctx.store, batch_id, csv_path=path)
-        return path.read_bytes()
+    return service.results_csv_bytes(ctx.store, batch_id)
 
 
 def open_image(image_id: int) -> None:
@@ -71,16 +67,16 @@ def close_image() -> None:
 def show_image(image_id: int) -> None:
     ctx = ui.context()
     with ui.guard():
-        detail = views.image_detail(ctx.store, image_id)
+        detail = queries.image_detail(ctx.store, image_id)
         image, task, batch = detail["image"], detail["task"], detail["batch"]
         try:
             workflow = service.load_workflow(ctx.settings, task["workflow"])
         except ComfyBatchError:
             workflow = None  # the template was renamed or removed: show what the task recorded
-        values = views.task_parameters(task, workflow)
-        ui.full_image(image_id)
-        st.text(f"Image {image_id} · {image['width']}×{image['height']} · {views.format_bytes(image['size_bytes'])} "
-                f"· {image['path']}")
+        values = queries.task_parameters(task, workflow)
+        ui.full_image(ctx, image_id)
+        size = ui_format.format_bytes(image["size_bytes"])
+        st.text(f"Image {image_id} · {image['width']}×{image['height']} · {size} · {image['path']}")
         seed = "-" if task["seed"] is None else task["seed"]
         st.text(f"Task {task['id']} ({task['status']}) · batch #{batch['id']} {batch['name']} · workflow "
                 f"{task['workflow']} · seed {seed} · server {task['server'] or '-'}")
@@ -102,7 +98,7 @@ with ui.guard():
     with c1:
         batch_id = ui.batch_picker(ctx, "gallery_batch")
     with c2:
-        workflow = st.selectbox("Workflow", [None, *views.task_workflows(ctx.store)], key="gallery_workflow",
+        workflow = st.selectbox("Workflow", [None, *queries.task_workflows(ctx.store)], key="gallery_workflow",
                                 format_func=lambda w: "All" if w is None else w)
     with c3:
         since = st.date_input("From", value=None, key="gallery_since")
@@ -110,14 +106,14 @@ with ui.guard():
         until = st.date_input("To", value=None, key="gallery_until")
     with c5:
         text = st.text_input("Prompt contains", key="gallery_text")
-    flt = views.ImageFilter(batch_id, workflow, since, until, text)
+    flt = queries.ImageFilter(batch_id, workflow, since, until, text)
     size = st.session_state.get("gallery_page_size", PAGE_SIZES[0])
-    total = views.count_images(ctx.store, flt)
+    total = queries.count_images(ctx.store, flt)
     pages = max(1, math.ceil(total / size))
     if st.session_state.get("gallery_page", 1) > pages:
         st.session_state["gallery_page"] = pages
     page = st.session_state.get("gallery_page", 1)
-    images = views.page_images(ctx.store, flt, size, (page - 1) * size)
+    images = queries.page_images(ctx.store, flt, size, (page - 1) * size)
     ids = [img["id"] for img in images]
     chosen = selected()
 
@@ -143,7 +139,7 @@ with ui.guard():
     for start in range(0, len(images), COLUMNS):
         for col, img in zip(st.columns(COLUMNS), images[start:start + COLUMNS], strict=False):
             with col:
-                ui.image_tile(img["id"], f"#{img['id']} · task {img['task_id']}"
+                ui.image_tile(ctx, img["id"], f"#{img['id']} · task {img['task_id']}"
                               + (f" · seed {img['seed']}" if img["seed"] is not None else ""))
                 st.session_state[f"gsel_{img['id']}"] = img["id"] in chosen
                 s1, s2 = st.columns(2)

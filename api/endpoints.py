@@ -1,12 +1,10 @@
-"""The endpoints of the HTTP API (paths relative to /api/v1), one small function each over core.service,
-Store and core.views: reading batches, tasks, workflows and health; submitting; acting on tasks; files.
-Live updates are in core.api_events; the route table that names them all is in core.api.
+"""The endpoints of the HTTP API (paths relative to /api/v1), one small function each over core.service (every
+action and submission) and core.queries / Store reads: batches, tasks, workflows and health; submitting;
+acting on tasks; files. Live updates are in api.events; the route table that names them all is in api.app.
 """
 
 from __future__ import annotations
 
-import json
-import mimetypes
 import os
 import tempfile
 from pathlib import Path
@@ -16,9 +14,10 @@ from urllib.parse import urlencode
 from starlette.background import BackgroundTask
 from starlette.responses import FileResponse, Response
 
-from core import api_intake, api_openapi, service, thumbs, views, workflows
-from core.api_http import ApiError, Call, json_response
-from core.api_views import (
+from api import files, intake
+from api import openapi as openapi_document
+from api.calls import ApiError, Call, json_response
+from api.shapes import (
     batch_json,
     event_json,
     image_json,
@@ -27,12 +26,9 @@ from core.api_views import (
     task_json,
     workflow_json,
 )
-from core.errors import InputError, NotFound
-from core.models import TaskStatus
-from core.scheduler import LEASE
-
-ACTIVE = [TaskStatus.QUEUED.value, TaskStatus.SUBMITTED.value, TaskStatus.RUNNING.value]
-RETRYABLE = [TaskStatus.FAILED.value, TaskStatus.CANCELLED.value]
+from core import service, workflows
+from core.errors import InputError, NotFound, Problem
+from core.models import RETRYABLE, UNFINISHED
 
 
 # -- index, schema, health, workflows -----------------------------------------------------------------
@@ -44,18 +40,11 @@ def index(call: Call) -> dict[str, Any]:
 
 
 def openapi(call: Call) -> dict[str, Any]:
-    return api_openapi.document(call.base)
+    return openapi_document.document(call.base, call.settings)
 
 
 def health(call: Call) -> dict[str, Any]:
-    servers = service.server_health(call.settings, call.store)
-    holder = call.store.lease_holder(LEASE)
-    scheduler = {"running": holder is not None, "owner": holder["owner"] if holder else None,
-                 "host": holder["host"] if holder else None, "pid": holder["pid"] if holder else None}
-    enabled = [s for s in servers if s["enabled"]]
-    ok = holder is not None and bool(enabled) and all(s["up"] for s in enabled)
-    return {"status": "ok" if ok else "degraded", "scheduler": scheduler, "counts": call.store.counts(),
-            "servers": servers}
+    return service.health(call.settings, call.store)
 
 
 def list_workflows(call: Call) -> dict[str, Any]:
@@ -84,22 +73,13 @@ def list_batches(call: Call) -> dict[str, Any]:
 
 
 def submit_batch(call: Call) -> Response:
-    intake = api_intake.read_json_submission(api_intake.parse_json(call.body))
-    return _submitted(call, api_intake.submit_json(call.settings, call.store, intake), intake.dry_run)
+    sub = intake.json_submission(intake.parse_json(call.body))
+    return _submitted(call, service.submit(call.settings, call.store, sub), sub.dry_run)
 
 
 def submit_csv(call: Call) -> Response:
-    images: dict[str, bytes] = {}
-    problems = [f"unknown file field '{k}' (the file fields are: csv, images)" for k in call.form_files
-                if k not in ("csv", "images")]
-    for name, data in call.form_files.get("images", []):
-        safe = api_intake.safe_filename(name)
-        if safe:
-            images[safe] = data
-        else:
-            problems.append(f"form field 'images': {name!r} is not a usable file name")
-    intake = api_intake.read_form_submission(call.form_fields, call.form_files.get("csv", []), images, problems)
-    return _submitted(call, api_intake.submit_csv(call.settings, call.store, intake), intake.dry_run)
+    sub = intake.form_submission(call.settings, call.form_fields, call.form_files)
+    return _submitted(call, service.submit(call.settings, call.store, sub), sub.dry_run)
 
 
 def _submitted(call: Call, result: service.Submitted, dry_run: bool) -> Response:
@@ -139,36 +119,27 @@ def batch_zip(call: Call) -> Response:
 
 def batch_csv(call: Call) -> Response:
     batch_id = call.path_id("batch_id", "batch")
-    call.store.get_batch(batch_id)
-    path = _temp_file(".csv")
-    try:
-        service.export_batch(call.settings, call.store, batch_id, csv_path=path)
-        data = path.read_bytes()
-    finally:
-        path.unlink(missing_ok=True)
+    data = service.results_csv_bytes(call.store, batch_id)
     return Response(data, media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}-results.csv"'})
 
 
 def cancel_batch(call: Call) -> dict[str, Any]:
     batch_id = call.path_id("batch_id", "batch")
-    call.store.get_batch(batch_id)
-    done = service.cancel(call.store, call.store.task_ids(batch_id=batch_id, statuses=ACTIVE))
+    done = service.cancel_batch(call.store, batch_id)
     return {**done, "batch": batch_json(call.store, batch_id, call.url)}
 
 
 def retry_batch(call: Call) -> dict[str, Any]:
     batch_id = call.path_id("batch_id", "batch")
-    call.store.get_batch(batch_id)
-    requeued = service.retry(call.store, call.store.task_ids(batch_id=batch_id, statuses=RETRYABLE))
+    requeued = service.retry_batch(call.store, batch_id)
     return {"requeued": requeued, "batch": batch_json(call.store, batch_id, call.url)}
 
 
 def batch_priority(call: Call) -> dict[str, Any]:
     batch_id = call.path_id("batch_id", "batch")
-    call.store.get_batch(batch_id)
     priority = _priority(call.json_object())
-    updated = call.store.set_priority(call.store.task_ids(batch_id=batch_id), priority)
+    updated = service.set_batch_priority(call.store, batch_id, priority)
     return {"updated": updated, "priority": priority, "batch": batch_json(call.store, batch_id, call.url)}
 
 
@@ -204,7 +175,7 @@ def task_events(call: Call) -> dict[str, Any]:
 
 def cancel_task(call: Call) -> dict[str, Any]:
     task = call.store.get_task(call.path_id("task_id", "task"))
-    if task["status"] not in ACTIVE:
+    if task["status"] not in UNFINISHED:
         raise ApiError(409, f"task {task['id']} is already {task['status']}; only queued, submitted or running "
                             "tasks can be cancelled")
     done = service.cancel(call.store, [task["id"]])
@@ -214,43 +185,34 @@ def cancel_task(call: Call) -> dict[str, Any]:
 def retry_task(call: Call) -> dict[str, Any]:
     task = call.store.get_task(call.path_id("task_id", "task"))
     if not service.retry(call.store, [task["id"]]):
-        raise ApiError(409, f"task {task['id']} is {task['status']}; only failed or cancelled tasks can be retried")
+        raise ApiError(409, f"task {task['id']} is {task['status']}; only {' or '.join(RETRYABLE)} tasks can be "
+                            "retried")
     return {"requeued": [task["id"]], "task": task_json(call.store.get_task(task["id"]), call.url)}
 
 
 def task_priority(call: Call) -> dict[str, Any]:
     task = call.store.get_task(call.path_id("task_id", "task"))
     priority = _priority(call.json_object())
-    call.store.set_priority([task["id"]], priority)
+    service.set_priority(call.store, [task["id"]], priority)
     return {"updated": 1, "priority": priority, "task": task_json(call.store.get_task(task["id"]), call.url)}
 
 
-def _priority(data: dict[str, Any]) -> int:
-    value = data.get("priority")
+def _priority(data: dict[str, Any]) -> Any:
+    """The body's `priority` (its value is checked by the engine)."""
     extra = [k for k in data if k != "priority"]
-    if extra or isinstance(value, bool) or not isinstance(value, int) or abs(value) > api_intake.MAX_PRIORITY:
-        raise InputError(
-            "1 problem(s) found; nothing was changed",
-            [f"unknown field '{extra[0]}' (send only 'priority')" if extra else
-             f"field 'priority': expected a whole number from {-api_intake.MAX_PRIORITY} to "
-             f"{api_intake.MAX_PRIORITY} (higher runs first), got {json.dumps(value)}"])
-    return value
+    if extra:
+        raise InputError("1 problem(s) found; nothing was changed",
+                         [Problem("unknown field (send only 'priority')", field=extra[0][:60], code="unknown")])
+    return data.get("priority")
 
 
 # -- files --------------------------------------------------------------------------------------------
 def image(call: Call) -> Response:
-    row = views.get_image(call.store, call.path_id("image_id", "image"))
-    path = thumbs.source_path(call.settings.output_dir, row["path"])
-    if not path.is_file():
-        raise NotFound(f"image {row['id']}: its file {row['path']} is missing from the output folder")
-    return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
-                        filename=path.name, content_disposition_type="inline")
+    return files.image_response(call.settings, call.store, call.path_id("image_id", "image"), thumbnail=False)
 
 
 def thumbnail(call: Call) -> Response:
-    row = views.get_image(call.store, call.path_id("image_id", "image"))
-    path = thumbs.ensure_thumb(call.settings.output_dir, row["path"])
-    return FileResponse(path, media_type=thumbs.THUMB_FORMAT[2], headers={"Cache-Control": "private, max-age=3600"})
+    return files.image_response(call.settings, call.store, call.path_id("image_id", "image"), thumbnail=True)
 
 
 def _temp_file(suffix: str) -> Path:

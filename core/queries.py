@@ -1,6 +1,6 @@
-"""Read-only queries behind the web pages: narrow columns, filters that use the store's indexes, and
-LIMIT/OFFSET paging, so a page stays fast with 100,000 tasks. Reads only, through `store.db`; every write
-goes through Store or core.service. Pure helpers that shape rows for display live here too."""
+"""Read-only queries behind the pages and the API: narrow columns, filters that use the store's indexes, and
+LIMIT/OFFSET paging, so a page stays fast with 100,000 tasks. Reads only, through `store.db`; every write goes
+through core.service. (Display formatting lives on the page side, in ui_format.py.)"""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import ComfyBatchError, NotFound
-from core.models import TaskStatus
+from core.models import UNFINISHED, TaskStatus
 from core.store import Store, filter_clauses
 from core.workflows import Workflow
 
-ACTIVE = (TaskStatus.QUEUED.value, TaskStatus.SUBMITTED.value, TaskStatus.RUNNING.value)
 TASK_COLUMNS = ("id", "batch_id", "row_number", "workflow", "prompt", "seed", "status", "priority", "server",
                 "attempts", "progress_value", "progress_max", "error", "created_at", "submitted_at", "started_at",
                 "finished_at")
@@ -68,45 +67,32 @@ def task_workflows(store: Store) -> list[str]:
     return [r[0] for r in store.db.execute("SELECT DISTINCT workflow FROM tasks ORDER BY workflow").fetchall()]
 
 
-def has_active_work(store: Store) -> bool:
+def has_unfinished_work(store: Store) -> bool:
     return store.has_pending_work()
 
 
 def summary_batch_ids(store: Store, limit: int = 3) -> list[int]:
     """Batches worth a progress bar: those with work still to do, else the most recent ones."""
     active = [r[0] for r in store.db.execute(
-        f"SELECT batch_id FROM tasks WHERE status IN ({','.join('?' * len(ACTIVE))}) GROUP BY batch_id "
-        "ORDER BY batch_id DESC LIMIT ?", [*ACTIVE, limit]).fetchall()]
+        f"SELECT batch_id FROM tasks WHERE status IN ({','.join('?' * len(UNFINISHED))}) GROUP BY batch_id "
+        "ORDER BY batch_id DESC LIMIT ?", [*UNFINISHED, limit]).fetchall()]
     if active:
         return active
     return [b["id"] for b in store.list_batches(limit)]
 
 
 def batch_errors(store: Store, batch_id: int, limit: int = 5) -> list[dict[str, Any]]:
-    return list(store.db.query("SELECT id, error FROM tasks WHERE batch_id = ? AND status = 'failed' "
-                               "ORDER BY id LIMIT ?", [batch_id, limit]))
+    return list(store.db.query("SELECT id, error FROM tasks WHERE batch_id = ? AND status = ? ORDER BY id LIMIT ?",
+                               [batch_id, TaskStatus.FAILED.value, limit]))
 
 
-def task_row(task: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-    """A task shaped for the Tasks table: progress as 0..1 and the timings in seconds."""
-    now = time.time() if now is None else now
-    status = task["status"]
-    if status == TaskStatus.SUCCEEDED:
-        progress = 1.0
-    elif task.get("progress_max"):
-        progress = min(1.0, (task.get("progress_value") or 0) / task["progress_max"])
-    else:
-        progress = 0.0
-    submitted, started, finished = task.get("submitted_at"), task.get("started_at"), task.get("finished_at")
-    wait = (submitted or (now if status == TaskStatus.QUEUED else None))
-    return {
-        "id": task["id"], "batch": task["batch_id"], "row": task.get("row_number"), "status": status,
-        "progress": progress, "server": task.get("server") or "", "attempts": task["attempts"],
-        "priority": task["priority"], "prompt": _clip(task.get("prompt") or "", 120), "error": task.get("error") or "",
-        "created": format_time(task["created_at"]),
-        "wait_s": round(wait - task["created_at"], 1) if wait else None,
-        "run_s": round((finished or now) - started, 1) if started else None,
-    }
+def task_progress(task: dict[str, Any]) -> float:
+    """0..1: done steps of the running prompt (ComfyUI's own progress events), 1 once succeeded."""
+    if task["status"] == TaskStatus.SUCCEEDED:
+        return 1.0
+    if task.get("progress_max"):
+        return float(min(1.0, (task.get("progress_value") or 0) / task["progress_max"]))
+    return 0.0
 
 
 # -- images -----------------------------------------------------------------------------------------
@@ -178,45 +164,6 @@ def _target(workflow: Workflow | None, key: str) -> str | None:
         return None
 
 
-# -- formatting -------------------------------------------------------------------------------------
-def format_time(epoch: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else ""
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
-def format_bytes(n: float | None) -> str:
-    if n is None:
-        return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
-
-def batch_status_line(summary: dict[str, Any]) -> str:
-    """The plain line the Tasks page prints per batch, e.g. 'Batch 3: 10/10 done (100%)'."""
-    counts = summary["counts"]
-    line = f"Batch {summary['id']}: {summary['done']}/{summary['total']} done ({summary['progress']:.0%})"
-    details = ", ".join(f"{counts[s]} {s}" for s in ("queued", "submitted", "running", "succeeded", "failed",
-                                                     "cancelled") if counts.get(s))
-    if details:
-        line += f" - {details}"
-    if summary.get("eta_seconds") is not None:
-        line += f" - about {format_duration(summary['eta_seconds'])} left"
-    return line
-
-
 # -- filters ----------------------------------------------------------------------------------------
 def _task_where(store: Store, flt: TaskFilter) -> tuple[str, list[Any]]:
     clauses, args = filter_clauses(batch_id=flt.batch_id, statuses=flt.statuses, workflow=flt.workflow,
@@ -240,8 +187,3 @@ def _image_where(store: Store, flt: ImageFilter) -> tuple[str, list[Any]]:
 
 def _needs_task_join(flt: ImageFilter) -> bool:
     return bool(flt.workflow or flt.text.strip())
-
-
-def _clip(text: str, n: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[: n - 1] + "…"

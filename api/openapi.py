@@ -1,13 +1,16 @@
 """The OpenAPI 3.0 document of the HTTP API, served at /api/v1/openapi.json. Written by hand beside the
-route table (core.api.ENDPOINTS); tests/test_api.py fails when a route is missing here or a
+route table (api.app.ENDPOINTS); tests/test_api.py fails when a route is missing here or a
 path here has no route. Pure: a dict out."""
 
 from __future__ import annotations
 
 from typing import Any
 
-PREFIX = "/api/v1"
-STATUSES = ["queued", "submitted", "running", "succeeded", "failed", "cancelled"]
+from api.calls import PREFIX
+from core.config import Settings
+from core.models import ALL_STATUSES
+
+STATUSES = list(ALL_STATUSES)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -241,7 +244,7 @@ def schemas() -> dict[str, Any]:
     }
 
 
-def document(base_url: str) -> dict[str, Any]:
+def document(base_url: str, settings: Settings) -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
         "info": {"title": "ComfyBatch API", "version": "1",

@@ -7,7 +7,7 @@ from typing import Any
 import streamlit as st
 
 import ui
-from core import service, views, workflows
+from core import queries, service, workflows
 from core.errors import InputError
 from core.workflows import Param, Workflow
 
@@ -191,7 +191,7 @@ def form(wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
             row[p.name] = param_widget(wf, p)
     c1, c2, c3 = st.columns(3)
     with c1:
-        count = st.number_input("Images per prompt", min_value=1, max_value=1000, value=1, step=1,
+        count = st.number_input("Images per prompt", min_value=1, max_value=ctx.settings.max_count, value=1, step=1,
                                 key=key(wf, "count"))
     with c2:
         st.text_input("Batch name (optional)", key="gen_batch_name")
@@ -215,13 +215,13 @@ def live_panel(batch_id: int, done_at_draw: bool) -> None:
             if done != done_at_draw:
                 st.rerun()  # switch the fragment's timer on or off
             ui.batch_progress(summary)
-            for task in views.batch_errors(ctx.store, batch_id):
+            for task in queries.batch_errors(ctx.store, batch_id):
                 st.error(f"Task {task['id']} failed: {task['error']}")
-            images = views.batch_images(ctx.store, batch_id)
+            images = queries.batch_images(ctx.store, batch_id)
             cols = st.columns(4)
             for i, img in enumerate(images):
                 with cols[i % 4]:
-                    ui.image_tile(img["id"], f"task {img['task_id']} · {img['width']}×{img['height']}", height=220)
+                    ui.image_tile(ctx, img["id"], f"task {img['task_id']} · {img['width']}×{img['height']}", height=220)
     panel()
 
 
@@ -271,10 +271,9 @@ with ui.guard():
     if form_error:
         ui.show_error(form_error)
     if st.button("Generate", type="primary", disabled=form_error is not None):
-        result = service.submit_rows(ctx.settings, ctx.store, wf.name, [row],
-                                     batch_name=st.session_state.get("gen_batch_name") or None,
-                                     priority=int(st.session_state.get("gen_priority") or 0), count=count,
-                                     images=images)
+        result = service.submit(ctx.settings, ctx.store, service.Submission(
+            wf.name, [service.Row(row)], count=count, name=st.session_state.get("gen_batch_name") or None,
+            priority=int(st.session_state.get("gen_priority") or 0), images=images, source="page"))
         st.session_state["gen_batch_id"] = result.batch_ids[0]
         st.success(f"Batch {result.batch_ids[0]}: {len(result.task_ids)} task(s) queued.")
 

@@ -1,47 +1,46 @@
 """The HTTP API, versioned under /api/v1: one ASGI app mounted into `st.App(routes=...)` by app.py.
 
-This module owns the edge every request crosses before an endpoint runs (core.api_endpoints) and the
-one it crosses on the way out:
+This module owns the edge every request crosses before an endpoint runs (api.endpoints) and the one it
+crosses on the way out:
 
     CORS (settings.cors_origins; preflights answered here, before the token check)
-     -> guard: API bound? bearer token (constant-time compare, never logged)? body under max_upload_mb?
+     -> guard: API bound? bearer token or, for an image, a signed link (core.access)? body under max_upload_mb?
      -> router: /api/v1/... -> endpoint (engine calls run in the thread pool)
-     <- any failure becomes JSON {"error": sentence, "problems": [{message, row, parameter}]}, never a
-        traceback: InputError 422, NotFound 404, too large 413, no/bad token 401, the rest 500 (logged).
+     <- any failure becomes JSON {"error": sentence, "problems": [Problem fields]}, never a traceback:
+        InputError 422, NotFound 404, too large 413, no/bad token 401, the rest 500 (logged).
 
-Settings and the store are bound once by the server's lifespan (`bind`), as core.webfiles does for its
-file routes. Side effects: none here beyond the response; endpoints act through core.service and Store.
+Settings and the store are bound once by the server's lifespan (`bind`), as api.files does for its file
+routes. Side effects: none here beyond the response; endpoints act through core.service.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount, Route, Router
+from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core import api_endpoints as endpoints
-from core import api_events as events
-from core.api_http import PREFIX, ApiError, Endpoint, json_response
-from core.api_intake import BadRequest
+from api import endpoints, events
+from api.calls import PREFIX, ApiError, Endpoint, json_response, parse_id
+from api.intake import BadRequest
+from core import access
 from core.config import Settings
-from core.errors import ComfyBatchError, InputError, NotFound, ServerUnavailable
+from core.errors import ComfyBatchError, InputError, NotFound, Problem, ServerUnavailable
 from core.store import Store
 
 log = logging.getLogger("core.api")
 
 DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) this much of an oversize body so the client sees the 413
-_ROW = re.compile(r"\brow (\d+)\b")
-_PARAM = re.compile(r"\bparameter '([^']*)'")
+_IMAGE_PATH = re.compile(r"/images/([^/]+)(?:/thumbnail)?$")  # the routes a signed image link may open
 
 
 # The API: every route, in matching order. The OpenAPI test checks this table against the document.
@@ -121,7 +120,7 @@ class Api:
             if self.settings is None or self.store is None:
                 raise ApiError(503, "the API is not started: the server could not load its settings "
                                     "(the log file and the app's pages say why)")
-            check_token(self.settings.api_tokens, Headers(scope=scope).get("authorization"))
+            check_access(self.settings, scope)
             limit = int(self.settings.max_upload_mb * 1024 * 1024)
             length = Headers(scope=scope).get("content-length", "")
             if length.isdigit() and int(length) > limit:
@@ -140,7 +139,7 @@ class Api:
 
     def error_response(self, exc: Exception, scope: Scope) -> Response:
         headers: dict[str, str] = {}
-        problems: list[str] = []
+        problems: list[Problem] = []
         if isinstance(exc, ApiError):
             status, message, problems, headers = exc.status, str(exc), exc.problems, exc.headers
         elif isinstance(exc, BodyTooLarge):
@@ -178,34 +177,35 @@ class Api:
         return handle
 
 
-def check_token(tokens: tuple[str, ...], authorization: str | None) -> None:
-    """Pass when no tokens are configured or the bearer token is one of them (every token compared in
-    constant time, so timing tells nothing about how much of a token matched)."""
-    if not tokens:
+def check_access(settings: Settings, scope: Scope) -> None:
+    """Pass when no tokens are configured, the bearer token is one of them, or (image routes only) the `sig`
+    query value signs this image. Tokens are compared in constant time and never logged."""
+    if not settings.api_tokens:
         return
-    scheme, _, given = (authorization or "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
+    authorization = Headers(scope=scope).get("authorization")
+    if access.token_ok(settings, authorization):
+        return
+    image = _IMAGE_PATH.search(scope.get("path", ""))
+    if image and parse_id(image.group(1)) is not None:
+        sig = dict(_query_pairs(scope)).get("sig")
+        if access.signature_ok(settings, int(image.group(1)), sig):
+            return
+    if access.bearer_token(authorization) is None:
         raise ApiError(401, "this API needs a token: send the header 'Authorization: Bearer <token>' "
                             "(the tokens are set in COMFYBATCH_API_TOKENS)",
                        headers={"WWW-Authenticate": 'Bearer realm="ComfyBatch"'})
-    candidate = given.strip().encode("utf-8", "surrogateescape")
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(candidate, token.encode("utf-8"))
-    if not matched:
-        raise ApiError(401, "the API token is not valid (compare it with COMFYBATCH_API_TOKENS on the server)",
-                       headers={"WWW-Authenticate": 'Bearer realm="ComfyBatch", error="invalid_token"'})
+    raise ApiError(401, "the API token is not valid (compare it with COMFYBATCH_API_TOKENS on the server)",
+                   headers={"WWW-Authenticate": 'Bearer realm="ComfyBatch", error="invalid_token"'})
 
 
-def error_body(message: str, problems: list[str]) -> dict[str, Any]:
-    """{"error": sentence, "problems": [{"message", "row", "parameter"}]}: row and parameter are read from
-    the engine's problem lines ("row 3: parameter 'steps' ...") so a client can point at the cell."""
-    items = []
-    for text in problems:
-        row, param = _ROW.search(text), _PARAM.search(text)
-        items.append({"message": text, "row": int(row.group(1)) if row else None,
-                      "parameter": param.group(1) if param else None})
-    return {"error": message, "problems": items}
+def _query_pairs(scope: Scope) -> list[tuple[str, str]]:
+    return parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+
+
+def error_body(message: str, problems: list[Problem]) -> dict[str, Any]:
+    """{"error": sentence, "problems": [...]}: each problem with its rendered `message` and its fields (row,
+    column, parameter, node, ...), so a client can point at the cell without parsing text."""
+    return {"error": message, "problems": [p.as_dict() for p in problems]}
 
 
 def _http_detail(exc: HTTPException) -> str:
@@ -242,16 +242,3 @@ async def _drain(receive: Receive) -> None:
         seen += len(message.get("body", b""))
         if not message.get("more_body", False):
             return
-
-
-api = Api()
-routes: list[Any] = [Mount(PREFIX, app=api, name="api")]
-
-
-def bind(settings: Settings, store: Store) -> None:
-    """Called by app.py's lifespan once the settings and store exist."""
-    api.bind(settings, store)
-
-
-def unbind() -> None:
-    api.unbind()

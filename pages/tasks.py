@@ -8,7 +8,8 @@ import pandas as pd
 import streamlit as st
 
 import ui
-from core import service, views
+import ui_format
+from core import queries, service
 from core.models import ALL_STATUSES
 
 BUSY_REFRESH = 2.0
@@ -61,7 +62,7 @@ def retry(ctx: ui.Context) -> tuple[str, str]:
 def set_priority(ctx: ui.Context) -> tuple[str, str]:
     ids = st.session_state.get(SELECTED, [])
     value = int(st.session_state.get("tasks_priority", 0))
-    n = ctx.store.set_priority(ids, value)
+    n = service.set_priority(ctx.store, ids, value)
     return ("success", f"Priority of {n} task(s) set to {value}; queued tasks with a higher priority run first.")
 
 
@@ -71,41 +72,41 @@ with ui.guard():
     with c1:
         batch_id = ui.batch_picker(ctx, "tasks_batch", on_change=clear_selection)
     with c2:
-        statuses = st.multiselect("Status", [s.value for s in ALL_STATUSES], key="tasks_status",
+        statuses = st.multiselect("Status", list(ALL_STATUSES), key="tasks_status",
                                   on_change=clear_selection)
     with c3:
-        workflow = st.selectbox("Workflow", [None, *views.task_workflows(ctx.store)], key="tasks_workflow",
+        workflow = st.selectbox("Workflow", [None, *queries.task_workflows(ctx.store)], key="tasks_workflow",
                                 format_func=lambda w: "All" if w is None else w, on_change=clear_selection)
     with c4:
         text = st.text_input("Prompt contains", key="tasks_text", on_change=clear_selection)
-    flt = views.TaskFilter(batch_id, tuple(statuses), workflow, text)
-    busy_at_draw = views.has_active_work(ctx.store)
+    flt = queries.TaskFilter(batch_id, tuple(statuses), workflow, text)
+    busy_at_draw = queries.has_unfinished_work(ctx.store)
 
     @st.fragment(run_every=BUSY_REFRESH if busy_at_draw else IDLE_REFRESH)
     def live() -> None:
         ctx = ui.context()
         with ui.guard():
-            if views.has_active_work(ctx.store) != busy_at_draw:
+            if queries.has_unfinished_work(ctx.store) != busy_at_draw:
                 st.rerun()  # switch between the busy and the idle refresh interval
-            for bid in ([batch_id] if batch_id is not None else views.summary_batch_ids(ctx.store)):
+            for bid in ([batch_id] if batch_id is not None else queries.summary_batch_ids(ctx.store)):
                 ui.batch_progress(service.batch_summary(ctx.store, bid))
             ui.show_flash("tasks")
             selected = selected_ids()
             size = st.session_state.get("tasks_page_size", PAGE_SIZES[1])
             if selected:
                 # Keep the same rows in the same places while some are selected, so positions stay true.
-                rows = views.tasks_by_ids(ctx.store, st.session_state.get(SHOWN, []))
-                total = views.count_tasks(ctx.store, flt)
+                rows = queries.tasks_by_ids(ctx.store, st.session_state.get(SHOWN, []))
+                total = queries.count_tasks(ctx.store, flt)
                 page = None
             else:
-                total = views.count_tasks(ctx.store, flt)
+                total = queries.count_tasks(ctx.store, flt)
                 pages = max(1, math.ceil(total / size))
                 page = st.session_state.get("tasks_page", 1)
                 if page > pages:  # the filter shrank the result: go to its last page
                     page = st.session_state["tasks_page"] = pages
-                rows = views.page_tasks(ctx.store, flt, size, (page - 1) * size)
+                rows = queries.page_tasks(ctx.store, flt, size, (page - 1) * size)
             st.session_state[SHOWN] = [r["id"] for r in rows]
-            frame = pd.DataFrame([views.task_row(r) for r in rows],
+            frame = pd.DataFrame([ui_format.task_row(r) for r in rows],
                                  columns=["id", "batch", "row", "status", "progress", "server", "attempts", "priority",
                                           "prompt", "error", "created", "wait_s", "run_s"])
             frame = frame.astype({"row": "Int64", "wait_s": "Float64", "run_s": "Float64"})

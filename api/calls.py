@@ -15,20 +15,28 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core import api_intake
+from api import intake
 from core.config import Settings
-from core.errors import NotFound
+from core.errors import NotFound, Problem
 from core.models import ALL_STATUSES
 from core.store import Store
 
 PREFIX = "/api/v1"
 MAX_ID = 2**63 - 1  # the largest id SQLite can hold; anything larger is simply not found
+MAX_ID_DIGITS = len(str(MAX_ID))  # checked before int(): Python refuses to parse 4,300+ digits
+
+
+def parse_id(raw: str) -> int | None:
+    """A database id from text, or None (never int() of an arbitrarily long string)."""
+    if not raw.isascii() or not raw.isdigit() or len(raw) > MAX_ID_DIGITS or int(raw) > MAX_ID:
+        return None
+    return int(raw)
 
 
 class ApiError(Exception):
     """A failure with an HTTP status; `str(exc)` is a sentence for a person."""
 
-    def __init__(self, status: int, message: str, problems: list[str] | None = None,
+    def __init__(self, status: int, message: str, problems: list[Problem] | None = None,
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
@@ -60,29 +68,33 @@ class Call:
 
     def path_id(self, name: str, what: str) -> int:
         raw = str(self.request.path_params[name])
-        if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_ID:
-            raise NotFound(f"{what} {raw!r} does not exist ({what} ids are whole numbers)")
-        return int(raw)
+        value = parse_id(raw)
+        if value is None:
+            raise NotFound(f"{what} {_clip(raw)!r} does not exist ({what} ids are whole numbers)")
+        return value
 
     def query_int(self, name: str, default: int | None, low: int = 0, high: int = MAX_ID) -> int | None:
         raw = self.request.query_params.get(name)
         if raw is None or raw == "":
             return default
-        if not raw.strip().removeprefix("-").isdecimal() or not low <= int(raw) <= high:
+        text = raw.strip()
+        digits = text.removeprefix("-")
+        if (not digits.isascii() or not digits.isdecimal() or len(digits) > MAX_ID_DIGITS
+                or not low <= int(text) <= high):
             raise ApiError(400, f"query parameter '{name}': expected a whole number from {low} to {high}, "
-                                f"got {raw!r}")
-        return int(raw)
+                                f"got {_clip(raw)!r}")
+        return int(text)
 
     def statuses(self) -> list[str]:
         values = [s.strip() for raw in self.request.query_params.getlist("status") for s in raw.split(",")]
         bad = [s for s in values if s and s not in ALL_STATUSES]
         if bad:
-            raise ApiError(400, f"query parameter 'status': unknown status {bad[0]!r} (one of: "
-                                f"{', '.join(ALL_STATUSES)})")
+            raise ApiError(400, f"query parameter 'status': unknown status {_clip(bad[0])!r} (one of: "
+                                f"{', '.join(ALL_STATUSES)}; several may be given comma-separated)")
         return [s for s in values if s]
 
     def json_object(self) -> dict[str, Any]:
-        data = api_intake.parse_json(self.body) if self.body.strip() else {}
+        data = intake.parse_json(self.body) if self.body.strip() else {}
         if not isinstance(data, dict):
             raise ApiError(422, "the request body must be a JSON object")
         return data
@@ -128,3 +140,7 @@ async def _read_form(request: Request, call: Call) -> None:
                 call.form_fields.setdefault(key, []).append(value)
             else:
                 call.form_files.setdefault(key, []).append((value.filename or "", await value.read()))
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."

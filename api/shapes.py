@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from core import service, views, workflows
+from core import queries, service, workflows
 from core.errors import ComfyBatchError
 from core.store import Store
 from core.workflows import Param, Workflow
@@ -29,7 +29,7 @@ def batch_json(store: Store, batch_id: int, url: Url) -> dict[str, Any]:
 def task_json(task: dict[str, Any], url: Url) -> dict[str, Any]:
     """A task as listed: status, progress, attempts, server, error; no graph."""
     data = {k: task.get(k) for k in TASK_FIELDS}
-    data["progress"] = views.task_row(task)["progress"]
+    data["progress"] = queries.task_progress(task)
     data["cancel_requested"] = bool(task.get("cancel_requested"))
     data["url"] = url(f"/tasks/{task['id']}")
     data["batch_url"] = url(f"/batches/{task['batch_id']}")
@@ -41,7 +41,7 @@ def task_detail_json(store: Store, task: dict[str, Any], workflow: Workflow | No
     images and its status history."""
     data = task_json(task, url)
     data["params"] = task.get("params") or {}
-    data["parameters"] = views.task_parameters(task, workflow)
+    data["parameters"] = queries.task_parameters(task, workflow)
     data["images"] = [image_json(img, url) for img in store.images_for_task(task["id"])]
     data["events_url"] = url(f"/tasks/{task['id']}/events")
     return data
@@ -65,7 +65,7 @@ def workflow_json(wf: Workflow, url: Url) -> dict[str, Any]:
     """A workflow with its named parameters and every other input a row may set as `<node id>.<input>`."""
     named = {(p.node_id, p.input_name) for p in wf.params.values()}
     addressable = []
-    for node_id in sorted(wf.graph, key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n)):
+    for node_id in sorted(wf.graph, key=workflows.id_order):
         node = wf.graph[node_id]
         for input_name, value in node.get("inputs", {}).items():
             if (node_id, input_name) in named or isinstance(value, list):

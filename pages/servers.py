@@ -2,40 +2,30 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pandas as pd
 import streamlit as st
 
 import ui
-from core import service, views
-from core.config import parse_urls
-from core.errors import ComfyBatchError, ConfigError
-
-
-def one_url(raw: str) -> str:
-    urls = parse_urls(raw)
-    if len(urls) != 1:
-        raise ConfigError("enter one server URL, e.g. http://127.0.0.1:8188")
-    return urls[0]
+import ui_format
+from core import service
+from core.errors import ComfyBatchError
 
 
 def add(ctx: ui.Context) -> tuple[str, str]:
-    url = one_url(st.session_state.get("servers_new_url", ""))
-    ctx.store.add_server(url, client_id=uuid.uuid4().hex)
+    url = service.add_server(ctx.store, st.session_state.get("servers_new_url", ""))
     ui.refresh_health()
     return ("success", f"Added {url}. The scheduler starts sending it work within a second.")
 
 
 def set_enabled(ctx: ui.Context, url: str, enabled: bool) -> tuple[str, str]:
-    ctx.store.set_server_enabled(url, enabled)
+    service.set_server_enabled(ctx.store, url, enabled)
     ui.refresh_health()
     return ("success", f"{'Enabled' if enabled else 'Disabled'} {url}."
             + ("" if enabled else " Tasks already on it finish there; no new ones are sent."))
 
 
 def remove(ctx: ui.Context, url: str) -> tuple[str, str]:
-    ctx.store.remove_server(url)
+    service.remove_server(ctx.store, url)
     ui.refresh_health()
     return ("success", f"Removed {url}.")
 
@@ -48,7 +38,7 @@ def health_table(servers: list[dict]) -> pd.DataFrame:
             "server": s["url"], "enabled": s["enabled"], "from": s["source"],
             "status": "up" if s["up"] else ("disabled" if not s["enabled"] else "down"),
             "running": s.get("queue_running"), "pending": s.get("queue_pending"), "device": s.get("device") or "",
-            "VRAM free / total": f"{views.format_bytes(free)} / {views.format_bytes(total)}" if total else "",
+            "VRAM free / total": f"{ui_format.format_bytes(free)} / {ui_format.format_bytes(total)}" if total else "",
             "ComfyUI": s.get("version") or "", "problem": ui.short_reason(s.get("error")) if s.get("error") else "",
         })
     return pd.DataFrame(rows, columns=["server", "enabled", "from", "status", "running", "pending", "device",
@@ -89,7 +79,7 @@ with ui.guard():
     test = buttons.button("Test connection")
     buttons.button("Add server", type="primary", on_click=ui.safe_callback("servers", add))
     if test:
-        target = one_url(st.session_state.get("servers_new_url", ""))
+        target = service.server_url(st.session_state.get("servers_new_url", ""))  # ui.guard shows a bad URL
         try:
             stats = service.check_server(target, timeout=5.0)
         except ComfyBatchError as exc:
@@ -97,5 +87,6 @@ with ui.guard():
                      "from this machine (ComfyUI listens on 127.0.0.1 unless started with --listen)?")
         else:
             device = (stats.get("devices") or [{}])[0]
+            free = ui_format.format_bytes(device.get("vram_free"))
             st.success(f"{target} answers: ComfyUI {stats.get('system', {}).get('comfyui_version', '?')}, "
-                       f"device {device.get('name', '?')}, {views.format_bytes(device.get('vram_free'))} VRAM free.")
+                       f"device {device.get('name', '?')}, {free} VRAM free.")

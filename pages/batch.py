@@ -1,17 +1,19 @@
-"""Batch: a CSV becomes an editable table, validated against a workflow on every edit; the whole batch is
-enqueued or nothing."""
+"""Batch: a CSV becomes an editable table, checked against a workflow on every edit; the whole batch is enqueued
+or nothing. The file is read by the engine's one CSV reader (core.csvin); the table's rows go to
+`service.submit` as they are (no CSV round trip), and each problem marks the cell its fields name."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 import ui
-from core import csvin, csvtable, service, workflows
-from core.errors import InputError
+from core import csvin, service, workflows
+from core.errors import InputError, Problem
 from core.workflows import Workflow
 
 ROW = "#"  # the editor's read-only column of spreadsheet row numbers (not part of the CSV)
@@ -22,7 +24,38 @@ def template(wf: Workflow) -> str:
     return csvin.template_csv(list(wf.params), example)
 
 
-def marked_table(table: pd.DataFrame, labels: list[str], problems: list[csvtable.Problem]) -> Any:
+def table_rows(table: csvin.CsvTable, edited: pd.DataFrame, max_count: int) -> tuple[list[service.Row], list[str]]:
+    """The edited grid as submission rows, and a label per row (its file row number, or "new"). A row whose
+    shape was wrong in the file keeps that problem until it is edited."""
+    numbers: list[int] = []
+    labels: list[str] = []
+    next_number = max(table.numbers, default=1) + 1
+    for value in edited[ROW]:
+        if pd.notna(value):
+            numbers.append(int(value))
+            labels.append(str(int(value)))
+        else:
+            numbers.append(next_number)
+            labels.append("new")
+            next_number += 1
+    grid = edited.drop(columns=[ROW])
+    cells = [["" if _blank(v) else str(v) for v in row] for row in grid.astype(object).values.tolist()]
+    rows = csvin.table_rows(list(grid.columns), cells, numbers, table.filename, max_count)
+    original = dict(zip(table.numbers, table.rows, strict=True))
+    for row, row_cells in zip(rows, cells, strict=True):
+        if original.get(row.number) == row_cells:
+            row.problems.extend(p for p in table.problems if p.row == row.number)
+    return rows, labels
+
+
+def located(problem: Problem, numbers: list[int], columns: list[str]) -> tuple[int | None, str | None]:
+    """(table position, column) a problem points at, from its fields."""
+    position = numbers.index(problem.row) if problem.row in numbers else None
+    column = problem.column if problem.column in columns else problem.parameter
+    return position, column if column in columns else None
+
+
+def marked_table(table: pd.DataFrame, labels: list[str], numbers: list[int], problems: list[Problem]) -> Any:
     """The rows with problems: a 'problem' column first, the bad cells (or whole rows) in red."""
     shown = table.reset_index(drop=True)
     shown.insert(0, ROW, labels)
@@ -30,15 +63,15 @@ def marked_table(table: pd.DataFrame, labels: list[str], problems: list[csvtable
     bad_cells: set[tuple[int, str]] = set()
     bad_rows: set[int] = set()
     for p in problems:
-        if p.position is None or p.position >= len(shown):
+        position, column = located(p, numbers, list(table.columns))
+        if position is None:
             continue
-        where = f"{p.column}: " if p.column else ""
-        current = shown.iat[p.position, 0]
-        shown.iat[p.position, 0] = (current + "; " if current else "") + where + p.reason
-        if p.column is not None and p.column in table.columns:
-            bad_cells.add((p.position, p.column))
+        current = shown.iat[position, 0]
+        shown.iat[position, 0] = (current + "; " if current else "") + (f"{column}: " if column else "") + p.message
+        if column is not None:
+            bad_cells.add((position, column))
         else:
-            bad_rows.add(p.position)
+            bad_rows.add(position)
     view = shown.iloc[sorted({pos for pos, _ in bad_cells} | bad_rows)]
 
     def paint(frame: pd.DataFrame) -> pd.DataFrame:
@@ -51,6 +84,33 @@ def marked_table(table: pd.DataFrame, labels: list[str], problems: list[csvtable
         return styles
 
     return view.style.apply(paint, axis=None)
+
+
+def problem_line(p: Problem, labels: list[str], numbers: list[int], columns: list[str]) -> str:
+    position, column = located(p, numbers, columns)
+    if position is None:
+        return ui.md_escape(f"- {p}")  # the request, the file, or a server that cannot run it
+    where = f"row {labels[position]}" + (f", column '{column}'" if column else "")
+    return ui.md_escape(f"- {where}: {p.message}")
+
+
+def preview_rows(jobs: list[service.Job], limit: int = 500) -> list[dict[str, Any]]:
+    """What a dry run would enqueue, one line per task: source row, batch name and the resolved values."""
+    out = []
+    for job in jobs[:limit]:
+        line: dict[str, Any] = {"row": job.row_number, "batch": job.batch_name or ""}
+        line.update({k: v if isinstance(v, (int, float, str)) else str(v) for k, v in job.resolved.items()})
+        out.append(line)
+    return out
+
+
+def _blank(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(value != value)  # NaN / pandas NA
+    except (TypeError, ValueError):
+        return False
 
 
 ctx = ui.setup("Batch")
@@ -86,41 +146,35 @@ with ui.guard():
         st.info("Upload a CSV file to check it and see what would be submitted.")
         st.stop()
 
-    columns, rows = csvtable.read_table(csv_file.getvalue(), csv_file.name)
-    table = pd.DataFrame(rows, columns=columns, dtype="string")
-    table.insert(0, ROW, pd.array(range(2, 2 + len(rows)), dtype="Int64"))
+    table = csvin.read_table(csv_file.getvalue(), csv_file.name, ctx.settings.max_csv_bytes, ctx.settings.max_rows)
+    frame = pd.DataFrame(table.rows, columns=table.columns, dtype="string")
+    frame.insert(0, ROW, pd.array(table.numbers, dtype="Int64"))
     st.subheader("Table")
     st.caption("Column # is the row number in your file (the header is row 1). Edit cells, add or delete rows; "
                "the table is checked again after every edit.")
-    edited = st.data_editor(table, key=f"batch_editor_{csv_file.file_id}", num_rows="dynamic", hide_index=True,
+    edited = st.data_editor(frame, key=f"batch_editor_{csv_file.file_id}", num_rows="dynamic", hide_index=True,
                             disabled=[ROW], column_config={ROW: st.column_config.NumberColumn(ROW, width="small")})
-    labels = [str(int(v)) if pd.notna(v) else "new" for v in edited[ROW]]
-    edited = edited.drop(columns=[ROW])
-    cells = edited.astype(object).where(edited.notna(), "").values.tolist()
-    data = csvtable.table_to_csv(list(edited.columns), cells)
+    rows, labels = table_rows(table, edited, ctx.settings.max_count)
+    numbers = [r.number or 0 for r in rows]
     images = {f.name: f.getvalue() for f in image_files or []}
+    submission = service.Submission(wf.name, rows, name=batch_name or None, priority=int(priority), images=images,
+                                    source=csv_file.name, file=csv_file.name)
     dry: service.Submitted | None
+    problems: list[Problem] = []
     try:
-        dry = service.submit_csv(ctx.settings, ctx.store, data, csv_file.name, wf.name, batch_name=batch_name or None,
-                                 priority=int(priority), images=images, dry_run=True)
-        problems: list[csvtable.Problem] = []
+        dry = service.submit(ctx.settings, ctx.store, service.Submission(**{**submission.__dict__, "dry_run": True}))
     except InputError as exc:
-        dry, problems, summary = None, csvtable.locate_problems(exc.problems or [exc.summary]), exc.summary
+        dry, problems, summary = None, exc.problems or [Problem(exc.summary)], exc.summary
 
     if problems:
-        lines = []
-        for p in problems:
-            if p.position is not None and p.position < len(labels):
-                where = f"row {labels[p.position]}" + (f", column '{p.column}'" if p.column else "")
-                lines.append(ui.md_escape(f"- {where}: {p.reason}"))
-            else:
-                lines.append(ui.md_escape(f"- {p.text}"))  # the whole file, or a server that cannot run it
-        bad_rows = {p.position for p in problems if p.position is not None}
+        columns = list(edited.columns.drop(ROW))
+        lines = [problem_line(p, labels, numbers, columns) for p in problems]
+        bad_rows = {p.row for p in problems if located(p, numbers, columns)[0] is not None}
         header = (f"{len(problems)} problem(s) in {len(bad_rows)} row(s); nothing will be enqueued until they are "
                   "fixed." if bad_rows else ui.md_escape(summary))
         st.error(header + "\n\n" + "\n".join(lines))
         if bad_rows:
-            st.dataframe(marked_table(edited, labels, problems), hide_index=True)
+            st.dataframe(marked_table(edited.drop(columns=[ROW]), labels, numbers, problems), hide_index=True)
     elif dry is not None:
         batches = sorted({j.batch_name or (batch_name or "(one batch)") for j in dry.jobs})
         st.success(f"Ready: {len(dry.jobs)} task(s) from {len(edited)} row(s) in {len(batches)} batch(es).")
@@ -133,16 +187,17 @@ with ui.guard():
                            + "\n".join(f"- {ui.md_escape(p)}" for p in report.problems))
         with st.expander("Dry run: what would be submitted", expanded=False):
             st.caption("Random seeds are drawn again when you submit.")
-            st.dataframe(pd.DataFrame(csvtable.preview_rows(dry.jobs)), hide_index=True)
+            st.dataframe(pd.DataFrame(preview_rows(dry.jobs)), hide_index=True)
             if dry.jobs:
                 st.json(dry.jobs[0].graph, expanded=False)
-        digest = hashlib.sha256(data + wf.name.encode() + b"".join(sorted(images.values()))).hexdigest()
+        cells = json.dumps([[r.number, r.params, r.count, r.batch_name] for r in rows], ensure_ascii=False,
+                           default=str)
+        digest = hashlib.sha256(cells.encode() + wf.name.encode() + b"".join(sorted(images.values()))).hexdigest()
         previous = st.session_state.get("batch_submitted")
         if previous and previous[0] == digest:
             st.info(f"This table was already submitted as batch {', '.join(map(str, previous[1]))}.")
         if st.button("Submit batch", type="primary", disabled=bool(previous and previous[0] == digest)):
-            result = service.submit_csv(ctx.settings, ctx.store, data, csv_file.name, wf.name,
-                                        batch_name=batch_name or None, priority=int(priority), images=images)
+            result = service.submit(ctx.settings, ctx.store, submission)
             st.session_state["batch_submitted"] = (digest, result.batch_ids)
             ids = ", ".join(map(str, result.batch_ids))
             ui.flash("batch", "success", f"Batch {ids}: {len(result.task_ids)} task(s) queued.")

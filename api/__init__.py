@@ -1,0 +1,33 @@
+"""The HTTP side of ComfyBatch, served by app.py inside `streamlit run app.py`: the JSON API under /api/v1
+(api.app, api.endpoints, api.events, api.openapi) and the pages' image routes under /files/ (api.files).
+It parses requests, calls core.service and shapes JSON; no engine logic, no SQL. Never imports the pages.
+
+    routes   every Starlette route, for st.App(routes=...)
+    bind     called by the app's lifespan with the settings and the store of the running server
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.routing import Mount
+
+from api.app import Api
+from api.calls import PREFIX
+from api.files import FileServer
+from core.config import Settings
+from core.store import Store
+
+api = Api()
+files = FileServer()
+routes: list[Any] = [Mount(PREFIX, app=api, name="api"), *files.routes]
+
+
+def bind(settings: Settings, store: Store) -> None:
+    api.bind(settings, store)
+    files.bind(settings, store)
+
+
+def unbind() -> None:
+    api.unbind()
+    files.unbind()

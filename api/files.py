@@ -1,0 +1,84 @@
+"""Serving result images: one function (`image_response`) behind both the pages' routes and the API's
+`/api/v1/images/{id}` endpoints, with one access check (core.access: a token, or a signed link).
+
+    GET /files/thumb/{image_id}   WebP thumbnail (made once, see core.thumbs)
+    GET /files/image/{image_id}   the original file, bytes unchanged
+
+Paths come from the images table only, never from the request, and must stay inside the output folder. The
+browser fetches these URLs itself, so big galleries cost the Streamlit server no memory.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from api.calls import parse_id
+from core import access, queries, thumbs
+from core.config import Settings
+from core.errors import NotFound
+from core.store import Store
+
+CACHE = "private, max-age=3600"
+DENIED = ("this file needs an API token (Authorization: Bearer ...) or a signed link from the app")
+
+
+def image_response(settings: Settings, store: Store, image_id: int, thumbnail: bool) -> Response:
+    """The image (bytes as ComfyUI made them) or its WebP thumbnail; NotFound when the id or file is gone."""
+    row = queries.get_image(store, image_id)
+    if thumbnail:
+        path = thumbs.ensure_thumb(settings.output_dir, row["path"])
+        return FileResponse(path, media_type=thumbs.THUMB_FORMAT[2], headers={"Cache-Control": CACHE})
+    path = thumbs.source_path(settings.output_dir, row["path"])
+    if not path.is_file():
+        raise NotFound(f"image {image_id}: its file {row['path']} is missing from the output folder")
+    return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+                        headers={"Cache-Control": CACHE}, filename=Path(row["path"]).name,
+                        content_disposition_type="inline")
+
+
+class FileServer:
+    """The pages' file routes, serving the database bound at start-up (`bind`, called by the app's lifespan)."""
+
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.store: Store | None = None
+
+    def bind(self, settings: Settings, store: Store) -> None:
+        self.settings, self.store = settings, store
+
+    def unbind(self) -> None:
+        self.settings, self.store = None, None
+
+    @property
+    def routes(self) -> list[Route]:
+        return [Route("/files/thumb/{image_id}", self.thumb, methods=["GET", "HEAD"]),
+                Route("/files/image/{image_id}", self.image, methods=["GET", "HEAD"])]
+
+    # Plain (sync) endpoints: Starlette runs them in its thread pool, off the event loop.
+    def thumb(self, request: Request) -> Response:
+        return self._serve(request, thumbnail=True)
+
+    def image(self, request: Request) -> Response:
+        return self._serve(request, thumbnail=False)
+
+    def _serve(self, request: Request, thumbnail: bool) -> Response:
+        if self.settings is None or self.store is None:
+            return JSONResponse({"error": "the file server is not started"}, status_code=503)
+        raw = str(request.path_params["image_id"])
+        image_id = parse_id(raw)
+        if not access.may_read_image(self.settings, image_id or 0, request.headers.get("authorization"),
+                                     request.query_params.get("sig")):
+            return JSONResponse({"error": DENIED}, status_code=401,
+                                headers={"WWW-Authenticate": 'Bearer realm="ComfyBatch"'})
+        if image_id is None:
+            return JSONResponse({"error": f"image {raw[:40]!r} does not exist (image ids are whole numbers)"},
+                                status_code=404)
+        try:
+            return image_response(self.settings, self.store, image_id, thumbnail)
+        except NotFound as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
