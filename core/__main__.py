@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from core import csvin, service
+from core import service
 from core.config import Settings
 from core.errors import ComfyBatchError, InputError, Problem
 from core.logs import setup_logging
@@ -80,9 +80,7 @@ def cmd_submit(settings: Settings, store: Store, args: argparse.Namespace) -> in
         if path.stat().st_size > settings.max_csv_bytes:  # refused before it is read into memory
             raise InputError(f"{path.name}: the file is larger than {settings.max_csv_mb:g} MB "
                              "(COMFYBATCH_MAX_CSV_MB); split it into smaller files")
-        rows = csvin.read_rows(path.read_bytes(), path.name, settings.max_csv_bytes, settings.max_rows,
-                               settings.max_count)
-        sub = service.Submission(args.workflow, rows, source=path.name, file=path.name, image_dir=path.parent)
+        sub = service.csv_submission(settings, path.read_bytes(), path.name, args.workflow, image_dir=path.parent)
     else:
         row = _params(args.param)
         if args.prompt is not None:

@@ -46,10 +46,11 @@ def decode(data: bytes, filename: str) -> str:
     """The file's text, or InputError naming the encodings we read."""
     if data.startswith(codecs.BOM_UTF8):
         try:
-            return data.decode("utf-8-sig")
+            return data[len(codecs.BOM_UTF8):].decode("utf-8")
         except UnicodeDecodeError as exc:
+            at = exc.start + len(codecs.BOM_UTF8)
             raise InputError(f"{filename}: the file starts with a UTF-8 mark but is not UTF-8 text (byte "
-                             f"0x{data[exc.start]:02x} on line {_line_of(data, exc.start)}); it mixes encodings. "
+                             f"0x{data[at]:02x} on line {_line_of(data, at)}); it mixes encodings. "
                              f"Accepted: {ACCEPTED}; {SAVE_HINT}") from None
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
@@ -108,7 +109,7 @@ def read_table(data: bytes, filename: str, max_bytes: int, max_rows: int) -> Csv
         extra = [c for c in cells[width:] if c.strip()]
         if extra or len(cells) < width:
             table.problems.append(Problem(
-                f"{len(cells) if extra else len(cells)} cells but the header has {width} columns"
+                f"{len(cells)} cells but the header has {width} columns"
                 + ("; add the missing separators (empty cells are fine)" if not extra else
                    f"; remove what is beyond the last column ({_clip(extra[0])})"),
                 row=number, file=filename, code="ragged_row"))

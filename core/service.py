@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core import files, preflight, workflows
+from core import csvin, files, preflight, workflows
 from core.comfy import ComfyClient, probe
 from core.config import Settings, parse_urls
 from core.errors import ConfigError, InputError, NotFound, Problem, sort_key
@@ -102,6 +102,13 @@ def submit(settings: Settings, store: Store, sub: Submission, rng: random.Random
     result = enqueue(store, workflow, jobs, sub.name, sub.priority, source=sub.source, servers=servers)
     result.reports, result.servers = reports, servers
     return result
+
+
+def csv_submission(settings: Settings, data: bytes, filename: str, workflow: str, **fields: Any) -> Submission:
+    """A Submission of a CSV file's rows (read by the one CSV reader, within the settings' limits); other
+    Submission fields (count, name, priority, images, image_dir, dry_run) as keywords."""
+    rows = csvin.read_rows(data, filename, settings.max_csv_bytes, settings.max_rows, settings.max_count)
+    return Submission(workflow, rows, source=filename, file=filename, **fields)
 
 
 def enqueue(store: Store, workflow: Workflow, jobs: list[Job], batch_name: str | None = None, priority: int = 0,

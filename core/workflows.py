@@ -257,7 +257,7 @@ def resolve_params(workflow: Workflow, values: dict[str, Any], rng: random.Rando
         resolved["seed"] = rng.randint(0, SEED_MAX)
     for p in workflow.params.values():
         if p.required and p.name not in resolved:
-            problems.append(Problem("is required", parameter=p.name, code="required"))
+            problems.append(Problem("missing: this workflow requires it", parameter=p.name, code="required"))
     if problems:
         raise InputError("invalid parameters", problems)
     return resolved

@@ -73,13 +73,37 @@ def test_generic_and_title_addressing_on_a_model_free_graph(tmp_path):
                         "it cannot be overwritten"),
     ({"width": "wide"}, "parameter 'width' (1.width): expected an integer, got 'wide'"),
     ({"width": "1.5"}, "parameter 'width' (1.width): expected an integer, got '1.5'"),
-    ({"1.color": True}, "parameter '1.color' (1.color): expected an integer, got True"),
+    ({"1.color": True}, "parameter '1.color' (1.color): expected a number, got true"),
+    ({"1.color": [1]}, "parameter '1.color' (1.color): expected text, a number, true/false or null, got a list [1]"),
+    ({"width": "nan"}, "parameter 'width' (1.width): expected an integer, got 'nan'"),
+    ({"width": "9" * 5000}, "parameter 'width' (1.width): expected an integer, got '" + "9" * 56 + "..."),
+    ({"width": str(2**64)}, "parameter 'width' (1.width): 18446744073709551616 is outside the 64-bit range ComfyUI "
+                            "and ComfyBatch store (at most 9,223,372,036,854,775,807 in size)"),
 ])
 def test_bad_parameters_are_named(tmp_path, values, problem):
     wf = undeclared(tmp_path, "empty_image")
     with pytest.raises(InputError) as err:
-        workflows.resolve_params(wf, values, where="jobs.csv row 2")
-    assert err.value.problems == [f"jobs.csv row 2: {problem}"]
+        workflows.resolve_params(wf, values)
+    assert [str(p.at(row=2, file="jobs.csv")) for p in err.value.problems] == [f"jobs.csv row 2: {problem}"]
+    (key,) = values
+    assert (err.value.problems[0].parameter, err.value.problems[0].row) == (key, None)  # typed, not text
+
+
+def test_numbers_must_be_finite_and_an_addressed_int_input_takes_a_fraction(tmp_path):
+    wf = workflows.load_workflow(WF / "qwen_image_t2i.json")  # "3.denoise": 1 in the template (a FLOAT input)
+    assert workflows.resolve_params(wf, {"3.denoise": "0.5", "3.steps": "4"})["3.denoise"] == 0.5
+    assert workflows.resolve_params(wf, {"3.denoise": "1"})["3.denoise"] == 1
+    for bad in ("nan", "inf", "-Infinity", float("nan"), float("inf")):
+        with pytest.raises(InputError) as err:
+            workflows.resolve_params(wf, {"cfg": bad})
+        assert err.value.problems[0].code in ("invalid", "wrong_type"), bad
+        assert "finite" in err.value.problems[0].message or "expected a number" in err.value.problems[0].message
+    with pytest.raises(InputError) as err:
+        workflows.resolve_params(wf, {"3.denoise": "nan"})
+    assert str(err.value.problems[0]) == "parameter '3.denoise' (3.denoise): expected a number, got 'nan'"
+    with pytest.raises(InputError) as err:
+        workflows.resolve_params(wf, {"seed": str(2**63), "prompt": "a\x00b"})
+    assert [p.code for p in err.value.problems] == ["out_of_range", "nul"]
 
 
 def test_declared_bounds_and_choices_are_enforced():
@@ -113,6 +137,21 @@ def test_broken_links_and_bad_json_are_reported(tmp_path):
                            "- node 1 (SaveImage) input 'images' links to missing node 7")
 
 
+def test_a_broken_or_huge_file_never_takes_the_workflow_list_down(tmp_path):
+    (tmp_path / "ok.json").write_text((WF / "empty_image.json").read_text())
+    (tmp_path / "no_inputs.json").write_text(json.dumps({"1": {"class_type": "EmptyImage"}}))
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "huge.json").write_bytes(b" " * (workflows.MAX_WORKFLOW_BYTES + 1))
+    (tmp_path / "named.json").write_text(json.dumps({  # subgraph-style and very long ids are fine
+        "75:12": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "9" * 5000: {"class_type": "SaveImage", "inputs": {"images": ["75:12", 0], "filename_prefix": "x"}}}))
+    found, problems = workflows.list_workflows(tmp_path)
+    assert sorted(w.name for w in found) == ["named", "ok"]
+    assert [p.split(":")[0].split(" ")[0] for p in problems] == ["deep.json", "huge.json", "no_inputs.json"]
+    assert problems[2] == "no_inputs.json is not a usable API-format workflow\n- node 1 (EmptyImage): 'inputs' is missing"
+    assert all(len(p) < 400 for p in problems)
+
+
 def test_declared_parameters_from_a_toml_sidecar(tmp_path):
     (tmp_path / "t.json").write_text((WF / "sd15_txt2img.json").read_text())
     (tmp_path / "t.toml").write_text('title = "Tiny SD"\n[params.subject]\ntarget = "6.text"\nrequired = true\n'
@@ -121,8 +160,8 @@ def test_declared_parameters_from_a_toml_sidecar(tmp_path):
     assert (wf.title, list(wf.params)) == ("Tiny SD", ["subject", "steps"])
     with pytest.raises(InputError) as err:
         workflows.resolve_params(wf, {"steps": "11"})
-    assert err.value.problems == ["parameter 'steps' (3.steps): 11 is above the maximum 10",
-                                  "parameter 'subject' is required"]
+    assert [str(p) for p in err.value.problems] == ["parameter 'steps' (3.steps): 11 is above the maximum 10",
+                                                    "parameter 'subject': missing: this workflow requires it"]
     (tmp_path / "t.toml").write_text('[params.x]\ntarget = "6.clip"\n')
     with pytest.raises(WorkflowError, match=r"\[params.x\]: parameter '6.clip'"):
         workflows.load_workflow(tmp_path / "t.json")
