@@ -8,6 +8,13 @@ receives the events of prompts its predecessor posted); after any gap, or a quie
 reconciles its in-flight tasks through `/queue` and `/history/{prompt_id}`. Finished prompts are collected
 (images downloaded, saved, recorded) by a shared thread pool, off the dispatch path.
 
+Every step a worker takes is a method a test can call without threads or sockets: `submit_next_task`,
+`on_event`, `reconcile`, `handle_cancels` (and `loop_once`, which strings them together). The ComfyUI edge
+is injected: `ServerWorker(..., client=, events=, probe_health=)` default to the real `ComfyClient`,
+`EventSocket` and `probe`, and `Scheduler(..., pool=)` to a thread pool, so a test can pass an in-process
+stand-in and an executor that runs collection inline. Every pause waits on a stop event (the worker's or
+the scheduler's), never in `time.sleep`, so `Scheduler.stop()` returns promptly.
+
 Retries by cause: server unreachable before the post -> back in the queue at once, no attempt spent;
 server lost the prompt (restart, long outage) -> requeued, one attempt spent; HTTP 400 -> failed at once;
 execution error or foreign interrupt -> requeued until `max_attempts`, then failed with ComfyUI's message.
@@ -20,9 +27,10 @@ import os
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from core import files
 from core.comfy import TERMINAL_EVENTS, ComfyClient, EventSocket, outcome, output_images, probe
@@ -37,18 +45,50 @@ PROGRESS_INTERVAL = 0.5  # seconds between progress writes for one task
 QUIET_RECONCILE = 3.0  # reconcile in-flight prompts after this long without any websocket message
 DOWN_GRACE = 10.0  # after this long unreachable, a server's in-flight tasks go back to the queue
 HEALTH_INTERVAL = 5.0  # seconds between health snapshots published for the pages
+# /history can lag the terminal event by a moment: ask again after these pauses before leaving it to reconcile.
+HISTORY_RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class ComfyApi(Protocol):
+    """The calls a worker makes to its server: `core.comfy.ComfyClient`, or an in-process stand-in in tests."""
+
+    def submit(self, graph: dict[str, Any], prompt_id: str) -> dict[str, Any]: ...
+    def history(self, prompt_id: str) -> dict[str, Any] | None: ...
+    def queue(self) -> tuple[list[str], list[str]]: ...
+    def delete_pending(self, prompt_ids: list[str]) -> None: ...
+    def interrupt(self, prompt_id: str) -> None: ...
+    def view(self, image: dict[str, Any]) -> bytes: ...
+    def upload_image(self, data: bytes, filename: str) -> str: ...
+    def system_stats(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+class EventSource(Protocol):
+    """Delivers a server's events to `on_event` while `run` blocks: `core.comfy.EventSocket` in production."""
+
+    def run(self, stop: threading.Event) -> None: ...
+    def close(self) -> None: ...
 
 
 class ServerWorker:
-    """Feeds one ComfyUI server. Two threads: the websocket reader and the dispatch loop."""
+    """Feeds one ComfyUI server. Two threads: the websocket reader and the dispatch loop.
 
-    def __init__(self, scheduler: Scheduler, url: str, client_id: str):
+    `client`, `events` and `probe_health` replace the real ComfyUI edge (HTTP client, websocket, health
+    probe); left out, they are built for `url` from the settings."""
+
+    def __init__(self, scheduler: Scheduler, url: str, client_id: str, *, client: ComfyApi | None = None,
+                 events: EventSource | None = None, probe_health: Callable[[], dict[str, Any]] | None = None):
         self.scheduler = scheduler
         self.settings = scheduler.settings
         self.store = scheduler.store
         self.url = url
-        self.client = ComfyClient(url, client_id, self.settings.connect_timeout, self.settings.read_timeout)
-        self.socket = EventSocket(url, client_id, self._on_event, self._on_connect, self.settings.connect_timeout)
+        self.client_id = client_id
+        timeout = self.settings.connect_timeout
+        self.client: ComfyApi = (client if client is not None
+                                 else ComfyClient(url, client_id, timeout, self.settings.read_timeout))
+        self.socket: EventSource = (events if events is not None
+                                    else EventSocket(url, client_id, self.on_event, self.on_connect, timeout))
+        self.probe_health = probe_health if probe_health is not None else (lambda: probe(url, client_id, timeout))
         self.stop_event = threading.Event()
         self.slot_free = threading.Condition()
         self.inflight: dict[str, int] = {}  # prompt_id -> task_id
@@ -87,30 +127,37 @@ class ServerWorker:
                 log.exception("server %s: dispatch loop error", self.url)
                 self.stop_event.wait(1.0)
 
-    def loop_once(self) -> None:
-        """One unit of work: check health, reconcile if needed, handle cancels, submit at most one task."""
-        if time.monotonic() - self.health_published > HEALTH_INTERVAL:
-            self._publish_health()
+    def loop_once(self, now: float | None = None) -> None:
+        """One unit of work: check health, reconcile if needed, handle cancels, submit at most one task.
+        `now` (time.monotonic() by default) lets a test step the timers without sleeping."""
+        now = time.monotonic() if now is None else now
+        if now - self.health_published > HEALTH_INTERVAL:
+            self._publish_health(now)
         if not self.healthy and not self._check_health():
             return
-        if self.needs_reconcile or (self.inflight and time.monotonic() - self.last_message > QUIET_RECONCILE):
+        if self.needs_reconcile or (self.inflight and now - self.last_message > QUIET_RECONCILE):
             self.needs_reconcile = False
             self.reconcile()
-        self._handle_cancels()
+        self.handle_cancels()
         with self.slot_free:
             if len(self.inflight) >= self.settings.in_flight:
                 self.slot_free.wait(0.5)
                 return
-        task = self.store.claim_next_task(self.url, str(uuid.uuid4()))
-        if task is None:
+        if self.submit_next_task() is None:
             self.stop_event.wait(0.2)
-            return
-        self.submit(task)
 
-    def _publish_health(self) -> None:
+    def submit_next_task(self) -> dict[str, Any] | None:
+        """Claim the best queued task for this server (its prompt_id stored before anything is posted) and
+        post it. Returns the claimed task as it was claimed, or None when nothing is queued for this server."""
+        task = self.store.claim_next_task(self.url, str(uuid.uuid4()))
+        if task is not None:
+            self.submit(task)
+        return task
+
+    def _publish_health(self, now: float) -> None:
         """Write this server's health for the pages (they then need not probe it themselves)."""
-        self.health_published = time.monotonic()
-        self.store.set_server_health(self.url, probe(self.url, self.client.client_id, self.settings.connect_timeout))
+        self.health_published = now
+        self.store.set_server_health(self.url, self.probe_health())
 
     def _check_health(self) -> bool:
         try:
@@ -196,13 +243,16 @@ class ServerWorker:
             self.slot_free.notify_all()
 
     # -- events -----------------------------------------------------------------------------------
-    def _on_connect(self) -> None:
+    def on_connect(self) -> None:
+        """The websocket (re)connected: events may have been missed, so reconcile."""
         self.last_message = time.monotonic()
         self.started.clear()
         self.needs_reconcile = True
 
-    def _on_event(self, kind: str, data: dict[str, Any]) -> None:
-        self.last_message = time.monotonic()
+    def on_event(self, kind: str, data: dict[str, Any], now: float | None = None) -> None:
+        """Handle one websocket message of this server (`now`: time.monotonic() by default)."""
+        now = time.monotonic() if now is None else now
+        self.last_message = now
         prompt_id = data.get("prompt_id")
         if not isinstance(prompt_id, str):
             return
@@ -213,7 +263,7 @@ class ServerWorker:
             self.started.add(prompt_id)
             self.store.transition(task_id, TaskStatus.RUNNING, [TaskStatus.SUBMITTED])
         elif kind == "progress":
-            self._record_progress(prompt_id, task_id, data)
+            self._record_progress(prompt_id, task_id, data, now)
         elif kind == "executed" and isinstance(data.get("output"), dict):
             self.outputs.setdefault(prompt_id, {})[str(data.get("node"))] = data["output"]
         elif kind in TERMINAL_EVENTS or (kind == "executing" and data.get("node") is None):
@@ -229,9 +279,8 @@ class ServerWorker:
             self._drop(prompt_id)
             self.collect(prompt_id, task_id, result)
 
-    def _record_progress(self, prompt_id: str, task_id: int, data: dict[str, Any]) -> None:
+    def _record_progress(self, prompt_id: str, task_id: int, data: dict[str, Any], now: float) -> None:
         value, maximum = int(data.get("value", 0)), int(data.get("max", 0))
-        now = time.monotonic()
         if value >= maximum or now - self.progress_written.get(prompt_id, 0.0) >= PROGRESS_INTERVAL:
             self.progress_written[prompt_id] = now
             self.store.transition(task_id, TaskStatus.RUNNING, [TaskStatus.SUBMITTED])
@@ -253,14 +302,11 @@ class ServerWorker:
             if task["status"] not in IN_FLIGHT or task["prompt_id"] != prompt_id:
                 return
             if result is None:
-                entry = None
-                for delay in (0, 0.05, 0.1, 0.25, 0.5, 1.0):
-                    time.sleep(delay)
-                    entry = self.client.history(prompt_id)
-                    if entry is not None:
-                        break
+                entry = self._await_history(prompt_id)
                 if entry is None:
-                    self.needs_reconcile = True  # not finished after all (or lost): reconcile decides
+                    # Not finished after all, lost, or we are stopping: reconcile (ours or the next process's)
+                    # decides.
+                    self.needs_reconcile = True
                     return
                 try:
                     result = outcome(entry, self.url)
@@ -279,6 +325,16 @@ class ServerWorker:
         finally:
             with self.slot_free:
                 self.collecting.discard(prompt_id)
+
+    def _await_history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The prompt's /history entry, asked again after short pauses; None if it does not show up. The
+        pauses wait on the scheduler's stop event, so a stop cuts them short instead of holding up shutdown."""
+        entry = self.client.history(prompt_id)
+        for delay in HISTORY_RETRY_DELAYS:
+            if entry is not None or self.scheduler.stop_event.wait(delay):
+                break
+            entry = self.client.history(prompt_id)
+        return entry
 
     def _save_outputs(self, task: dict[str, Any], outputs: dict[str, Any]) -> None:
         out_dir = self.settings.output_dir
@@ -357,7 +413,8 @@ class ServerWorker:
         with self.slot_free:
             self.inflight.clear()
 
-    def _handle_cancels(self) -> None:
+    def handle_cancels(self) -> None:
+        """Act on the cancels users asked for: delete a pending prompt, interrupt a running one."""
         ids = self.store.cancel_requested_ids(self.url)
         if not ids:
             return
@@ -378,12 +435,15 @@ class ServerWorker:
 class Scheduler:
     """Holds the lease and runs one ServerWorker per enabled server. `start()` returns at once."""
 
-    def __init__(self, settings: Settings, store: Store | None = None, owner: str | None = None):
+    def __init__(self, settings: Settings, store: Store | None = None, owner: str | None = None,
+                 pool: Executor | None = None):
         self.settings = settings
         self.store = store or Store(settings.db_path)
         self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.workers: dict[str, ServerWorker] = {}
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="comfybatch-collect")
+        # Collection runs here; a test may pass an executor that runs it inline, on the caller's thread.
+        self.pool: Executor = (pool if pool is not None
+                               else ThreadPoolExecutor(max_workers=4, thread_name_prefix="comfybatch-collect"))
         self.stop_event = threading.Event()
         self.is_leader = False
         self._thread: threading.Thread | None = None
