@@ -16,9 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core import service  # noqa: E402
 from core.store import Store  # noqa: E402
-from tests.conftest import make_settings  # noqa: E402
+from tests.support import make_settings, submit_csv  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +36,7 @@ def main() -> None:
             settings = make_settings(Path(tmp), [])
             store = Store(settings.db_path)
             start = time.perf_counter()
-            result = service.submit_csv(settings, store, data, "jobs.csv", "sd15_txt2img")
+            result = submit_csv(settings, store, data, "jobs.csv", "sd15_txt2img")
             times.append(time.perf_counter() - start)
             assert store.counts() == {"queued": args.rows} and len(result.task_ids) == args.rows
             store.close()

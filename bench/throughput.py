@@ -25,11 +25,10 @@ import websocket
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core import service  # noqa: E402
 from core.comfy import ComfyClient  # noqa: E402
 from core.store import Store  # noqa: E402
 from tests.comfyui_harness import server as harness  # noqa: E402
-from tests.conftest import make_settings  # noqa: E402
+from tests.support import make_settings, submit_rows  # noqa: E402
 
 SALT = int(time.time()) % 100_000
 
@@ -78,7 +77,7 @@ def clear_history(url: str) -> None:
 def ours(settings, workflow: str, rows: list[dict]) -> tuple[float, int]:
     """Enqueue, then time `python -m core worker --until-idle` from start to exit; returns (seconds, images)."""
     store = Store(settings.db_path)
-    result = service.submit_rows(settings, store, workflow, rows)
+    result = submit_rows(settings, store, workflow, rows)
     env = {**os.environ, "COMFYUI_URL": settings.comfyui_urls[0], "COMFYBATCH_DB": str(settings.db_path),
            "COMFYBATCH_OUTPUT_DIR": str(settings.output_dir), "COMFYBATCH_WORKFLOWS_DIR": str(settings.workflows_dir),
            "COMFYBATCH_LOG_DIR": str(settings.log_dir), "PYTHONPATH": str(ROOT)}

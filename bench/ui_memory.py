@@ -18,11 +18,10 @@ sys.path.insert(0, str(ROOT))
 
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-from core import service  # noqa: E402
 from core.store import Store  # noqa: E402
 from tests.appserver import start_app  # noqa: E402
 from tests.comfyui_harness import server as harness  # noqa: E402
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, settle  # noqa: E402
+from tests.support import CHROMIUM, CHROMIUM_ARGS, settle, submit_rows  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -50,8 +49,8 @@ def main() -> None:
                 rows = [{"1.color": str(i), "1.width": "512", "1.height": "512"} for i in range(args.tasks)]
             else:
                 rows = [{"color": str(i), "width": "64", "height": "64"} for i in range(args.tasks)]
-            result = service.submit_rows(app.settings, store, "slow_blur" if args.slow else "empty_image", rows,
-                                         batch_name="memory bench")
+            result = submit_rows(app.settings, store, "slow_blur" if args.slow else "empty_image", rows,
+                                         name="memory bench")
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 pages = []

@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from core.store import Store  # noqa: E402
-from tests.conftest import make_settings  # noqa: E402
+from tests.support import make_settings  # noqa: E402
 
 
 def fill(settings, tasks: int, images: int) -> None:

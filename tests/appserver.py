@@ -16,7 +16,7 @@ import requests
 
 from core.config import SETTINGS, Settings
 from tests.comfyui_harness.server import free_port
-from tests.conftest import ROOT, make_settings
+from tests.support import ROOT, make_settings
 
 
 @dataclass

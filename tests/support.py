@@ -17,6 +17,9 @@ from PIL import Image
 from core.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("COMFYBATCH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def make_settings(tmp_path: Path, urls: list[str], **overrides: Any) -> Settings:
@@ -65,3 +68,24 @@ def png(color: tuple[int, ...] | int, size: tuple[int, int] = (32, 16), mode: st
     buf = io.BytesIO()
     Image.new(mode, size, color).save(buf, "PNG")
     return buf.getvalue()
+
+
+def submit_rows(settings: Settings, store: Any, workflow: str, rows: list[dict[str, Any]], **fields: Any) -> Any:
+    """Submit rows through the front door, as the API's JSON intake and the Generate page do."""
+    from core import service
+
+    sub = service.Submission(workflow, [service.Row(r) for r in rows], **fields)
+    return service.submit(settings, store, sub)
+
+
+def submit_csv(settings: Settings, store: Any, data: bytes, filename: str, workflow: str, **fields: Any) -> Any:
+    """Submit a CSV file's bytes through the front door, as the CLI does."""
+    from core import service
+
+    return service.submit(settings, store, service.csv_submission(settings, data, filename, workflow, **fields))
+
+
+def settle(page: Any) -> None:
+    """Wait on a Playwright page like Streamlit's own e2e suite: connected, and the script done."""
+    page.wait_for_selector("[data-testid=stApp][data-test-connection-state=CONNECTED]", timeout=30_000)
+    page.wait_for_selector("[data-test-script-state=notRunning]", timeout=30_000)

@@ -29,7 +29,7 @@ from core.store import Store
 from tests import appserver
 from tests.appserver import AppServer
 from tests.comfyui_harness.server import free_port
-from tests.conftest import make_settings
+from tests.support import make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN, OTHER_TOKEN = "tok-3f9a1c", "tok-other-77"

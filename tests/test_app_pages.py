@@ -24,7 +24,7 @@ from core.config import Settings
 from core.scheduler import Scheduler
 from core.store import Store
 from tests.comfyui_harness.server import free_port
-from tests.conftest import make_settings
+from tests.support import make_settings, submit_rows
 
 MAIN = "../ui_main.py"  # relative to this file, as AppTest wants
 ENV = {"comfyui_urls": "COMFYUI_URL", "db_path": "COMFYBATCH_DB", "output_dir": "COMFYBATCH_OUTPUT_DIR",
@@ -319,8 +319,8 @@ def test_batch_offers_a_template_for_the_chosen_workflow(offline):
 
 # -- Tasks ----------------------------------------------------------------------------------------------
 def test_tasks_lists_filters_and_acts_on_selected_rows(offline, db):
-    service.submit_rows(offline, db, "empty_image", [{"1.color": str(i)} for i in range(3)], batch_name="first")
-    service.submit_rows(offline, db, "sd15_txt2img", [{"prompt": "a red fox", "steps": "2"}], batch_name="second")
+    submit_rows(offline, db, "empty_image", [{"1.color": str(i)} for i in range(3)], batch_name="first")
+    submit_rows(offline, db, "sd15_txt2img", [{"prompt": "a red fox", "steps": "2"}], name="second")
     at = page("tasks")
     no_failures(at)
     assert texts(at)[:3] == ["Batch 2: 0/1 done (0%) - 1 queued", "Batch 1: 0/3 done (0%) - 3 queued",
@@ -357,7 +357,7 @@ def test_tasks_lists_filters_and_acts_on_selected_rows(offline, db):
 
 
 def test_tasks_pages_through_many_tasks(offline, db):
-    service.submit_rows(offline, db, "empty_image", [{"1.color": str(i)} for i in range(120)])
+    submit_rows(offline, db, "empty_image", [{"1.color": str(i)} for i in range(120)])
     at = page("tasks")
     assert "Showing 1-50 of 120 task(s)" in texts(at)
     at.get("pagination")[0].set_value(3).run()
@@ -368,7 +368,7 @@ def test_tasks_pages_through_many_tasks(offline, db):
 
 
 def test_tasks_shows_failures_and_finished_work(offline, db):
-    service.submit_rows(offline, db, "empty_image", [{"1.color": "1"}, {"1.color": "2"}])
+    submit_rows(offline, db, "empty_image", [{"1.color": "1"}, {"1.color": "2"}])
     finish_with_images(offline, db, [(1, 2, 3)])
     task = db.claim_next_task("http://gpu-1:8188", str(uuid.uuid4()))
     db.transition(task["id"], service.TaskStatus.FAILED, ["submitted"], error="ComfyUI failed while running node 2")
@@ -382,7 +382,7 @@ def test_tasks_shows_failures_and_finished_work(offline, db):
 
 # -- Gallery --------------------------------------------------------------------------------------------
 def test_gallery_grid_detail_and_rerun_with_changes(offline, db):
-    service.submit_rows(offline, db, "sd15_txt2img", [{"prompt": "a red fox", "seed": "42", "steps": "3"},
+    submit_rows(offline, db, "sd15_txt2img", [{"prompt": "a red fox", "seed": "42", "steps": "3"},
                                                       {"prompt": "a blue bird", "steps": "3"}])
     finish_with_images(offline, db, [(255, 0, 0), (0, 0, 255)])
     at = page("gallery")

@@ -22,16 +22,13 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from core.scheduler import LEASE, Scheduler
 from core.store import Store
 from tests.appserver import AppServer, start_app
-from tests.conftest import make_settings
+from tests.support import CHROMIUM, CHROMIUM_ARGS, make_settings, settle
 
 pytestmark = pytest.mark.browser
 expect.set_options(timeout=20_000)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "test-artifacts" / "screenshots"
-CHROMIUM = os.environ.get("COMFYBATCH_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 GOOD_CSV = "1.color,width,height,count\n16711680,32,32,1\n65280,48,32,2\n"
 BAD_CSV = "1.color,width,heigth\n255,abc,32\n7,32,count\n"
 
@@ -55,12 +52,6 @@ def open_page(browser_page: Page, url: str) -> Page:
     browser_page.goto(url)
     settle(browser_page)
     return browser_page
-
-
-def settle(page: Page) -> None:
-    """Wait like Streamlit's own e2e suite: connected, and the script done."""
-    page.wait_for_selector("[data-testid=stApp][data-test-connection-state=CONNECTED]", timeout=30_000)
-    page.wait_for_selector("[data-test-script-state=notRunning]", timeout=30_000)
 
 
 def shot(page: Page, name: str) -> None:

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import zipfile
 
-from tests.conftest import make_settings
-from tests.test_recovery import worker_env
-
-
-def run(env, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "core", *args], env=env, cwd=env["WORK"], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def make_env(tmp_path, urls):
-    return {**worker_env(make_settings(tmp_path, urls)), "WORK": str(tmp_path)}
+from core.models import RETRYABLE, TaskStatus
+from core.store import Store
+from tests.support import cli_env as make_env
+from tests.support import make_settings
+from tests.support import run_cli as run
 
 
 def test_submit_worker_status_export(tmp_path, comfy):
@@ -60,8 +52,9 @@ def test_errors_are_one_clear_line_and_non_zero(tmp_path):
         "- bad.csv row 3: parameter '1.width' (1.width): expected an integer, got 'wide'"]
     assert "Traceback" not in bad.stderr
     unknown = run(env, "submit", "--workflow", "nope", "--prompt", "x")
-    assert unknown.returncode == 1
-    assert unknown.stderr.startswith("error: unknown workflow 'nope' (available: ")
+    assert unknown.returncode == 2
+    assert unknown.stderr.startswith("error: 1 problem(s) found; nothing was enqueued\n"
+                                     "- --workflow: unknown workflow 'nope' (available: ")
     assert run(env, "submit", "missing.csv", "--workflow", "empty_image").stderr == "error: missing.csv: no such file\n"
     assert run(env, "worker").stderr == (
         "error: no ComfyUI server configured: set COMFYUI_URL, e.g. COMFYUI_URL=http://127.0.0.1:8188\n")
@@ -77,3 +70,45 @@ def test_servers_reports_down_server_and_exit_code(tmp_path, comfy):
     lines = out.stdout.splitlines()
     assert lines[0].startswith(f"{comfy.url}\tup\tComfyUI 0.3.75 on cpu")
     assert lines[1].startswith("http://127.0.0.1:9\tDOWN\tComfyUI at http://127.0.0.1:9 is unreachable")
+
+
+def test_bad_inputs_exit_2_with_one_line_per_problem_and_enqueue_nothing(tmp_path):
+    env = make_env(tmp_path, [])
+    for count in ("0", "-2"):
+        out = run(env, "submit", "--workflow", "empty_image", "--count", count)
+        assert (out.returncode, out.stderr.splitlines()) == (2, [
+            "error: 1 problem(s) found; nothing was enqueued",
+            f"- --count: expected a whole number from 1 to 1000, got {count}"])
+    huge = run(env, "submit", "--workflow", "empty_image", "--count", str(10**9))
+    assert huge.returncode == 2 and "would make 1,000,000,000 tasks; at most 20,000" in huge.stderr
+    seed = run(env, "submit", "--workflow", "sd15_txt2img", "--param", "3.seed=" + "9" * 30, "--param", "cfg=nan")
+    assert (seed.returncode, seed.stderr.splitlines()) == (2, [
+        "error: 2 problem(s) found; nothing was enqueued",
+        "- parameter '3.seed' (3.seed): 999999999999999999999999999999 is outside the 64-bit range ComfyUI and "
+        "ComfyBatch store (at most 9,223,372,036,854,775,807 in size)",
+        "- parameter 'cfg' (3.cfg): expected a finite number, got 'nan'"])
+    (tmp_path / "big.csv").write_text("prompt,seed\n" + "x" * 1_000_000 + ",1\n", encoding="utf-8")
+    big = run(env, "submit", "big.csv", "--workflow", "sd15_txt2img")
+    assert big.returncode == 2 and big.stderr.startswith("error: big.csv row 2: not readable as CSV (field larger")
+    (tmp_path / "fr.csv").write_bytes("prompt\nFrançais élégant\n".encode("cp1252"))
+    fr = run(env, "submit", "fr.csv", "--workflow", "sd15_txt2img")
+    assert fr.returncode == 2 and "fr.csv: cannot read the text: it is not UTF-8 (byte 0xe7 on line 2)" in fr.stderr
+    for out in (huge, seed, big, fr):
+        assert "Traceback" not in out.stderr
+    assert json.loads(run(env, "status", "--json").stdout) == {}
+
+
+def test_retry_takes_the_same_statuses_as_the_api(tmp_path):
+    env = make_env(tmp_path, [])
+    assert run(env, "submit", "--workflow", "empty_image", "--count", "3").returncode == 0
+    store = Store(make_settings(tmp_path, []).db_path)
+    try:
+        ids = store.task_ids(batch_id=1)
+        assert run(env, "cancel", "--task", str(ids[0])).stdout == "cancelled 1, cancelling on server 0\n"
+        store.transition(ids[1], TaskStatus.FAILED, ["queued"], error="boom")
+        out = run(env, "retry", "--batch", "1")
+        assert out.stdout == "requeued 2 task(s)\n"  # the failed one and the cancelled one: models.RETRYABLE
+        assert RETRYABLE == ("failed", "cancelled")
+        assert store.counts(1) == {"queued": 3}
+    finally:
+        store.close()

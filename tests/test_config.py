@@ -9,7 +9,7 @@ import pytest
 
 from core.config import SETTINGS, Settings
 from core.errors import ConfigError
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def test_defaults(tmp_path):

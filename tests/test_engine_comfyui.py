@@ -11,7 +11,7 @@ from PIL import Image
 from core import service
 from core.errors import InputError
 from core.models import TaskStatus
-from tests.conftest import wait_until
+from tests.support import submit_csv, submit_rows, wait_until
 
 
 def pixels_of(path):
@@ -26,7 +26,7 @@ def test_fifty_row_csv_with_count_two_gives_a_hundred_pngs(settings, store, sche
         color, width, height = (i * 5 << 16) | (255 - i) << 8 | (i * 3), 16 + i, 24 + (i % 7)
         lines.append(f"{color},{width},{height},2")
         rows.append((color, width, height))
-    result = service.submit_csv(settings, store, "\n".join(lines).encode(), "jobs.csv", "empty_image")
+    result = submit_csv(settings, store, "\n".join(lines).encode(), "jobs.csv", "empty_image")
     assert len(result.task_ids) == 100
     assert service.wait_for_tasks(store, result.task_ids, timeout=120) == {"succeeded": 100}
 
@@ -48,7 +48,7 @@ def test_sd15_through_discovery_and_same_seed_same_pixels(settings, store, sched
            "a red fox in the snow,1234,2,64,64\n"
            "一只小猪在花园里,99,2,64,96\n"
            "a red fox in the snow,1234,2,64,64\n").encode()
-    result = service.submit_csv(settings, store, csv, "sd.csv", "sd15_txt2img")
+    result = submit_csv(settings, store, csv, "sd.csv", "sd15_txt2img")
     assert service.wait_for_tasks(store, result.task_ids, timeout=300) == {"succeeded": 3}
     decoded, comfy_names = [], []
     for task_id in result.task_ids:
@@ -69,7 +69,7 @@ def test_sd15_through_discovery_and_same_seed_same_pixels(settings, store, sched
 
 
 def test_random_seed_is_resolved_and_stored(settings, store):
-    result = service.submit_rows(settings, store, "sd15_txt2img", [{"prompt": "x", "steps": "2"}], count=3)
+    result = submit_rows(settings, store, "sd15_txt2img", [{"prompt": "x", "steps": "2"}], count=3)
     seeds = [store.get_task(t)["seed"] for t in result.task_ids]
     assert all(isinstance(s, int) for s in seeds) and len(set(seeds)) == 3
     assert [store.get_task(t)["graph"]["3"]["inputs"]["seed"] for t in result.task_ids] == seeds
@@ -77,7 +77,7 @@ def test_random_seed_is_resolved_and_stored(settings, store):
 
 def test_http_400_fails_at_once_with_node_and_input_named(settings, store, scheduler):
     # Preflight catches missing models and bad values; a link between wrong types only ComfyUI sees.
-    result = service.submit_rows(settings, store, "mismatched_link", [{"2.filename_prefix": "x"}])
+    result = submit_rows(settings, store, "mismatched_link", [{"2.filename_prefix": "x"}])
     assert service.wait_for_tasks(store, result.task_ids, timeout=60) == {"failed": 1}
     task = store.get_task(result.task_ids[0])
     assert task["attempts"] == 1
@@ -88,14 +88,14 @@ def test_http_400_fails_at_once_with_node_and_input_named(settings, store, sched
 
 def test_missing_checkpoint_is_refused_before_enqueue(settings, store):
     with pytest.raises(InputError) as err:
-        service.submit_rows(settings, store, "sd15_txt2img", [{"prompt": "x", "checkpoint": "missing.ckpt"}])
+        submit_rows(settings, store, "sd15_txt2img", [{"prompt": "x", "checkpoint": "missing.ckpt"}])
     assert err.value.problems == ["parameter 'checkpoint' (4.ckpt_name): 'missing.ckpt' is not one of "
                                   "random_sd15.safetensors"]
     assert store.counts() == {}
 
 
 def test_execution_error_is_retried_then_fails_with_comfyui_message(settings, store, scheduler):
-    result = service.submit_rows(settings, store, "empty_image", [{"2.filename_prefix": "../escape"}])
+    result = submit_rows(settings, store, "empty_image", [{"2.filename_prefix": "../escape"}])
     assert service.wait_for_tasks(store, result.task_ids, timeout=60) == {"failed": 1}
     task = store.get_task(result.task_ids[0])
     assert task["attempts"] == settings.max_attempts == 3
@@ -109,7 +109,7 @@ def test_execution_error_is_retried_then_fails_with_comfyui_message(settings, st
 def test_cancel_in_our_queue_pending_on_comfyui_and_running(settings, store, scheduler_factory):
     settings = settings.with_overrides(in_flight=2)
     slow = {"1.width": "1536", "1.height": "1536"}
-    result = service.submit_rows(settings, store, "slow_blur",
+    result = submit_rows(settings, store, "slow_blur",
                                  [{**slow, "1.color": str(c)} for c in range(4)])
     running, pending, queued, last = result.task_ids
     scheduler_factory(settings)
@@ -130,7 +130,7 @@ def test_input_image_is_uploaded_once_and_inverted(settings, store, scheduler, t
     img.save(buf, "PNG")
     (tmp_path / "red square.png").write_bytes(buf.getvalue())
     csv = b"image,3.filename_prefix\nred square.png,a\nred square.png,b\n"
-    result = service.submit_csv(settings, store, csv, "in.csv", "invert", image_dir=tmp_path)
+    result = submit_csv(settings, store, csv, "in.csv", "invert", image_dir=tmp_path)
     assert service.wait_for_tasks(store, result.task_ids, timeout=60) == {"succeeded": 2}
     for task_id in result.task_ids:
         (image,) = store.images_for_task(task_id)
@@ -141,7 +141,7 @@ def test_input_image_is_uploaded_once_and_inverted(settings, store, scheduler, t
 
 
 def test_status_events_are_timestamped_in_order(settings, store, scheduler):
-    result = service.submit_rows(settings, store, "empty_image", [{"1.color": "1"}])
+    result = submit_rows(settings, store, "empty_image", [{"1.color": "1"}])
     service.wait_for_tasks(store, result.task_ids, timeout=30)
     events = store.events(task_id=result.task_ids[0])
     assert [e["status"] for e in events] == ["queued", "submitted", "running", "succeeded"]

@@ -13,9 +13,8 @@ from PIL import Image
 
 from core import preflight, service, workflows
 from core.errors import InputError
-from tests.conftest import ROOT
-from tests.test_cli import run
-from tests.test_recovery import worker_env
+from tests.support import ROOT, submit_rows, worker_env
+from tests.support import run_cli as run
 
 WF = ROOT / "workflows"
 SHIPPED = sorted(p.stem for p in WF.glob("*.json"))
@@ -158,7 +157,7 @@ def test_sd15_passes_preflight_and_server_choices_fill_the_form(settings, store)
 
 def test_a_batch_no_server_can_run_is_refused_before_anything_is_enqueued(settings, store):
     with pytest.raises(InputError) as err:
-        service.submit_rows(settings, store, "qwen_image_t2i", [{"prompt": "一只小猪"}] * 3)
+        submit_rows(settings, store, "qwen_image_t2i", [{"prompt": "一只小猪"}] * 3)
     assert str(err.value).startswith("no ComfyUI server can run workflow 'qwen_image_t2i'; nothing was enqueued")
     assert err.value.problems[0].startswith(f"{settings.comfyui_urls[0]}: node 37 (UNETLoader)")
     assert store.counts() == {}
@@ -167,7 +166,7 @@ def test_a_batch_no_server_can_run_is_refused_before_anything_is_enqueued(settin
 def test_batch_is_routed_only_to_servers_that_can_run_it(settings, store):
     down = "http://127.0.0.1:9"
     two = settings.with_overrides(comfyui_urls=(*settings.comfyui_urls, down))
-    result = service.submit_rows(two, store, "empty_image", [{"color": 1}])
+    result = submit_rows(two, store, "empty_image", [{"color": 1}])
     assert result.servers is None  # every answering server can: no restriction
     assert [(r.url, r.reachable) for r in result.reports] == [(settings.comfyui_urls[0], True), (down, False)]
 
@@ -197,7 +196,7 @@ def test_rgba_output_stays_rgba_on_disk_and_in_the_zip(settings, store, schedule
             rgba.putpixel((x, y), (0, 128, 255, 0))  # left half transparent
     buf = io.BytesIO()
     rgba.save(buf, "PNG")
-    result = service.submit_rows(settings, store, "rgba_cutout", [{"1.image": "cut.png"}],
+    result = submit_rows(settings, store, "rgba_cutout", [{"1.image": "cut.png"}],
                                  images={"cut.png": buf.getvalue()})
     assert service.wait_for_tasks(store, result.task_ids, timeout=60) == {"succeeded": 1}
     (image,) = store.images_for_task(result.task_ids[0])

@@ -12,8 +12,8 @@ import pytest
 
 from core import preflight, service
 from core.store import Store
-from tests.conftest import ROOT, make_settings, wait_until
 from tests.fake_comfy import FakeComfy
+from tests.support import ROOT, make_settings, submit_rows, wait_until
 
 
 def worker_env(settings) -> dict[str, str]:
@@ -24,7 +24,7 @@ def worker_env(settings) -> dict[str, str]:
 
 def test_kill_9_worker_mid_batch_then_restart_loses_and_duplicates_nothing(settings, store):
     rows = [{"1.color": str(i), "1.width": "512", "1.height": "512"} for i in range(24)]
-    result = service.submit_rows(settings, store, "slow_blur", rows)
+    result = submit_rows(settings, store, "slow_blur", rows)
     env = worker_env(settings)
     worker = subprocess.Popen([sys.executable, "-m", "core", "worker", "--quiet"], env=env, cwd=ROOT)
     try:
@@ -63,7 +63,7 @@ def two_servers(comfy, comfy_factory, tmp_path):
 def test_two_servers_share_the_work(two_servers, scheduler_factory):
     settings, store, (first_url, second_url) = two_servers
     rows = [{"1.color": str(i), "1.width": "256", "1.height": "256"} for i in range(16)]
-    result = service.submit_rows(settings, store, "slow_blur", rows)
+    result = submit_rows(settings, store, "slow_blur", rows)
     scheduler_factory(settings)
     assert service.wait_for_tasks(store, result.task_ids, timeout=120) == {"succeeded": 16}
     per_server = Counter(store.get_task(t)["server"] for t in result.task_ids)
@@ -77,7 +77,7 @@ def test_comfyui_restarted_mid_batch_the_batch_still_completes(comfy_factory, tm
     store = Store(settings.db_path)
     try:
         rows = [{"1.color": str(i), "1.width": "512", "1.height": "512"} for i in range(12)]
-        result = service.submit_rows(settings, store, "slow_blur", rows)
+        result = submit_rows(settings, store, "slow_blur", rows)
         scheduler_factory(settings)
         wait_until(lambda: store.counts().get("succeeded", 0) >= 3, 120, message="3 tasks done")
         server.restart()  # kill -9 and start again on the same port: its queue and history are gone
@@ -97,7 +97,7 @@ def test_a_server_that_freezes_mid_job_loses_nothing(comfy, tmp_path, scheduler_
         settings = make_settings(tmp_path, [fake.url, comfy.url], read_timeout=2.0, connect_timeout=2.0)
         store = Store(settings.db_path)
         try:
-            result = service.submit_rows(settings, store, "empty_image",
+            result = submit_rows(settings, store, "empty_image",
                                          [{"color": str(i), "width": "8"} for i in range(6)])
             scheduler_factory(settings)
             assert service.wait_for_tasks(store, result.task_ids, timeout=90) == {"succeeded": 6}
@@ -114,21 +114,21 @@ def test_two_schedulers_on_one_database_never_both_dispatch(settings, store, sch
     first = scheduler_factory(settings)
     wait_until(lambda: first.is_leader, 10, message="the first scheduler to take the lease")
     second = scheduler_factory(settings)
-    result = service.submit_rows(settings, store, "empty_image", [{"color": str(i)} for i in range(30)])
+    result = submit_rows(settings, store, "empty_image", [{"color": str(i)} for i in range(30)])
     assert service.wait_for_tasks(store, result.task_ids, timeout=60) == {"succeeded": 30}
     assert (first.is_leader, second.is_leader, second.workers) == (True, False, {})
     submits = Counter(e["task_id"] for e in store.events() if e["status"] == "submitted")
     assert submits == Counter({t: 1 for t in result.task_ids})
     first.stop()  # releases the lease: the standby takes over within a tick
     wait_until(lambda: second.is_leader, 10, message="the standby to take over")
-    more = service.submit_rows(settings, store, "empty_image", [{"color": "99"}])
+    more = submit_rows(settings, store, "empty_image", [{"color": "99"}])
     assert service.wait_for_tasks(store, more.task_ids, timeout=30) == {"succeeded": 1}
 
 
 def test_disabling_a_server_mid_batch_moves_its_tasks_to_the_others(two_servers, scheduler_factory):
     settings, store, (first_url, second_url) = two_servers
     rows = [{"1.color": str(i), "1.width": "512", "1.height": "512"} for i in range(10)]
-    result = service.submit_rows(settings, store, "slow_blur", rows)
+    result = submit_rows(settings, store, "slow_blur", rows)
     scheduler_factory(settings)
     wait_until(lambda: any(t["server"] == second_url for t in store.in_flight_tasks()), 60,
                message="a task on the second server")

@@ -10,7 +10,7 @@ import pytest
 from core import workflows
 from core.errors import InputError, WorkflowError
 from core.workflows import Param
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 WF = ROOT / "workflows"
 
@@ -148,7 +148,8 @@ def test_a_broken_or_huge_file_never_takes_the_workflow_list_down(tmp_path):
     found, problems = workflows.list_workflows(tmp_path)
     assert sorted(w.name for w in found) == ["named", "ok"]
     assert [p.split(":")[0].split(" ")[0] for p in problems] == ["deep.json", "huge.json", "no_inputs.json"]
-    assert problems[2] == "no_inputs.json is not a usable API-format workflow\n- node 1 (EmptyImage): 'inputs' is missing"
+    assert problems[2] == ("no_inputs.json is not a usable API-format workflow\n"
+                           "- node 1 (EmptyImage): 'inputs' is missing")
     assert all(len(p) < 400 for p in problems)
 
 
