@@ -130,7 +130,7 @@ def guard() -> Iterator[None]:
 
 def show_error(exc: ComfyBatchError) -> None:
     if isinstance(exc, InputError) and exc.problems:
-        st.error(exc.summary + "\n\n" + "\n".join(f"- {md_escape(p)}" for p in exc.problems))
+        st.error(md_escape(exc.summary) + "\n\n" + "\n".join(f"- {md_escape(str(p))}" for p in exc.problems))
     else:
         st.error(md_escape(str(exc)))
 

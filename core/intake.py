@@ -107,9 +107,7 @@ def build_jobs(settings: Settings, workflow: Workflow, sub: Submission, rng: ran
     jobs: list[Job] = []
     for row in sub.rows:
         where: dict[str, Any] = {"row": row.number, "file": sub.file if row.number is not None else None}
-        problems.extend(p.at(**where) for p in row.problems)
-        if row.problems:
-            continue
+        problems.extend(p.at(**where) for p in row.problems)  # and the row's values are checked too
         try:
             resolved = workflows.resolve_params(workflow, row.params, rng)
         except InputError as exc:

