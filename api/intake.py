@@ -56,8 +56,8 @@ def json_submission(data: Any) -> Submission:
     """A JSON body as a Submission; what is wrong with its shape goes into `problems`."""
     if not isinstance(data, dict):
         raise InputError('the request body must be a JSON object like {"workflow": "empty_image", "rows": [...]}')
-    problems = [Problem(f"unknown field (the fields are: {', '.join(JSON_FIELDS)})", field=_clip(k), code="unknown")
-                for k in data if k not in JSON_FIELDS]
+    problems = [Problem(f"not a field of this request (the fields are: {', '.join(JSON_FIELDS)})", field=_clip(k),
+                        code="unknown") for k in data if k not in JSON_FIELDS]
     workflow = data.get("workflow")
     if workflow is not None and not isinstance(workflow, str):
         problems.append(Problem(f"expected the name of a workflow, got {show(workflow)}", field="workflow"))
@@ -77,7 +77,7 @@ def json_submission(data: Any) -> Submission:
 def form_submission(settings: Settings, fields: dict[str, list[str]], files: dict[str, list[tuple[str, bytes]]]
                     ) -> Submission:
     """A multipart CSV upload as a Submission; the CSV is read by the engine's one CSV reader."""
-    problems = [Problem(f"unknown form field (the fields are: {', '.join((*FILE_FIELDS, *FORM_FIELDS))})",
+    problems = [Problem(f"not a field of this form (the fields are: {', '.join((*FILE_FIELDS, *FORM_FIELDS))})",
                         field=_clip(k), code="unknown") for k in [*fields, *files] if k not in (*FORM_FIELDS,
                                                                                                *FILE_FIELDS)]
     problems += [Problem(f"given {len(v)} times; give it once", field=k) for k, v in fields.items()

@@ -12,7 +12,7 @@ from core.config import Settings
 from core.scheduler import Scheduler
 from core.store import Store
 from tests.comfyui_harness import server as harness
-from tests.support import ROOT, make_settings, wait_until  # noqa: F401  (fixtures below; old imports)
+from tests.support import make_settings
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +75,14 @@ def scheduler_factory(store: Store) -> Iterator:
 @pytest.fixture
 def scheduler(scheduler_factory, settings: Settings) -> Scheduler:
     return scheduler_factory(settings)
+
+
+REAL_PARTS = {"comfy", "comfy_factory", "sd15_checkpoint", "comfy_installed"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that needs a real ComfyUI (directly or through another fixture: an app server, a browser) is
+    `slow`; `pytest -m "not slow"` is the fast tier: the engine's decisions, intake and pages without servers."""
+    for item in items:
+        if REAL_PARTS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

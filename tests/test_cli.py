@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import zipfile
 
+import pytest
+
 from core.models import RETRYABLE, TaskStatus
 from core.store import Store
 from tests.support import cli_env as make_env
 from tests.support import make_settings
 from tests.support import run_cli as run
+
+pytestmark = pytest.mark.slow  # every test starts `python -m core` subprocesses
 
 
 def test_submit_worker_status_export(tmp_path, comfy):

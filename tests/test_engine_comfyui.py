@@ -89,8 +89,8 @@ def test_http_400_fails_at_once_with_node_and_input_named(settings, store, sched
 def test_missing_checkpoint_is_refused_before_enqueue(settings, store):
     with pytest.raises(InputError) as err:
         submit_rows(settings, store, "sd15_txt2img", [{"prompt": "x", "checkpoint": "missing.ckpt"}])
-    assert err.value.problems == ["parameter 'checkpoint' (4.ckpt_name): 'missing.ckpt' is not one of "
-                                  "random_sd15.safetensors"]
+    assert [str(p) for p in err.value.problems] == ["parameter 'checkpoint' (4.ckpt_name): 'missing.ckpt' is not "
+                                                    "one of random_sd15.safetensors"]
     assert store.counts() == {}
 
 

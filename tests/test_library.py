@@ -97,7 +97,8 @@ def test_qwen_edit_needs_its_first_image():
     wf = workflows.load_workflow(WF / "qwen_edit_i2i.json")
     with pytest.raises(InputError) as err:
         workflows.resolve_params(wf, {"prompt": "x"})
-    assert err.value.problems == ["parameter 'image' is required"]
+    assert [str(p) for p in err.value.problems] == ["parameter 'image': missing: this workflow requires it"]
+    assert (err.value.problems[0].parameter, err.value.problems[0].code) == ("image", "required")
 
 
 def test_matting_and_sd_and_flux_full_parameter_sets():
@@ -159,7 +160,8 @@ def test_a_batch_no_server_can_run_is_refused_before_anything_is_enqueued(settin
     with pytest.raises(InputError) as err:
         submit_rows(settings, store, "qwen_image_t2i", [{"prompt": "一只小猪"}] * 3)
     assert str(err.value).startswith("no ComfyUI server can run workflow 'qwen_image_t2i'; nothing was enqueued")
-    assert err.value.problems[0].startswith(f"{settings.comfyui_urls[0]}: node 37 (UNETLoader)")
+    assert str(err.value.problems[0]).startswith(f"{settings.comfyui_urls[0]}: node 37 (UNETLoader)")
+    assert err.value.problems[0].server == settings.comfyui_urls[0]
     assert store.counts() == {}
 
 
