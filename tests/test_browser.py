@@ -162,6 +162,31 @@ def test_csv_batch_to_live_tasks_to_gallery_zip(app, browser, tmp_path):
         after.close()
 
 
+def test_a_deep_link_on_a_fresh_server_gets_the_same_frame_on_every_page(app, browser):
+    """The first session of a fresh server opens a deep link (not the root): every page must still come with
+    ComfyBatch's navigation, sidebar status and wide layout, as it does after a visit to the root."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        seen = {}
+        for key, title in (("gallery", "Gallery"), ("servers", "Servers"), ("batch", "Batch"), ("tasks", "Tasks"),
+                           ("generate", "Generate"), ("", "Generate")):
+            page = open_page(context.new_page(), f"{app.url}/{key}")
+            expect(page.get_by_role("heading", name=title, level=1)).to_be_visible()
+            expect(page.get_by_test_id("stSidebar")).to_contain_text("Servers: 1 up")
+            links = [t.split("\n")[-1] for t in page.get_by_test_id("stSidebarNav").get_by_role("link").all_inner_texts()]
+            width = page.get_by_test_id("stMainBlockContainer").bounding_box()["width"]
+            seen[key] = (links, page.title(), width > 1000)
+            if key == "gallery":
+                shot(page, "deep-link-gallery")
+            page.close()
+        assert {k: v[0] for k, v in seen.items()} == {k: ["Generate", "Batch", "Tasks", "Gallery", "Servers"]
+                                                      for k in seen}
+        assert {k: v[2] for k, v in seen.items()} == {k: True for k in seen}  # the wide layout of page_config
+        assert all("ComfyBatch" in v[1] for v in seen.values())
+    finally:
+        context.close()
+
+
 def test_results_csv_and_a_second_app_waits_for_the_lease(comfy, browser, tmp_path):
     settings = make_settings(tmp_path, [comfy.url])
     store = Store(settings.db_path)
