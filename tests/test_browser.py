@@ -173,7 +173,8 @@ def test_a_deep_link_on_a_fresh_server_gets_the_same_frame_on_every_page(app, br
             page = open_page(context.new_page(), f"{app.url}/{key}")
             expect(page.get_by_role("heading", name=title, level=1)).to_be_visible()
             expect(page.get_by_test_id("stSidebar")).to_contain_text("Servers: 1 up")
-            links = [t.split("\n")[-1] for t in page.get_by_test_id("stSidebarNav").get_by_role("link").all_inner_texts()]
+            nav = page.get_by_test_id("stSidebarNav").get_by_role("link")
+            links = [text.split("\n")[-1] for text in nav.all_inner_texts()]  # after the icon's name
             width = page.get_by_test_id("stMainBlockContainer").bounding_box()["width"]
             seen[key] = (links, page.title(), width > 1000)
             if key == "gallery":
