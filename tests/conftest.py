@@ -86,3 +86,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if REAL_PARTS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def offline_engine(tmp_path: Path) -> Iterator[tuple[Settings, Store]]:
+    """Settings with no ComfyUI server (nothing is preflighted) and their store: intake and front-door tests."""
+    settings = make_settings(tmp_path, [])
+    s = Store(settings.db_path)
+    yield settings, s
+    s.close()

@@ -11,19 +11,9 @@ import pytest
 
 from core import csvin, service
 from core.errors import InputError, Problem
-from core.store import Store
-from tests.support import make_settings
 
 ROWS = "prompt,seed,steps\n一只粉色的小猪在花园里,1,2\n戴帽子的猫 cat with a hat,2,3\n"
 MB = 1024 * 1024
-
-
-@pytest.fixture
-def offline(tmp_path):
-    settings = make_settings(tmp_path, [])
-    store = Store(settings.db_path)
-    yield settings, store
-    store.close()
 
 
 def submit_csv(settings, store, data: bytes, filename: str, workflow: str, **fields):
@@ -40,8 +30,8 @@ def read(data: bytes, name: str = "jobs.csv", **limits) -> list:
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "gbk", "gb18030", "utf-16"])
-def test_chinese_prompts_survive_every_encoding(offline, encoding):
-    settings, store = offline
+def test_chinese_prompts_survive_every_encoding(offline_engine, encoding):
+    settings, store = offline_engine
     result = submit_csv(settings, store, ROWS.encode(encoding), "jobs.csv", "sd15_txt2img")
     tasks = [store.get_task(t) for t in result.task_ids]
     assert [t["params"] for t in tasks] == [{"prompt": "一只粉色的小猪在花园里", "seed": "1", "steps": "2"},
@@ -56,8 +46,8 @@ def test_chinese_prompts_survive_every_encoding(offline, encoding):
     ("prompt\n日本語のテキスト\n".encode("shift_jis"), "byte 0x93 on line 2"),
     ("prompt\nMüller straße\n".encode("cp1252"), "byte 0xfc on line 2"),
 ])
-def test_western_and_japanese_files_are_refused_not_stored_as_mojibake(offline, data, where):
-    settings, store = offline
+def test_western_and_japanese_files_are_refused_not_stored_as_mojibake(offline_engine, data, where):
+    settings, store = offline_engine
     with pytest.raises(InputError) as err:
         submit_csv(settings, store, data, "jobs.csv", "sd15_txt2img")
     assert str(err.value) == (
@@ -67,8 +57,8 @@ def test_western_and_japanese_files_are_refused_not_stored_as_mojibake(offline, 
     assert store.counts() == {}
 
 
-def test_a_utf8_bom_in_front_of_gbk_blames_the_encoding_not_a_column(offline):
-    settings, store = offline
+def test_a_utf8_bom_in_front_of_gbk_blames_the_encoding_not_a_column(offline_engine):
+    settings, store = offline_engine
     data = codecs.BOM_UTF8 + "prompt,seed\n小猪,1\n".encode("gbk")
     with pytest.raises(InputError) as err:
         submit_csv(settings, store, data, "jobs.csv", "sd15_txt2img")
@@ -77,8 +67,8 @@ def test_a_utf8_bom_in_front_of_gbk_blames_the_encoding_not_a_column(offline):
     assert err.value.problems == []
 
 
-def test_bad_rows_enqueue_nothing_and_every_one_is_reported_with_its_location(offline):
-    settings, store = offline
+def test_bad_rows_enqueue_nothing_and_every_one_is_reported_with_its_location(offline_engine):
+    settings, store = offline_engine
     data = (b"prompt,steps,width,colour,count\n"
             b"ok,2,64,,1\n"
             b"bad steps,two,64,,\n"
@@ -100,8 +90,8 @@ def test_bad_rows_enqueue_nothing_and_every_one_is_reported_with_its_location(of
     assert store.counts() == {} and store.list_batches() == []
 
 
-def test_count_and_batch_name_columns(offline):
-    settings, store = offline
+def test_count_and_batch_name_columns(offline_engine):
+    settings, store = offline_engine
     data = b"1.color,count,batch_name\n1,2,reds\n2,,blues\n3,3,reds\n"
     result = submit_csv(settings, store, data, "c.csv", "empty_image")
     assert len(result.batch_ids) == 2
@@ -110,8 +100,8 @@ def test_count_and_batch_name_columns(offline):
     assert per_batch == {"reds": 5, "blues": 1}
 
 
-def test_fixed_seed_with_count_steps_the_seed(offline):
-    settings, store = offline
+def test_fixed_seed_with_count_steps_the_seed(offline_engine):
+    settings, store = offline_engine
     sub = service.Submission("sd15_txt2img", [service.Row({"prompt": "x", "seed": "10"})], count=3)
     result = service.submit(settings, store, sub)
     assert [store.get_task(t)["seed"] for t in result.task_ids] == [10, 11, 12]
@@ -138,8 +128,8 @@ def test_ragged_rows_are_refused_whether_a_cell_is_missing_or_extra():
         (5, [])]  # trailing empty cells (Excel writes them) are not a problem
 
 
-def test_ragged_rows_are_reported_by_the_submission_path(offline):
-    settings, store = offline
+def test_ragged_rows_are_reported_by_the_submission_path(offline_engine):
+    settings, store = offline_engine
     with pytest.raises(InputError) as err:
         submit_csv(settings, store, b"1.color,1.width\n1,8\n2\n", "r.csv", "empty_image")
     assert texts(err.value) == ["r.csv row 3: 1 cells but the header has 2 columns; add the missing separators "
@@ -152,15 +142,15 @@ def test_semicolon_and_tab_separated_files_are_read():
     assert [r.params for r in read(b"prompt\tseed\nA\t1\n", "x.csv")] == [{"prompt": "A", "seed": "1"}]
 
 
-def test_nul_bytes_in_cells_are_refused(offline):
-    settings, store = offline
+def test_nul_bytes_in_cells_are_refused(offline_engine):
+    settings, store = offline_engine
     with pytest.raises(InputError) as err:
         submit_csv(settings, store, b"prompt,seed\nab\x00c,1\n", "n.csv", "sd15_txt2img")
     assert texts(err.value) == ["n.csv row 2 column 'prompt': contains a NUL character (\\x00); remove it"]
 
 
-def test_missing_input_image_is_named(offline, tmp_path):
-    settings, store = offline
+def test_missing_input_image_is_named(offline_engine, tmp_path):
+    settings, store = offline_engine
     with pytest.raises(InputError) as err:
         submit_csv(settings, store, b"image\nnope.png\n", "in.csv", "invert", image_dir=tmp_path)
     assert texts(err.value) == [f"in.csv row 2: parameter 'image': image file 'nope.png' not found "
@@ -168,8 +158,8 @@ def test_missing_input_image_is_named(offline, tmp_path):
 
 
 # -- limits, checked before anything grows with the input -------------------------------------------------
-def test_count_zero_negative_and_huge_are_refused_before_expanding(offline):
-    settings, store = offline
+def test_count_zero_negative_and_huge_are_refused_before_expanding(offline_engine):
+    settings, store = offline_engine
     row = [service.Row({"1.color": "1"})]
     for count in (0, -3):
         with pytest.raises(InputError) as err:
@@ -188,8 +178,8 @@ def test_count_zero_negative_and_huge_are_refused_before_expanding(offline):
     assert store.counts() == {}
 
 
-def test_total_tasks_from_count_columns_are_limited(offline):
-    settings, store = offline
+def test_total_tasks_from_count_columns_are_limited(offline_engine):
+    settings, store = offline_engine
     settings = settings.with_overrides(max_tasks=100)
     data = b"1.color,count\n" + b"1,60\n" * 2
     with pytest.raises(InputError) as err:

@@ -12,18 +12,9 @@ from api import intake as api_intake
 from core import service, workflows
 from core.errors import InputError
 from core.models import RETRYABLE, UNFINISHED, TaskStatus
-from core.store import Store
-from tests.support import ROOT, make_settings, submit_csv, submit_rows
+from tests.support import ROOT, submit_csv, submit_rows
 
 GOOD = (ROOT / "workflows" / "empty_image.json").read_bytes()
-
-
-@pytest.fixture
-def offline(tmp_path):
-    settings = make_settings(tmp_path, [])
-    store = Store(settings.db_path)
-    yield settings, store
-    store.close()
 
 
 @pytest.mark.parametrize(("name", "data", "message"), [
@@ -36,8 +27,8 @@ def offline(tmp_path):
     ("links.json", json.dumps({"1": {"class_type": "SaveImage", "inputs": {"images": ["9", 0]}}}).encode(),
      "links.json is not a usable API-format workflow"),
 ])
-def test_a_bad_workflow_upload_is_refused_and_nothing_is_written(offline, name, data, message):
-    settings, _ = offline
+def test_a_bad_workflow_upload_is_refused_and_nothing_is_written(offline_engine, name, data, message):
+    settings, _ = offline_engine
     before = sorted(p.name for p in settings.workflows_dir.iterdir())
     with pytest.raises(InputError) as err:
         service.add_workflow(settings, name, data)
@@ -48,8 +39,8 @@ def test_a_bad_workflow_upload_is_refused_and_nothing_is_written(offline, name, 
     assert problems == [] and len(found) == len([n for n in before if n.endswith(".json")])
 
 
-def test_a_good_upload_with_subgraph_style_ids_is_added_and_listed(offline):
-    settings, store = offline
+def test_a_good_upload_with_subgraph_style_ids_is_added_and_listed(offline_engine):
+    settings, store = offline_engine
     graph = {"75:12": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
              "save": {"class_type": "SaveImage", "inputs": {"images": ["75:12", 0], "filename_prefix": "x"}}}
     added = service.add_workflow(settings, "My Graph (v2).json", json.dumps(graph).encode())
@@ -61,8 +52,8 @@ def test_a_good_upload_with_subgraph_style_ids_is_added_and_listed(offline):
     assert store.get_task(result.task_ids[0])["graph"]["75:12"]["inputs"]["width"] == 16
 
 
-def test_actions_use_the_status_groups_of_the_engine(offline):
-    settings, store = offline
+def test_actions_use_the_status_groups_of_the_engine(offline_engine):
+    settings, store = offline_engine
     ids = submit_rows(settings, store, "empty_image", [{"1.color": str(i)} for i in range(4)]).task_ids
     store.claim_next_task("http://gpu:8188", "p-1")
     store.transition(ids[1], TaskStatus.FAILED, ["queued"], error="boom")
@@ -80,8 +71,8 @@ def test_actions_use_the_status_groups_of_the_engine(offline):
     assert service.add_server(store, "gpu-3:8188") == "http://gpu-3:8188"
 
 
-def test_json_and_csv_from_the_api_get_the_answers_the_cli_gets(offline):
-    settings, store = offline
+def test_json_and_csv_from_the_api_get_the_answers_the_cli_gets(offline_engine):
+    settings, store = offline_engine
     csv_data = b"1.color,1.width\nred,16\n1,wide,extra\n"
     with pytest.raises(InputError) as from_cli:
         submit_csv(settings, store, csv_data, "jobs.csv", "empty_image")
