@@ -283,6 +283,31 @@ def test_batch_edits_in_the_table_fix_the_problems(offline, db):
     assert db.get_task(1)["graph"]["1"]["inputs"]["width"] == 24
 
 
+def test_batch_reports_a_ragged_row_as_the_cli_does_until_it_is_edited(offline, db):
+    at = upload_csv(batch("empty_image"), b"1.color,width\n255,16\n7,24,oops\n9\n")
+    no_failures(at)
+    (editor,) = at.data_editor
+    assert list(editor.value.columns) == ["#", "1.color", "width"]  # no made-up "extra 1" column
+    (error,) = messages(at, "error")
+    assert error.split("\n")[2:] == [
+        "- row 3: 3 cells but the header has 2 columns; remove what is beyond the last column (oops)",
+        "- row 4: 1 cells but the header has 2 columns; add the missing separators (empty cells are fine)"]
+    at.session_state[editor.key] = {"edited_rows": {2: {"width": "8"}}, "added_rows": [], "deleted_rows": [1]}
+    at.run()
+    no_failures(at)
+    assert messages(at, "error") == []
+    assert messages(at, "success") == ["Ready: 2 task(s) from 2 row(s) in 1 batch(es)."]
+
+
+def test_batch_upload_preview_refuses_a_huge_count_without_expanding_it(offline, db):
+    at = upload_csv(batch("empty_image"), b"1.color,count\n1,1000\n2,1000000000\n" + b"3,1000\n" * 25)
+    no_failures(at)
+    (error,) = messages(at, "error")
+    assert "- row 3, column 'count': expected a whole number from 1 to 1000, got '1000000000'" in error
+    assert "would make 26,001 tasks; at most 20,000 in one submission (COMFYBATCH_MAX_TASKS)" in error
+    assert db.counts() == {}
+
+
 def test_batch_reads_gbk_and_shows_the_dry_run(offline, db):
     csv = "prompt,seed,steps,width,height\n一只小猪在花园里,99,2,64,96\n".encode("gbk")
     at = upload_csv(batch("sd15_txt2img"), csv, "gbk.csv")
