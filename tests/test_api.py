@@ -458,7 +458,7 @@ def test_workflows_health_and_paged_task_list(app, web, comfy):
     reply = web.get(app.api + "/tasks", params={"status": "done"})
     assert reply.status_code == 400 and reply.json()["error"] == (
         "query parameter 'status': unknown status 'done' (one of: queued, submitted, running, succeeded, failed, "
-        "cancelled)")
+        "cancelled; several may be given comma-separated)")
     reply = web.get(app.api + "/tasks", params={"limit": 100000})
     assert reply.status_code == 400 and reply.json()["error"] == (
         "query parameter 'limit': expected a whole number from 1 to 500, got '100000'")
