@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,15 +194,17 @@ def _records(reader: Any, filename: str, max_rows: int) -> Any:
 
 
 def _plausibly_chinese(text: str) -> bool:
-    wide = [c for c in text if ord(c) > 127]
+    counts = Counter(text)  # counted in C; each distinct character is then checked once
+    wide = {c: n for c, n in counts.items() if ord(c) > 127}
+    total = sum(wide.values())
     common = 0
-    for c in wide:
+    for c, n in wide.items():
         try:
             c.encode("gb2312")
-            common += 1
+            common += n
         except UnicodeEncodeError:
             pass
-    return not wide or common / len(wide) >= GB_PLAUSIBLE
+    return not total or common / total >= GB_PLAUSIBLE
 
 
 def _line_of(data: bytes, offset: int) -> int:
