@@ -11,5 +11,5 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 bash tests/comfyui_harness/install.sh
 .venv/bin/python -m ruff check .
-.venv/bin/python -m mypy core
+.venv/bin/python -m mypy core api
 exec .venv/bin/python -m pytest "$@"
