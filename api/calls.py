@@ -86,12 +86,14 @@ class Call:
         return int(text)
 
     def statuses(self) -> list[str]:
-        values = [s.strip() for raw in self.request.query_params.getlist("status") for s in raw.split(",")]
-        bad = [s for s in values if s and s not in ALL_STATUSES]
+        """The `status` filter as api.openapi documents it: each value one or more statuses, comma-separated
+        (spaces around them allowed); the parameter may repeat; an empty value is no filter."""
+        values = [s.strip(" ") for raw in self.request.query_params.getlist("status") if raw for s in raw.split(",")]
+        bad = [s for s in values if s not in ALL_STATUSES]
         if bad:
             raise ApiError(400, f"query parameter 'status': unknown status {_clip(bad[0])!r} (one of: "
                                 f"{', '.join(ALL_STATUSES)}; several may be given comma-separated)")
-        return [s for s in values if s]
+        return values
 
     def json_object(self) -> dict[str, Any]:
         data = intake.parse_json(self.body) if self.body.strip() else {}

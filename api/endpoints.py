@@ -30,6 +30,12 @@ from core import service, workflows
 from core.errors import InputError, NotFound, Problem
 from core.models import RETRYABLE, UNFINISHED
 
+PAGE_SIZE = 50  # /batches and /tasks: the default page
+MAX_PAGE_SIZE = 500
+MAX_BATCH_OFFSET = 10**6  # a /batches page is cut from one read of the newest batches, so this stays modest
+MAX_TASK_OFFSET = 10**9
+ORDERS = ("desc", "asc")  # /tasks ?order= (by id); the first is the default
+
 
 # -- index, schema, health, workflows -----------------------------------------------------------------
 def index(call: Call) -> dict[str, Any]:
@@ -63,8 +69,8 @@ def get_workflow(call: Call) -> dict[str, Any]:
 
 # -- batches ------------------------------------------------------------------------------------------
 def list_batches(call: Call) -> dict[str, Any]:
-    limit = call.query_int("limit", 50, 1, 500) or 50
-    offset = call.query_int("offset", 0, 0, 10**6) or 0
+    limit = call.query_int("limit", PAGE_SIZE, 1, MAX_PAGE_SIZE) or PAGE_SIZE
+    offset = call.query_int("offset", 0, 0, MAX_BATCH_OFFSET) or 0
     rows = call.store.list_batches(offset + limit + 1)[offset:]
     batches = [batch_json(call.store, b["id"], call.url) for b in rows[:limit]]
     more = len(rows) > limit
@@ -145,14 +151,16 @@ def batch_priority(call: Call) -> dict[str, Any]:
 
 # -- tasks --------------------------------------------------------------------------------------------
 def list_tasks(call: Call) -> dict[str, Any]:
-    limit = call.query_int("limit", 50, 1, 500) or 50
-    offset = call.query_int("offset", 0, 0, 10**9) or 0
-    order = call.request.query_params.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise ApiError(400, f"query parameter 'order': expected asc or desc, got {order!r}")
-    filters: dict[str, Any] = {"batch_id": call.query_int("batch_id", None), "statuses": call.statuses(),
-                               "workflow": call.request.query_params.get("workflow") or None,
-                               "text": call.request.query_params.get("q") or None}
+    limit = call.query_int("limit", PAGE_SIZE, 1, MAX_PAGE_SIZE) or PAGE_SIZE
+    offset = call.query_int("offset", 0, 0, MAX_TASK_OFFSET) or 0
+    order = call.request.query_params.get("order", ORDERS[0])
+    if order not in ORDERS:
+        raise ApiError(400, f"query parameter 'order': expected {' or '.join(ORDERS)}, got {order!r}")
+    text = call.request.query_params.get("q") or None
+    if text is not None and "\x00" in text:  # SQLite's full-text query syntax cannot hold one (a 500 before)
+        raise ApiError(400, "query parameter 'q': the text cannot contain NUL characters")
+    filters: dict[str, Any] = {"batch_id": call.query_int("batch_id", None, 1), "statuses": call.statuses(),
+                               "workflow": call.request.query_params.get("workflow") or None, "text": text}
     total = call.store.count_tasks(**filters)
     tasks = call.store.list_tasks(**filters, limit=limit, offset=offset, newest_first=order == "desc")
     query = [(k, v) for k, v in call.request.query_params.multi_items() if k != "offset"]

@@ -24,12 +24,14 @@ STREAM_POLL = 0.25  # seconds between reads of the events table while a stream i
 STREAM_KEEPALIVE = 10.0  # a comment line this often, so proxies keep the stream and dead clients are noticed
 STREAM_SECONDS = 30  # default life of one stream
 STREAM_MAX_SECONDS = 300
+EVENTS_PAGE = 500  # /events: the default page
+MAX_EVENTS_PAGE = 5000
 
 
 def list_events(call: Call) -> dict[str, Any]:
     after = call.query_int("after", 0) or 0
-    limit = call.query_int("limit", 500, 1, 5000) or 500
-    batch_id, task_id = call.query_int("batch_id", None), call.query_int("task_id", None)
+    limit = call.query_int("limit", EVENTS_PAGE, 1, MAX_EVENTS_PAGE) or EVENTS_PAGE
+    batch_id, task_id = call.query_int("batch_id", None, 1), call.query_int("task_id", None, 1)
     events, last = _events_after(call.store, after, batch_id, task_id, limit)
     query = "&".join(f"{k}={v}" for k, v in (("batch_id", batch_id), ("task_id", task_id)) if v is not None)
     latest = call.store.db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
@@ -45,7 +47,7 @@ async def stream_events(call: Call) -> Response:
     if header and resumed is None:
         raise ApiError(400, f"header Last-Event-ID: expected an event id (a whole number), got {header[:40]!r}")
     after = resumed if resumed is not None else (call.query_int("after", 0) or 0)
-    batch_id, task_id = call.query_int("batch_id", None), call.query_int("task_id", None)
+    batch_id, task_id = call.query_int("batch_id", None, 1), call.query_int("task_id", None, 1)
     seconds = call.query_int("timeout", STREAM_SECONDS, 1, STREAM_MAX_SECONDS) or STREAM_SECONDS
     store = call.store
 
