@@ -20,6 +20,7 @@ from core.config import Settings
 from core.errors import Problem
 from core.intake import MAX_IMAGES, MAX_NAME, MAX_PRIORITY
 from core.models import ALL_STATUSES
+from core.workflows import KINDS
 
 # The `status` filter of GET /tasks: one or more statuses, comma-separated (spaces around them allowed), in
 # each of one or more `status` values; an empty value is no filter (api.calls.Call.statuses reads it so).
@@ -327,7 +328,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
             "name": STRING, "title": nullable_str, "description": nullable_str, "declared": {"type": "boolean"},
             "parameters": _list(_object({
                 "name": STRING, "target": STRING,
-                "type": {"type": "string", "description": "int, float, number, string, bool, seed or image."},
+                "type": {"type": "string", "enum": list(KINDS)},
                 "default": {}, "label": STRING, "minimum": nullable_num, "maximum": nullable_num,
                 "choices": {"type": "array", "nullable": True, "items": {}}, "required": {"type": "boolean"},
                 "multiline": {"type": "boolean"}, "help": nullable_str})),

@@ -434,7 +434,7 @@ def filter_clauses(batch_id: int | None = None, statuses: Iterable[str] | None =
         clauses.append(f"{alias}workflow = ?")
         args.append(workflow)
     if text and text.strip():
-        text = text.strip()
+        text = text.replace("\x00", "").strip()  # FTS5 reads a NUL as the end of its query
         if fts and len(text) >= 3:
             clauses.append(f"{alias}id IN (SELECT rowid FROM tasks_fts WHERE tasks_fts MATCH ?)")
             args.append('"' + text.replace('"', '""') + '"')

@@ -38,6 +38,7 @@ MAX_WORKFLOW_BYTES = 2 * 1024 * 1024  # an API-format graph is tens of kilobytes
 SAMPLER_SETTINGS = ("steps", "cfg", "sampler_name", "scheduler", "denoise")
 TEXT_INPUTS = ("text", "prompt", "text_g", "text_l")
 IMAGE_LOADERS = ("LoadImage", "LoadImageMask")
+KINDS = ("int", "float", "number", "string", "bool", "seed", "image")  # the values a Param's kind takes
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,9 @@ def _declared_params(graph: dict[str, Any], decl: dict[str, Any], source: str) -
             problems.append(f"[params.{name}]: {exc.problems[0] if exc.problems else exc}")
             continue
         value = graph[node_id]["inputs"][input_name]
+        if spec.get("type") is not None and spec.get("type") not in KINDS:
+            problems.append(f"[params.{name}]: type {spec.get('type')!r} is not one of {', '.join(KINDS)}")
+            continue
         choices = spec.get("choices")
         params[name] = Param(
             name, node_id, input_name, spec.get("type", "seed" if name == "seed" else _kind_of(value)),

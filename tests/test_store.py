@@ -123,6 +123,7 @@ def test_paged_filters_and_text_search(db):
     page = db.list_tasks(limit=2, offset=1)
     assert [t["id"] for t in page] == [4, 3]
     assert db.count_tasks(statuses=["queued"], batch_id=2) == 2
+    assert db.count_tasks(text="cat\x00 on") == 3  # a NUL (FTS5 reads it as the end of its query) is dropped
 
 
 def test_a_version_1_database_is_migrated_in_place(tmp_path):

@@ -163,6 +163,11 @@ def test_declared_parameters_from_a_toml_sidecar(tmp_path):
         workflows.resolve_params(wf, {"steps": "11"})
     assert [str(p) for p in err.value.problems] == ["parameter 'steps' (3.steps): 11 is above the maximum 10",
                                                     "parameter 'subject': missing: this workflow requires it"]
+    (tmp_path / "t.toml").write_text('[params.x]\ntarget = "3.steps"\ntype = "integer"\n')
+    with pytest.raises(WorkflowError) as err:
+        workflows.load_workflow(tmp_path / "t.json")
+    assert [str(p) for p in err.value.problems] == [
+        "[params.x]: type 'integer' is not one of int, float, number, string, bool, seed, image"]
     (tmp_path / "t.toml").write_text('[params.x]\ntarget = "6.clip"\n')
     with pytest.raises(WorkflowError, match=r"\[params.x\]: parameter '6.clip'"):
         workflows.load_workflow(tmp_path / "t.json")
