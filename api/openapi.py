@@ -173,7 +173,12 @@ def schemas() -> dict[str, Any]:
         "id": {"type": "integer"}, "task_id": {"type": "integer"}, "batch_id": {"type": "integer"},
         "node_id": {"type": "string"}, "index": {"type": "integer"}, "path": {"type": "string"},
         "filename": {"type": "string"}, "width": nullable_int, "height": nullable_int, "size_bytes": nullable_int,
-        "url": {"type": "string"}, "thumbnail_url": {"type": "string"}}}
+        "url": {"type": "string", "description": "The object store's URL (presigned or public) once the image is "
+                                                 "stored there, else local_url."},
+        "local_url": {"type": "string"}, "thumbnail_url": {"type": "string"},
+        "storage": {"type": "string", "nullable": True, "enum": ["pending", "uploading", "stored", "failed", None],
+                    "description": "Upload to object storage: null when storage was off as the image was made."},
+        "storage_key": nullable_str}}
     task = {"type": "object", "properties": {
         "id": {"type": "integer"}, "batch_id": {"type": "integer"}, "row_number": nullable_int,
         "workflow": {"type": "string"}, "prompt": {"type": "string"}, "seed": nullable_int,
@@ -216,7 +221,10 @@ def schemas() -> dict[str, Any]:
                        "description": "Tasks by status."},
             "total": {"type": "integer"}, "done": {"type": "integer"},
             "progress": {"type": "number", "minimum": 0, "maximum": 1},
-            "eta_seconds": nullable_num, "url": {"type": "string"}, "tasks_url": {"type": "string"},
+            "eta_seconds": nullable_num, "images": {"type": "integer"},
+            "stored_remotely": {"type": "integer", "description": "Images uploaded to object storage."},
+            "upload_pending": {"type": "integer"}, "upload_failed": {"type": "integer"},
+            "url": {"type": "string"}, "tasks_url": {"type": "string"},
             "images_url": {"type": "string"}, "zip_url": {"type": "string"}, "csv_url": {"type": "string"},
             "events_url": {"type": "string"}}},
         "Task": task,

@@ -430,6 +430,12 @@ class Store:
         rows = self.db.execute(sql + " GROUP BY 1", [batch_id] if batch_id is not None else []).fetchall()
         return {state: n for state, n in sorted(rows)}
 
+    def last_upload_error(self) -> str | None:
+        """The error of the most recently failed or retried upload still waiting (or failed)."""
+        row = self.db.execute("SELECT remote_error FROM images WHERE remote_state IN ('pending', 'uploading', "
+                              "'failed') AND remote_error IS NOT NULL ORDER BY id DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
     def uploads_due(self, now: float | None = None) -> bool:
         """Whether an image could be claimed for upload now."""
         now = time.time() if now is None else now

@@ -189,7 +189,11 @@ def sync(settings: Settings, store: Store, batch_id: int | None = None,
     result = {"queued": queued, "stored": 0, "already": 0, "failed": 0, "retry": 0}
     done = 0
     while True:
-        outcome = uploader.upload_next(batch_id)
+        try:
+            outcome = uploader.upload_next(batch_id)
+        except StorageError as exc:
+            raise type(exc)(f"{exc} ({result['stored'] + result['already']} of {total} image(s) were stored before "
+                            "that; the rest stay pending and are retried)", exc.code) from None
         if outcome is None:
             break
         result[outcome.state] += 1
