@@ -420,11 +420,15 @@ def test_gallery_with_no_images_says_so(offline):
 
 
 # -- Servers ----------------------------------------------------------------------------------------------
+STORAGE_OFF = ("Object storage is off: images stay on this machine only. Set COMFYBATCH_S3_BUCKET (with the endpoint, "
+               "region and credentials) to upload them to S3, Alibaba OSS, Tencent COS, MinIO or R2.")
+
+
 def test_servers_add_disable_enable_and_remove_at_run_time(offline, db):
     at = page("servers")
     no_failures(at)
     configured = offline.comfyui_urls[0]
-    assert texts(at) == [f"{configured}: down"]
+    assert texts(at) == [f"{configured}: down", STORAGE_OFF]
     at.text_input(key="servers_new_url").set_value("127.0.0.1:9")
     next(b for b in at.button if b.label == "Add server").click().run()
     assert messages(at, "success") == ["Added http://127.0.0.1:9. The scheduler starts sending it work within a "
@@ -461,8 +465,8 @@ def test_servers_health_and_connection_test_against_a_real_comfyui(app_settings,
     at = page("servers")
     no_failures(at)
     assert messages(at, "warning") == []
-    (line,) = texts(at)
-    assert line.startswith(f"{comfy.url}: up, ComfyUI 0.")
+    line, storage = texts(at)
+    assert (line.startswith(f"{comfy.url}: up, ComfyUI 0."), storage) == (True, STORAGE_OFF)
     table = at.table[0].value
     assert table[["status", "running", "pending", "device"]].values.tolist() == [["up", 0, 0, "cpu"]]
     at.text_input(key="servers_new_url").set_value(comfy.url)
