@@ -208,6 +208,14 @@ def object_store(settings: Settings) -> ObjectStore:
         return store
 
 
+def close_clients() -> None:
+    """Close and forget every cached client (tests; a process that changes its storage settings)."""
+    with _stores_lock:
+        for store in _stores.values():
+            store.close()
+        _stores.clear()
+
+
 def _status(exc: Any) -> int:
     return int((exc.response or {}).get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 

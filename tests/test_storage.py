@@ -337,6 +337,7 @@ def test_the_store_stopped_mid_batch_every_image_uploaded_exactly_once(settings,
     wait_until(lambda: store.upload_counts(batch_id).get("stored", 0) >= 1, 60, 0.01, message="a first upload")
     s3.stop()
     stored_before = len(s3.puts())  # keys whose PUT arrived before the outage
+    succeeded_before = store.counts(batch_id).get("succeeded", 0)
     assert service.wait_for_tasks(store, result.task_ids, 120) == {"succeeded": 12}
     wait_until(lambda: store.last_upload_error() is not None, 30, message="an upload to meet the outage")
     counts = store.upload_counts(batch_id)
@@ -348,7 +349,7 @@ def test_the_store_stopped_mid_batch_every_image_uploaded_exactly_once(settings,
     assert all((settings.output_dir / i["path"]).is_file() for i in images)  # nothing local lost
     assert (s3.objects(), s3.puts()) == (expected, {k: 1 for k in expected})
     assert [i["remote_attempts"] for i in images] == [1] * 12
-    assert 1 <= stored_before < 12
+    assert (1 <= stored_before < 12, succeeded_before < 12) == (True, True), (stored_before, succeeded_before)
 
 
 @pytest.mark.slow  # `python -m core` subprocesses
