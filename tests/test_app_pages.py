@@ -446,6 +446,36 @@ def test_servers_add_disable_enable_and_remove_at_run_time(offline, db):
     assert [s["url"] for s in db.servers()] == [configured]
 
 
+def test_object_storage_on_the_servers_gallery_and_tasks_pages(offline, db, s3, monkeypatch):
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    submit_rows(offline, db, "sd15_txt2img", [{"prompt": "a red fox", "steps": "3"},
+                                              {"prompt": "a blue bird", "steps": "3"}])
+    finish_with_images(offline, db, [(255, 0, 0), (0, 0, 255)])
+    at = page("servers")
+    no_failures(at)
+    assert texts(at)[1:] == [
+        f"Object storage: bucket '{s3.bucket}' at {s3.url} - reachable, bucket exists",
+        "Uploads: 0 stored, 0 pending, 0 failed; 2 image(s) made while storage was off (python -m core storage sync)"]
+    service.sync_storage(offline.with_overrides(**s3.settings()), db)
+    ui.refresh_health()
+    at = page("servers")
+    assert texts(at)[1:] == [f"Object storage: bucket '{s3.bucket}' at {s3.url} - reachable, bucket exists",
+                             "Uploads: 2 stored, 0 pending, 0 failed"]
+
+    at = page("gallery")
+    no_failures(at)
+    tiles = [m.value for m in at.markdown if "/files/thumb/" in m.value]
+    links = [t.split('href="', 1)[1].split('"', 1)[0] for t in tiles]
+    assert [link.startswith(f"{s3.url}/{s3.bucket}/comfybatch/") and "X-Amz-Signature=" in link
+            for link in links] == [True, True]
+    at.selectbox(key="gallery_batch").set_value(1).run()
+    assert "Batch 1 - 2/2 image(s) in object storage" in texts(at)
+    at = page("tasks")
+    no_failures(at)
+    assert "Batch 1: 2/2 done (100%) - 2 succeeded - 2/2 image(s) in object storage" in texts(at)
+
+
 def test_servers_reject_a_bad_url_and_report_a_failed_test(offline, db):
     at = page("servers")
     at.text_input(key="servers_new_url").set_value("ftp://example.org")
