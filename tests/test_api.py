@@ -24,7 +24,7 @@ import pytest
 import requests
 from PIL import Image
 
-from core import webfiles
+from core import access
 from core.store import Store
 from tests import appserver
 from tests.appserver import AppServer
@@ -163,8 +163,7 @@ def test_batch_submitted_over_http_runs_and_its_files_download_unchanged(app, we
     assert requests.get(page_url, timeout=10).status_code == 401
     assert requests.get(page_url + "?sig=" + "0" * 32, timeout=10).status_code == 401
     assert web.get(page_url).content == on_disk
-    key = webfiles._key(app.settings.api_tokens)
-    signed = requests.get(f"{page_url}?sig={webfiles.signature(image_id, key)}", timeout=10)
+    signed = requests.get(f"{page_url}?sig={access.signature(app.settings, image_id)}", timeout=10)
     assert (signed.status_code, signed.content) == (200, on_disk)
 
 
