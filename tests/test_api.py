@@ -564,9 +564,11 @@ def test_schemathesis_fuzz_from_the_openapi_document_finds_no_server_error(app, 
 def local_api(tmp_path) -> Iterator[Any]:
     """The API app served by uvicorn on a free port in a thread; yields a function (settings) -> base URL."""
     import uvicorn
-    from core.api import PREFIX, Api
     from starlette.applications import Starlette
     from starlette.routing import Mount
+
+    from api.app import Api
+    from api.calls import PREFIX
 
     api = Api()
     server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Mount(PREFIX, app=api)]), host="127.0.0.1",
