@@ -549,5 +549,8 @@ class Scheduler:
     def busy(self) -> bool:
         """Anything still to do: queued or in-flight tasks, results being collected, or uploads the object
         store accepts now (pending uploads wait for the next start while it is unreachable)."""
-        return (self.store.has_pending_work() or any(w.collecting for w in self.workers.values())
-                or (self.uploader is not None and self._upload_thread is not None and self.uploader.busy()))
+        if self.store.has_pending_work() or any(w.collecting for w in self.workers.values()):
+            return True
+        # Uploads count until the uploader finds the store unreachable (or before it has started at all).
+        return (self.settings.storage_enabled and self.store.has_upload_queue()
+                and (self.uploader is None or self.uploader.failures == 0))

@@ -399,6 +399,23 @@ def test_storage_sync_backfills_a_batch_made_while_storage_was_off(settings, sto
     assert [c for c in CREDENTIALS if c in outputs or c in log_text or c.encode() in db_bytes] == []
 
 
+@pytest.mark.slow  # `python -m core worker` subprocesses
+def test_worker_until_idle_waits_for_uploads_but_not_for_an_unreachable_store(tmp_path, s3):
+    settings = make_settings(tmp_path, ["http://127.0.0.1:9"], **s3.settings())
+    store = Store(settings.db_path)
+    batch_id, images = finished_batch(settings, store, [0x101010, 0x202020])
+    env = {**worker_env(settings), **s3.env(), "WORK": str(tmp_path)}
+    s3.stop()
+    down = run_cli(env, "worker", "--until-idle", "--quiet", timeout=60)
+    assert (down.returncode, store.upload_counts(batch_id)) == (0, {"pending": 2})
+    s3.start()
+    up = run_cli(env, "worker", "--until-idle", "--quiet", timeout=60)
+    assert (up.returncode, store.upload_counts(batch_id)) == (0, {"stored": 2})
+    expected = local_bytes(settings, images, store, batch_id)
+    store.close()
+    assert (s3.objects(), s3.puts()) == (expected, {k: 1 for k in expected})
+
+
 def test_boto3_is_imported_only_by_core_storage():
     importers = sorted(p.relative_to(ROOT).as_posix() for d in ("core", "api", "pages") for p in (ROOT / d).glob("*.py")
                        if "import boto3" in p.read_text(encoding="utf-8")
