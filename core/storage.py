@@ -239,5 +239,5 @@ def health(settings: Settings) -> dict[str, Any]:
     return {"reachable": True, "bucket_exists": True, "error": None}
 
 
-__all__ = ["Head", "ObjectStore", "StorageError", "content_type", "health", "link", "md5_hex", "object_key",
-           "object_store", "public_link", "where"]
+__all__ = ["Head", "ObjectStore", "StorageError", "close_clients", "content_type", "health", "link", "md5_hex",
+           "object_key", "object_store", "public_link", "where"]
