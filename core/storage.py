@@ -121,10 +121,6 @@ class ObjectStore:
             finally:
                 body.close()
 
-    def delete(self, key: str) -> None:
-        with self._errors("delete", key):
-            self.client.delete_object(Bucket=self.bucket, Key=key)
-
     def presign(self, key: str) -> str:
         with self._errors("sign a link to", key):
             return str(self.client.generate_presigned_url(
