@@ -59,6 +59,10 @@ class ComfyBatchClient:
         """One request to `path` (relative to /api/v1, or an absolute URL from a reply); ApiError if not 2xx."""
         url = path if path.startswith(("http://", "https://")) else self.api_url + path
         kwargs.setdefault("timeout", self.timeout)
+        if not url.startswith(self.base_url + "/"):
+            # An object store's link (presigned or public): our token is not for it, and a presigned URL
+            # sent with a second credential is refused.
+            kwargs["headers"] = {**kwargs.get("headers", {}), "Authorization": None}
         response = self.session.request(method, url, **kwargs)
         if response.status_code >= 400:
             try:

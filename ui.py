@@ -178,6 +178,21 @@ def health(ctx: Context) -> list[dict[str, Any]]:
 
 def refresh_health() -> None:
     _health.clear()
+    _storage.clear()
+
+
+@st.cache_data(ttl=HEALTH_TTL, show_spinner=False)
+def _storage(db_path: str, bucket: str, _settings: Settings) -> dict[str, Any]:
+    store = Store(_settings.db_path)
+    try:
+        return service.storage_status(_settings, store)
+    finally:
+        store.close()
+
+
+def storage_status(ctx: Context) -> dict[str, Any]:
+    """Object storage health and upload counts, asked of the store at most once per HEALTH_TTL."""
+    return _storage(str(ctx.settings.db_path), ctx.settings.s3_bucket, ctx.settings)
 
 
 def short_reason(error: str | None) -> str:
@@ -254,10 +269,11 @@ def batch_picker(ctx: Context, key: str, label: str = "Batch", **kw: Any) -> int
                         format_func=lambda b: "All batches" if b is None else batch_label(batches[b]), **kw)
 
 
-def image_tile(ctx: Context, image_id: int, caption: str = "", height: int = 160) -> None:
-    """A thumbnail the browser fetches from the /files/ routes: nothing held in the server's memory."""
+def image_tile(ctx: Context, image_id: int, caption: str = "", height: int = 160, href: str | None = None) -> None:
+    """A thumbnail the browser fetches from the /files/ routes: nothing held in the server's memory. The link
+    opens `href` (the object store's URL of an image stored there) or the local full-size route."""
     st.markdown(
-        f'<a href="{access.image_url(ctx.settings, image_id)}" target="_blank">'
+        f'<a href="{html.escape(href or access.image_url(ctx.settings, image_id))}" target="_blank">'
         f'<img src="{access.thumb_url(ctx.settings, image_id)}" alt="image {image_id}" data-image-id="{image_id}" '
         f'loading="lazy" style="width:100%;height:{height}px;object-fit:contain;border-radius:4px;'
         f'background:repeating-conic-gradient(#eee 0% 25%, #fff 0% 50%) 50% / 16px 16px"></a>'
@@ -265,9 +281,9 @@ def image_tile(ctx: Context, image_id: int, caption: str = "", height: int = 160
         unsafe_allow_html=True)
 
 
-def full_image(ctx: Context, image_id: int) -> None:
+def full_image(ctx: Context, image_id: int, href: str | None = None) -> None:
     url = access.image_url(ctx.settings, image_id)
-    st.markdown(f'<a href="{url}" target="_blank"><img src="{url}" '
+    st.markdown(f'<a href="{html.escape(href or url)}" target="_blank"><img src="{url}" '
                 f'alt="image {image_id}" style="max-width:100%;max-height:70vh"></a>', unsafe_allow_html=True)
 
 

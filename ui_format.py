@@ -60,7 +60,20 @@ def batch_status_line(summary: dict[str, Any]) -> str:
         line += f" - {details}"
     if summary.get("eta_seconds") is not None:
         line += f" - about {format_duration(summary['eta_seconds'])} left"
-    return line
+    return line + storage_text(summary)
+
+
+def storage_text(summary: dict[str, Any]) -> str:
+    """' - 3/4 image(s) in object storage, 1 uploading' for a batch that uses object storage, else ''."""
+    stored, pending, failed = (summary.get(k, 0) for k in ("stored_remotely", "upload_pending", "upload_failed"))
+    if not (stored or pending or failed):
+        return ""
+    text = f" - {stored}/{summary.get('images', 0)} image(s) in object storage"
+    if pending:
+        text += f", {pending} uploading"
+    if failed:
+        text += f", {failed} upload(s) failed"
+    return text
 
 
 def clip(text: str, n: int) -> str:

@@ -34,7 +34,7 @@ from api.calls import PREFIX, ApiError, Endpoint, json_response, parse_id
 from api.intake import BadRequest
 from core import access
 from core.config import Settings
-from core.errors import ComfyBatchError, InputError, NotFound, Problem, ServerUnavailable
+from core.errors import ComfyBatchError, InputError, NotFound, Problem, ServerUnavailable, StorageError
 from core.store import Store
 
 log = logging.getLogger("core.api")
@@ -154,7 +154,7 @@ class Api:
             status, message = 404, str(exc)
         elif isinstance(exc, HTTPException):  # raised by Starlette itself: 405, malformed multipart
             status, message, headers = exc.status_code, _http_detail(exc), dict(exc.headers or {})
-        elif isinstance(exc, ServerUnavailable):
+        elif isinstance(exc, ServerUnavailable | StorageError):  # ComfyUI or the object store: try again later
             status, message = 503, str(exc)
         elif isinstance(exc, ComfyBatchError):
             log.error("%s %s: %s", scope["method"], scope["path"], exc)

@@ -107,7 +107,8 @@ def get_batch(call: Call) -> dict[str, Any]:
 def batch_images(call: Call) -> dict[str, Any]:
     batch_id = call.path_id("batch_id", "batch")
     call.store.get_batch(batch_id)
-    return {"batch_id": batch_id, "images": [image_json(i, call.url) for i in call.store.images_for_batch(batch_id)]}
+    return {"batch_id": batch_id,
+            "images": [image_json(call.settings, i, call.url) for i in call.store.images_for_batch(batch_id)]}
 
 
 def batch_zip(call: Call) -> Response:
@@ -125,7 +126,7 @@ def batch_zip(call: Call) -> Response:
 
 def batch_csv(call: Call) -> Response:
     batch_id = call.path_id("batch_id", "batch")
-    data = service.results_csv_bytes(call.store, batch_id)
+    data = service.results_csv_bytes(call.settings, call.store, batch_id)
     return Response(data, media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}-results.csv"'})
 
@@ -172,7 +173,7 @@ def list_tasks(call: Call) -> dict[str, Any]:
 def get_task(call: Call) -> dict[str, Any]:
     task = call.store.get_task(call.path_id("task_id", "task"))
     workflow = load_workflow_quietly(call.settings.workflows_dir, task["workflow"])
-    return task_detail_json(call.store, task, workflow, call.url)
+    return task_detail_json(call.settings, call.store, task, workflow, call.url)
 
 
 def task_events(call: Call) -> dict[str, Any]:

@@ -5,20 +5,18 @@
     GET /files/image/{image_id}   the original file, bytes unchanged
 
 Paths come from the images table only, never from the request, and must stay inside the output folder. The
-browser fetches these URLs itself, so big galleries cost the Streamlit server no memory.
+browser fetches these URLs itself, so big galleries cost the Streamlit server no memory. An image whose local
+copy was deleted after its upload to object storage is answered with a redirect to the store (307).
 """
 
 from __future__ import annotations
 
-import mimetypes
-from pathlib import Path
-
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from api.calls import parse_id
-from core import access, queries, thumbs
+from core import access, service
 from core.config import Settings
 from core.errors import NotFound
 from core.store import Store
@@ -28,17 +26,16 @@ DENIED = ("this file needs an API token (Authorization: Bearer ...) or a signed 
 
 
 def image_response(settings: Settings, store: Store, image_id: int, thumbnail: bool) -> Response:
-    """The image (bytes as ComfyUI made them) or its WebP thumbnail; NotFound when the id or file is gone."""
-    row = queries.get_image(store, image_id)
+    """The image (bytes as ComfyUI made them) or its WebP thumbnail; a redirect to the object store when the
+    local file was deleted after its upload; NotFound when the id or file is gone."""
+    source = service.image_source(settings, store, image_id, thumbnail)
+    if source.redirect is not None:
+        return RedirectResponse(source.redirect, status_code=307, headers={"Cache-Control": "no-store"})
+    assert source.path is not None
     if thumbnail:
-        path = thumbs.ensure_thumb(settings.output_dir, row["path"])
-        return FileResponse(path, media_type=thumbs.THUMB_FORMAT[2], headers={"Cache-Control": CACHE})
-    path = thumbs.source_path(settings.output_dir, row["path"])
-    if not path.is_file():
-        raise NotFound(f"image {image_id}: its file {row['path']} is missing from the output folder")
-    return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
-                        headers={"Cache-Control": CACHE}, filename=Path(row["path"]).name,
-                        content_disposition_type="inline")
+        return FileResponse(source.path, media_type=source.media_type, headers={"Cache-Control": CACHE})
+    return FileResponse(source.path, media_type=source.media_type, headers={"Cache-Control": CACHE},
+                        filename=source.path.name, content_disposition_type="inline")
 
 
 class FileServer:

@@ -311,7 +311,9 @@ def schemas(settings: Settings) -> dict[str, Any]:
             "id": INTEGER, "name": STRING, "workflow": STRING, "priority": INTEGER, "created_at": {"type": "number"},
             "counts": {"type": "object", "additionalProperties": INTEGER,
                        "description": f"Tasks by status ({', '.join(ALL_STATUSES)})."},
-            "total": INTEGER, "done": INTEGER, "progress": fraction, "eta_seconds": nullable_num, "url": URL,
+            "total": INTEGER, "done": INTEGER, "progress": fraction, "eta_seconds": nullable_num,
+            "images": INTEGER, "stored_remotely": {**INTEGER, "description": "Images uploaded to object storage."},
+            "upload_pending": INTEGER, "upload_failed": INTEGER, "url": URL,
             "tasks_url": URL, "images_url": URL, "zip_url": URL, "csv_url": URL, "events_url": URL}),
         "Task": task,
         "TaskDetail": {"allOf": [task, _object({
@@ -321,7 +323,13 @@ def schemas(settings: Settings) -> dict[str, Any]:
         "Image": _object({
             "id": INTEGER, "task_id": INTEGER, "batch_id": INTEGER, "node_id": STRING, "index": INTEGER,
             "path": STRING, "filename": STRING, "width": nullable_int, "height": nullable_int,
-            "size_bytes": nullable_int, "created_at": nullable_num, "url": URL, "thumbnail_url": URL}),
+            "size_bytes": nullable_int, "created_at": nullable_num,
+            "url": {**URL, "description": "The object store's URL (presigned or public) once the image is stored "
+                                         "there, else local_url."},
+            "local_url": URL, "thumbnail_url": URL,
+            "storage": {"type": "string", "nullable": True, "enum": ["pending", "uploading", "stored", "failed", None],
+                        "description": "Upload to object storage: null when storage was off as the image was made."},
+            "storage_key": nullable_str}),
         "Event": _object({"id": INTEGER, "task_id": INTEGER, "batch_id": INTEGER, "status": status,
                           "at": {"type": "number"}, "detail": nullable_str}),
         "Workflow": _object({

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from core import queries, service, workflows
+from core.config import Settings
 from core.errors import ComfyBatchError
 from core.store import Store
 from core.workflows import Param, Workflow
@@ -36,24 +37,29 @@ def task_json(task: dict[str, Any], url: Url) -> dict[str, Any]:
     return data
 
 
-def task_detail_json(store: Store, task: dict[str, Any], workflow: Workflow | None, url: Url) -> dict[str, Any]:
+def task_detail_json(settings: Settings, store: Store, task: dict[str, Any], workflow: Workflow | None,
+                     url: Url) -> dict[str, Any]:
     """A task with the parameters it was given, every value it ran with (the resolved seed included), its
     images and its status history."""
     data = task_json(task, url)
     data["params"] = task.get("params") or {}
     data["parameters"] = queries.task_parameters(task, workflow)
-    data["images"] = [image_json(img, url) for img in store.images_for_task(task["id"])]
+    data["images"] = [image_json(settings, img, url) for img in store.images_for_task(task["id"])]
     data["events_url"] = url(f"/tasks/{task['id']}/events")
     return data
 
 
-def image_json(image: dict[str, Any], url: Url) -> dict[str, Any]:
+def image_json(settings: Settings, image: dict[str, Any], url: Url) -> dict[str, Any]:
+    """An image; `url` is the object store's (presigned or public) once it is stored there, else this API's.
+    `storage` is the upload state: null (storage off when it was made), pending, uploading, stored, failed."""
+    local = url(f"/images/{image['id']}")
     return {"id": image["id"], "task_id": image["task_id"], "batch_id": image["batch_id"],
             "node_id": image["node_id"], "index": image["idx"], "path": image["path"],
             "filename": image["path"].replace("\\", "/").rsplit("/", 1)[-1], "width": image.get("width"),
             "height": image.get("height"), "size_bytes": image.get("size_bytes"),
-            "created_at": image.get("created_at"), "url": url(f"/images/{image['id']}"),
-            "thumbnail_url": url(f"/images/{image['id']}/thumbnail")}
+            "created_at": image.get("created_at"), "url": service.image_link(settings, image) or local,
+            "local_url": local, "thumbnail_url": url(f"/images/{image['id']}/thumbnail"),
+            "storage": image.get("remote_state"), "storage_key": image.get("remote_key")}
 
 
 def event_json(event: dict[str, Any]) -> dict[str, Any]:

@@ -180,6 +180,45 @@ def cmd_servers(settings: Settings, store: Store, args: argparse.Namespace) -> i
     return 0 if all(s["up"] for s in report if s["enabled"]) else 1
 
 
+def cmd_storage_sync(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    tty = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if tty:
+            sys.stderr.write(f"\ruploading {done}/{total}\x1b[K")
+            sys.stderr.flush()
+
+    try:
+        result = service.sync_storage(settings, store, args.batch, progress)
+    finally:
+        if tty:
+            sys.stderr.write("\r\x1b[K")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"stored {result['stored']}, already in the store {result['already']}, failed {result['failed']}, "
+              f"to retry {result['retry']}, still pending {result['left']} "
+              f"({result['queued']} image(s) newly queued)")
+    return 1 if result["failed"] or result["retry"] else 0
+
+
+def cmd_storage_status(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    service.require_storage(settings)
+    status = service.storage_status(settings, store)
+    if args.json:
+        print(json.dumps(status))
+    else:
+        state = ("reachable, bucket exists" if status["bucket_exists"] else
+                 "UNREACHABLE" if status["reachable"] is False else "NOT USABLE")
+        print(f"bucket '{status['bucket']}' at {status['endpoint']}: {state}")
+        print(f"images: {status['stored']} stored, {status['pending']} pending, {status['failed']} failed, "
+              f"{status['local_only']} local only")
+        for label in ("error", "last_error"):
+            if status[label]:
+                print(f"{label.replace('_', ' ')}: {status[label]}")
+    return 0 if status["bucket_exists"] else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m core", description="ComfyBatch: bulk image generation on ComfyUI.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -214,6 +253,16 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
     sv = sub.add_parser("servers", help="health of each configured ComfyUI server")
     sv.set_defaults(func=cmd_servers)
+    so = sub.add_parser("storage", help="object storage (S3 and S3-compatible stores)")
+    storage = so.add_subparsers(dest="storage_command", required=True)
+    sy = storage.add_parser("sync", help="upload the images not in the object store yet (made while it was off, "
+                                         "or whose upload failed)")
+    sy.add_argument("batch", nargs="?", type=int, help="only this batch (default: every batch)")
+    sy.add_argument("--json", action="store_true", help="print the counts as JSON")
+    sy.set_defaults(func=cmd_storage_sync)
+    ss = storage.add_parser("status", help="whether the store answers and the bucket exists; uploads by state")
+    ss.add_argument("--json", action="store_true")
+    ss.set_defaults(func=cmd_storage_status)
     return p
 
 

@@ -8,10 +8,12 @@ by a test, so a new knob is documented the day it is added.
 from __future__ import annotations
 
 import os
+import string
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from core.errors import ConfigError
 
@@ -25,6 +27,7 @@ class Setting:
     default: str
     kind: type
     help: str
+    choices: tuple[str, ...] = ()
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -59,7 +62,40 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest `count` (copies of a row): the CLI's --count, the API's count, a CSV count column, the forms."),
     Setting("COMFYBATCH_MAX_TASKS", "max_tasks", "20000", int,
             "Most tasks one submission may create (rows x count), checked before anything is expanded."),
+    # Object storage (S3 and S3-compatible stores). An empty bucket turns the feature off.
+    Setting("COMFYBATCH_S3_BUCKET", "s3_bucket", "", str,
+            "Bucket that result images are uploaded to after they are saved locally. Empty: object storage off."),
+    Setting("COMFYBATCH_S3_ENDPOINT_URL", "s3_endpoint_url", "", str,
+            "S3-compatible endpoint, e.g. `https://oss-cn-hangzhou.aliyuncs.com` (Alibaba OSS), "
+            "`https://cos.ap-shanghai.myqcloud.com` (Tencent COS), `http://minio:9000`, "
+            "`https://<account>.r2.cloudflarestorage.com`. Empty: AWS S3."),
+    Setting("COMFYBATCH_S3_REGION", "s3_region", "us-east-1", str,
+            "Region of the bucket (`oss-cn-hangzhou`, `ap-shanghai`, `auto` for R2, ...)."),
+    Setting("COMFYBATCH_S3_PREFIX", "s3_prefix", "comfybatch/{date}/batch-{batch}", str,
+            "Folder of the object keys; `{batch}` is the batch id (5 digits), `{date}` the batch's creation date "
+            "(UTC, YYYY-MM-DD). The key is this, `/`, then the local file name."),
+    Setting("COMFYBATCH_S3_ACCESS_KEY_ID", "s3_access_key_id", "", str,
+            "Access key id (never logged). Empty: boto3's own chain (AWS_* variables, ~/.aws, an instance role)."),
+    Setting("COMFYBATCH_S3_SECRET_ACCESS_KEY", "s3_secret_access_key", "", str,
+            "Secret access key (never logged); put it in the environment or `.streamlit/secrets.toml`."),
+    Setting("COMFYBATCH_S3_ADDRESSING_STYLE", "s3_addressing_style", "auto", str,
+            "`auto`, `virtual` (bucket in the host name: Alibaba OSS, Tencent COS) or `path` (MinIO).",
+            choices=("auto", "virtual", "path")),
+    Setting("COMFYBATCH_S3_LINKS", "s3_links", "presigned", str,
+            "Links to stored images: `presigned` (signed, expiring URLs) or `public` (`COMFYBATCH_S3_PUBLIC_URL` "
+            "+ key, for a public bucket or a CDN).", choices=("presigned", "public")),
+    Setting("COMFYBATCH_S3_LINK_EXPIRY", "s3_link_expiry", "3600", int,
+            "Seconds a presigned link stays valid (at most 604800, 7 days)."),
+    Setting("COMFYBATCH_S3_PUBLIC_URL", "s3_public_url", "", str,
+            "Base URL of public links, e.g. `https://my-bucket.oss-cn-hangzhou.aliyuncs.com` or a CDN; needed "
+            "when `COMFYBATCH_S3_LINKS` is `public`."),
+    Setting("COMFYBATCH_S3_DELETE_LOCAL", "s3_delete_local", "false", bool,
+            "`true`: delete the local copy once its upload is verified (ETag = MD5, or the size); thumbnails stay."),
 )
+
+MAX_LINK_EXPIRY = 604_800  # SigV4 presigned URLs are valid for at most 7 days
+PREFIX_FIELDS = {"batch", "date"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 @dataclass(frozen=True)
@@ -74,7 +110,7 @@ class Settings:
     read_timeout: float = 60.0
     max_attempts: int = 3
     lease_seconds: float = 15.0
-    api_tokens: tuple[str, ...] = ()
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
     cors_origins: tuple[str, ...] = ()
     public_url: str = ""
     max_upload_mb: float = 200.0
@@ -82,6 +118,25 @@ class Settings:
     max_rows: int = 10_000
     max_count: int = 1000
     max_tasks: int = 20_000
+    s3_bucket: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    s3_prefix: str = "comfybatch/{date}/batch-{batch}"
+    s3_access_key_id: str = field(default="", repr=False)
+    s3_secret_access_key: str = field(default="", repr=False)
+    s3_addressing_style: str = "auto"
+    s3_links: str = "presigned"
+    s3_link_expiry: int = 3600
+    s3_public_url: str = ""
+    s3_delete_local: bool = False
+
+    def __post_init__(self) -> None:
+        check_storage(self)
+
+    @property
+    def storage_enabled(self) -> bool:
+        """Object storage is on when a bucket is set."""
+        return bool(self.s3_bucket)
 
     @property
     def max_csv_bytes(self) -> int:
@@ -128,14 +183,60 @@ def parse_urls(raw: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(urls)
 
 
+def check_storage(settings: Settings) -> None:
+    """The object storage settings, checked together (ConfigError naming the setting). Never echoes a
+    credential: an endpoint URL with user info in it is refused without being repeated."""
+    for s in SETTINGS:
+        if s.choices and getattr(settings, s.attr) not in s.choices:
+            raise ConfigError(f"{s.env}: expected one of {', '.join(s.choices)}, got {getattr(settings, s.attr)!r}")
+    if not 0 < settings.s3_link_expiry <= MAX_LINK_EXPIRY:
+        raise ConfigError(f"COMFYBATCH_S3_LINK_EXPIRY: must be from 1 to {MAX_LINK_EXPIRY} seconds (7 days, the "
+                          f"longest a presigned link can live), got {settings.s3_link_expiry!r}")
+    for env, url in (("COMFYBATCH_S3_ENDPOINT_URL", settings.s3_endpoint_url),
+                     ("COMFYBATCH_S3_PUBLIC_URL", settings.s3_public_url)):
+        if not url:
+            continue
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(f"{env}: the URL must not contain a user name or password; set "
+                              "COMFYBATCH_S3_ACCESS_KEY_ID and COMFYBATCH_S3_SECRET_ACCESS_KEY instead")
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"{env}: {url!r} is not an http(s) URL")
+    prefix = settings.s3_prefix
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(prefix) if name is not None}
+    except ValueError:
+        fields = {"{"}
+    if fields - PREFIX_FIELDS:
+        raise ConfigError(f"COMFYBATCH_S3_PREFIX: {prefix!r} may use only the placeholders {{batch}} and {{date}}")
+    if ".." in prefix.split("/") or "\\" in prefix or len(prefix) > 500:
+        raise ConfigError(f"COMFYBATCH_S3_PREFIX: {prefix!r} must be a plain folder path (no '..', no "
+                          "backslashes, at most 500 characters)")
+    if not settings.s3_bucket:
+        return
+    if bool(settings.s3_access_key_id) != bool(settings.s3_secret_access_key):
+        raise ConfigError("COMFYBATCH_S3_ACCESS_KEY_ID and COMFYBATCH_S3_SECRET_ACCESS_KEY: set both, or neither "
+                          "(boto3's own credential chain is used then)")
+    if settings.s3_links == "public" and not settings.s3_public_url:
+        raise ConfigError("COMFYBATCH_S3_PUBLIC_URL: required when COMFYBATCH_S3_LINKS is public (the base URL "
+                          "the bucket's objects are served from, e.g. https://my-bucket.oss-cn-hangzhou.aliyuncs.com)")
+
+
 def _convert(s: Setting, raw: Any, base: Path) -> Any:
+    if s.kind is bool:
+        text = str(raw).strip().lower()
+        if text not in _TRUE + _FALSE:
+            raise ConfigError(f"{s.env}: expected true or false, got {raw!r}")
+        return text in _TRUE
     if s.kind is tuple:
         return parse_urls(raw)
     if s.kind is list:
         items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
         return tuple(str(i).strip() for i in items if str(i).strip())
     if s.kind is str:
-        return str(raw).strip().rstrip("/")
+        text = str(raw).strip()
+        # Only URLs lose a trailing slash: a secret key may well end in one.
+        return text.rstrip("/") if s.attr.endswith("url") else text
     if s.kind is Path:
         p = Path(str(raw)).expanduser()
         return p if p.is_absolute() else base / p

@@ -8,11 +8,15 @@ that names what is wrong and where.
     │   │                    edges turn into text. Nothing was enqueued.
     │   └── WorkflowError    a workflow template cannot be used (missing, not JSON, UI format, broken links)
     ├── NotFound             an id (batch, task, image, workflow) that does not exist
-    └── ComfyError           talking to a ComfyUI server failed
-        ├── ServerUnavailable  connection refused / timeout / 5xx: a retry, on this or another server, can help
-        ├── PromptRejected     HTTP 400 from POST /prompt: the graph is invalid; never retried
-        ├── ExecutionFailed    `execution_error` while running: may be transient (OOM), retried up to max attempts
-        └── Interrupted        the prompt was interrupted on the server
+    ├── ComfyError           talking to a ComfyUI server failed
+    │   ├── ServerUnavailable  connection refused / timeout / 5xx: a retry, on this or another server, can help
+    │   ├── PromptRejected     HTTP 400 from POST /prompt: the graph is invalid; never retried
+    │   ├── ExecutionFailed    `execution_error` while running: may be transient (OOM), retried up to max attempts
+    │   └── Interrupted        the prompt was interrupted on the server
+    └── StorageError         talking to the object store (S3 or S3-compatible) failed; never names a credential
+        ├── StorageUnavailable unreachable, timeout, 5xx, throttled: uploads wait and retry with backoff
+        └── StorageRejected    the store refused: no such bucket, wrong credentials, access denied (fix the
+                               settings; uploads keep waiting meanwhile)
 """
 
 from __future__ import annotations
@@ -171,3 +175,21 @@ def describe_rejection(body: dict[str, Any]) -> str:
         details = error.get("details")
         parts.append(f"{msg} ({details})" if details else msg)
     return "ComfyUI rejected the prompt: " + "; ".join(parts)
+
+
+class StorageError(ComfyBatchError):
+    """The object store failed. `code` says why for programs (unreachable, no_bucket, no_object, denied,
+    no_credentials, rejected); `maybe_delivered`: an upload may have reached the store (a read timeout)."""
+
+    def __init__(self, message: str, code: str = "rejected", maybe_delivered: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.maybe_delivered = maybe_delivered
+
+
+class StorageUnavailable(StorageError):
+    pass
+
+
+class StorageRejected(StorageError):
+    pass

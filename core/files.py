@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_zip(output_dir: Path, images: list[dict[str, Any]], target: Path | io.BytesIO) -> int:
-    """Write the given image rows into a ZIP (stored, not recompressed: PNGs are already compressed)."""
+def export_zip(output_dir: Path, images: list[dict[str, Any]], target: Path | io.BytesIO,
+               fetch: Callable[[dict[str, Any]], bytes | None] | None = None) -> int:
+    """Write the given image rows into a ZIP (stored, not recompressed: PNGs are already compressed). An image
+    whose local file is gone is taken from `fetch(row)` when given (object storage), else left out."""
     count = 0
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as zf:
         for img in images:
@@ -67,11 +70,17 @@ def export_zip(output_dir: Path, images: list[dict[str, Any]], target: Path | io
             if path.is_file():
                 zf.write(path, arcname=img["path"])
                 count += 1
+            elif fetch is not None and (data := fetch(img)) is not None:
+                zf.writestr(img["path"], data)
+                count += 1
     return count
 
 
-def results_csv(tasks: list[dict[str, Any]], images_by_task: dict[int, list[dict[str, Any]]]) -> str:
-    """One line per task: its parameters as given, the resolved seed, status, error and image files."""
+def results_csv(tasks: list[dict[str, Any]], images_by_task: dict[int, list[dict[str, Any]]],
+                links: dict[int, str] | None = None) -> str:
+    """One line per task: its parameters as given, the resolved seed, status, error, image files and, for
+    images in object storage, their URLs (`links`: image id -> URL), both `;`-separated."""
+    links = links or {}
     param_keys: list[str] = []
     for t in tasks:
         for key in t["params"]:
@@ -80,14 +89,15 @@ def results_csv(tasks: list[dict[str, Any]], images_by_task: dict[int, list[dict
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow([spreadsheet_safe(k) for k in ["task_id", "row_number", *param_keys, "resolved_seed", "status",
-                                                   "server", "attempts", "error", "images"]])
+                                                   "server", "attempts", "error", "images", "image_urls"]])
     for t in tasks:
         params = t["params"]
         writer.writerow([t["id"], t.get("row_number") or "",
                          *[spreadsheet_safe(_cell(params.get(k))) for k in param_keys],
                          t.get("seed") if t.get("seed") is not None else "", t["status"],
                          spreadsheet_safe(t.get("server") or ""), t["attempts"], spreadsheet_safe(t.get("error") or ""),
-                         ";".join(img["path"] for img in images_by_task.get(t["id"], []))])
+                         ";".join(img["path"] for img in images_by_task.get(t["id"], [])),
+                         ";".join(links[img["id"]] for img in images_by_task.get(t["id"], []) if img["id"] in links)])
     return out.getvalue()
 
 

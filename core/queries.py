@@ -19,7 +19,8 @@ TASK_COLUMNS = ("id", "batch_id", "row_number", "workflow", "prompt", "seed", "s
                 "attempts", "progress_value", "progress_max", "error", "created_at", "submitted_at", "started_at",
                 "finished_at")
 IMAGE_COLUMNS = ("i.id", "i.task_id", "i.batch_id", "i.node_id", "i.idx", "i.path", "i.width", "i.height",
-                 "i.size_bytes", "i.created_at", "t.prompt", "t.seed", "t.workflow", "t.server")
+                 "i.size_bytes", "i.created_at", "i.remote_state", "i.remote_key", "t.prompt", "t.seed", "t.workflow",
+                 "t.server")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ is injected: `ServerWorker(..., client=, events=, probe_health=)` default to the
 stand-in and an executor that runs collection inline. Every pause waits on a stop event (the worker's or
 the scheduler's), never in `time.sleep`, so `Scheduler.stop()` returns promptly.
 
+With object storage on (COMFYBATCH_S3_BUCKET), the leader also runs one uploader thread (core.uploads):
+saved images are recorded as `pending` and uploaded off the dispatch path; a collection wakes it. It stops
+with the lease, and a new leader resumes the pending uploads from the database.
+
 Retries by cause: server unreachable before the post -> back in the queue at once, no attempt spent;
 server lost the prompt (restart, long outage) -> requeued, one attempt spent; HTTP 400 -> failed at once;
 execution error or foreign interrupt -> requeued until `max_attempts`, then failed with ComfyUI's message.
@@ -32,7 +36,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from core import files
+from core import files, storage, uploads
 from core.comfy import TERMINAL_EVENTS, ComfyClient, EventSocket, outcome, output_images, probe
 from core.config import Settings
 from core.errors import ComfyError, ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
@@ -349,9 +353,12 @@ class ServerWorker:
             records.append({"batch_id": task["batch_id"], "node_id": node_id, "idx": idx,
                             "path": str(path.relative_to(out_dir)), "filename": img.get("filename"),
                             "subfolder": img.get("subfolder", ""), "type": img.get("type", "output"),
-                            "size_bytes": len(data), **files.describe_image(data)})
+                            "size_bytes": len(data), **files.describe_image(data),
+                            "remote_state": "pending" if self.settings.storage_enabled else None})
         if self.store.complete_task(task["id"], records):
             log.info("task %s succeeded on %s: %d image(s)", task["id"], self.url, len(records))
+            if records and self.settings.storage_enabled:
+                self.scheduler.upload_wake.set()
 
     def _failed_run(self, task: dict[str, Any], exc: ComfyError) -> None:
         current = self.store.get_task(task["id"])
@@ -447,6 +454,11 @@ class Scheduler:
         self.stop_event = threading.Event()
         self.is_leader = False
         self._thread: threading.Thread | None = None
+        # Object storage: one uploader thread while this scheduler leads (see core.uploads).
+        self.upload_wake = threading.Event()
+        self.uploader: uploads.Uploader | None = None
+        self._upload_stop = threading.Event()
+        self._upload_thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.store.sync_servers(self.settings.comfyui_urls, lambda: uuid.uuid4().hex)
@@ -458,6 +470,7 @@ class Scheduler:
         if self._thread:
             self._thread.join(timeout)
         self._stop_workers()
+        self._stop_uploader()
         self.pool.shutdown(wait=True)
         if self.is_leader:
             self.store.release_lease(LEASE, self.owner)
@@ -479,7 +492,10 @@ class Scheduler:
             self.is_leader = leader
         if not leader:
             self._stop_workers()
+            self._stop_uploader()
             return
+        if self.settings.storage_enabled:
+            self._start_uploader()
         wanted = {s["url"]: s["client_id"] for s in self.store.servers(enabled_only=True)}
         for url in list(self.workers):
             if url not in wanted:
@@ -513,6 +529,28 @@ class Scheduler:
         while self.workers:
             self.workers.popitem()[1].stop()
 
+    def _start_uploader(self) -> None:
+        if self._upload_thread is not None and self._upload_thread.is_alive():
+            return
+        self._upload_stop = threading.Event()
+        self.uploader = uploads.Uploader(self.settings, self.store, wake=self.upload_wake)
+        self._upload_thread = threading.Thread(target=self.uploader.run, args=(self._upload_stop,),
+                                               name="comfybatch-upload", daemon=True)
+        self._upload_thread.start()
+        log.info("uploading results to %s", storage.where(self.settings))
+
+    def _stop_uploader(self, timeout: float = 10.0) -> None:
+        self._upload_stop.set()
+        self.upload_wake.set()
+        if self._upload_thread is not None:
+            self._upload_thread.join(timeout)
+            self._upload_thread = None
+
     def busy(self) -> bool:
-        """Anything still to do: queued or in-flight tasks, or results being collected."""
-        return self.store.has_pending_work() or any(w.collecting for w in self.workers.values())
+        """Anything still to do: queued or in-flight tasks, results being collected, or uploads the object
+        store accepts now (pending uploads wait for the next start while it is unreachable)."""
+        if self.store.has_pending_work() or any(w.collecting for w in self.workers.values()):
+            return True
+        # Uploads count until the uploader finds the store unreachable (or before it has started at all).
+        return (self.settings.storage_enabled and self.store.has_upload_queue()
+                and (self.uploader is None or self.uploader.failures == 0))

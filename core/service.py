@@ -5,7 +5,8 @@ Submitting: every face builds a `Submission` (core.intake) and calls `submit`, w
 limits before expanding anything, checks every row, preflights the graphs on the enabled servers and enqueues
 all or nothing. Side effects: the database (through Store), input images copied into the content-addressed
 input folder, workflow files written by `add_workflow`, and (for cancel) nothing on ComfyUI directly: the
-scheduler that owns a task's server carries a cancel out.
+scheduler that owns a task's server carries a cancel out. With object storage on, `sync_storage` uploads
+(the scheduler's uploader does it otherwise), and links, ZIPs and file routes read from the store.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core import csvin, files, preflight, workflows
+from core import csvin, files, preflight, queries, storage, thumbs, uploads, workflows
 from core.comfy import ComfyClient, probe
 from core.config import Settings, parse_urls
-from core.errors import ConfigError, InputError, NotFound, Problem, sort_key
+from core.errors import ConfigError, InputError, NotFound, Problem, StorageError, sort_key
 from core.intake import MAX_PRIORITY, Job, Row, Submission, build_jobs, check_request, input_dir
 from core.models import FINAL, RETRYABLE, UNFINISHED, TaskStatus
 from core.scheduler import LEASE
@@ -223,8 +224,12 @@ def batch_summary(store: Store, batch_id: int) -> dict[str, Any]:
     if row[2] and row[0] and row[1] and row[1] > row[0] and total > done:
         rate = row[2] / (row[1] - row[0])
         eta = (total - done) / rate
+    uploaded = store.upload_counts(batch_id)
     return {**batch, "counts": counts, "total": total, "done": done,
-            "progress": (done / total) if total else 1.0, "eta_seconds": eta}
+            "progress": (done / total) if total else 1.0, "eta_seconds": eta,
+            "images": sum(uploaded.values()), "stored_remotely": uploaded.get("stored", 0),
+            "upload_pending": uploaded.get("pending", 0) + uploaded.get("uploading", 0),
+            "upload_failed": uploaded.get("failed", 0)}
 
 
 def export_batch(settings: Settings, store: Store, batch_id: int, csv_path: Path | None = None,
@@ -233,28 +238,121 @@ def export_batch(settings: Settings, store: Store, batch_id: int, csv_path: Path
     images = store.images_for_batch(batch_id)
     result = {"images": len(images)}
     if csv_path:
-        data = results_csv_bytes(store, batch_id)
+        data = results_csv_bytes(settings, store, batch_id)
         files.write_atomic(csv_path, data)
         result["rows"] = store.count_tasks(batch_id=batch_id)
     if zip_path:
-        result["zipped"] = files.export_zip(settings.output_dir, images, zip_path)
+        result["zipped"] = files.export_zip(settings.output_dir, images, zip_path, _stored_bytes(settings))
     return result
 
 
-def results_csv_bytes(store: Store, batch_id: int) -> bytes:
-    """A batch's results CSV (UTF-8 with BOM, spreadsheet-safe cells), as the CLI's export writes it."""
+def results_csv_bytes(settings: Settings, store: Store, batch_id: int) -> bytes:
+    """A batch's results CSV (UTF-8 with BOM, spreadsheet-safe cells), as the CLI's export writes it; images
+    in object storage get their URL (presigned links expire after COMFYBATCH_S3_LINK_EXPIRY)."""
     store.get_batch(batch_id)
     tasks = store.list_tasks(batch_id=batch_id, limit=10**9, newest_first=False)
     by_task: dict[int, list[dict[str, Any]]] = {}
+    links: dict[int, str] = {}
     for img in store.images_for_batch(batch_id):
         by_task.setdefault(img["task_id"], []).append(img)
-    return files.results_csv(tasks, by_task).encode("utf-8-sig")
+        if (url := image_link(settings, img)) is not None:
+            links[img["id"]] = url
+    return files.results_csv(tasks, by_task, links).encode("utf-8-sig")
 
 
 def zip_bytes(settings: Settings, images: list[dict[str, Any]]) -> bytes:
     buf = io.BytesIO()
-    files.export_zip(settings.output_dir, images, buf)
+    files.export_zip(settings.output_dir, images, buf, _stored_bytes(settings))
     return buf.getvalue()
+
+
+# -- object storage -------------------------------------------------------------------------------
+def image_link(settings: Settings, image: dict[str, Any]) -> str | None:
+    """The object store URL of an image stored there (presigned or public, per COMFYBATCH_S3_LINKS), or
+    None: the local route serves it. None too when a link cannot be signed (the local route still works)."""
+    if not settings.storage_enabled or image.get("remote_state") != "stored" or not image.get("remote_key"):
+        return None
+    try:
+        return storage.link(settings, image["remote_key"])
+    except StorageError:
+        return None
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where to answer a request for an image from: a local file, or a redirect to the object store."""
+
+    path: Path | None = None
+    redirect: str | None = None
+    media_type: str = "application/octet-stream"
+
+
+def image_source(settings: Settings, store: Store, image_id: int, thumbnail: bool) -> ImageSource:
+    """An image (bytes as ComfyUI made them) or its WebP thumbnail, from the local file when there is one,
+    else from the object store (the local copy was deleted after its upload). NotFound otherwise."""
+    row = queries.get_image(store, image_id)
+    link = None
+    try:
+        if thumbnail:
+            return ImageSource(thumbs.ensure_thumb(settings.output_dir, row["path"]), None, thumbs.THUMB_FORMAT[2])
+        path = thumbs.source_path(settings.output_dir, row["path"])
+        if path.is_file():
+            return ImageSource(path, None, storage.content_type(path.name))
+    except NotFound:
+        link = image_link(settings, row)
+        if link is None:
+            raise
+    link = link or image_link(settings, row)
+    if link is not None:
+        return ImageSource(None, link)
+    if row.get("local_deleted_at"):
+        raise NotFound(f"image {image_id}: its local file was deleted after it was uploaded to object storage, "
+                       "which is not configured now (set COMFYBATCH_S3_BUCKET and the other COMFYBATCH_S3_* "
+                       "settings as they were)")
+    raise NotFound(f"image {image_id}: its file {row['path']} is missing from the output folder")
+
+
+def _stored_bytes(settings: Settings) -> Any:
+    """For ZIPs: an image's bytes from the object store when its local file is gone (None if not stored)."""
+    def fetch(image: dict[str, Any]) -> bytes | None:
+        if not settings.storage_enabled or image.get("remote_state") != "stored" or not image.get("remote_key"):
+            return None
+        return storage.object_store(settings).get(image["remote_key"])
+    return fetch
+
+
+def storage_status(settings: Settings, store: Store, check: bool = True) -> dict[str, Any]:
+    """Object storage as the Servers page and `storage status` show it: on or off, where, whether the store
+    answers and the bucket exists (`check`: ask it, a few seconds at most), images by upload state, and the
+    latest upload error. Never a credential."""
+    counts = store.upload_counts()
+    status: dict[str, Any] = {
+        "enabled": settings.storage_enabled, "bucket": settings.s3_bucket or None,
+        "endpoint": settings.s3_endpoint_url or (f"AWS S3 ({settings.s3_region})" if settings.s3_bucket else None),
+        "links": settings.s3_links, "delete_local": settings.s3_delete_local,
+        "stored": counts.get("stored", 0), "pending": counts.get("pending", 0) + counts.get("uploading", 0),
+        "failed": counts.get("failed", 0), "local_only": counts.get("local", 0),
+        "last_error": store.last_upload_error(), "reachable": None, "bucket_exists": None, "error": None}
+    if settings.storage_enabled and check:
+        status.update(storage.health(settings))
+    return status
+
+
+def require_storage(settings: Settings) -> None:
+    if not settings.storage_enabled:
+        raise ConfigError("object storage is off: set COMFYBATCH_S3_BUCKET (and the other COMFYBATCH_S3_* "
+                          "settings: endpoint, region, credentials) to upload results")
+
+
+def sync_storage(settings: Settings, store: Store, batch_id: int | None = None,
+                 progress: Any = None) -> dict[str, int]:
+    """Upload every image of a batch (or of all batches) that is not in the object store yet: images made
+    while storage was off, and failed uploads. Checks the store first (StorageError when it is unreachable
+    or misconfigured); `progress(done, total)` after each image. Returns counts (see core.uploads.sync)."""
+    require_storage(settings)
+    if batch_id is not None:
+        store.get_batch(batch_id)
+    return uploads.sync(settings, store, batch_id, progress)
 
 
 # -- servers --------------------------------------------------------------------------------------

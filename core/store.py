@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import sqlite_utils
 from core.errors import NotFound
 from core.models import FINAL_STATUSES, IN_FLIGHT, UNFINISHED, TaskStatus
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _JSON_COLUMNS = ("params", "graph", "inputs")
 
 _MIGRATIONS: dict[int, str] = {
@@ -68,6 +68,25 @@ _MIGRATIONS: dict[int, str] = {
     2: """
     ALTER TABLE servers ADD COLUMN health TEXT;
     ALTER TABLE servers ADD COLUMN health_at REAL;
+    """,
+    # v3: uploads to object storage. remote_state is NULL (not for the store: storage was off), pending,
+    # uploading (claimed until remote_claim_until by the claim token remote_claim), stored or failed.
+    # remote_attempts counts uploads that may have reached the store. local_deleted_at: the local copy was
+    # deleted after a verified upload (COMFYBATCH_S3_DELETE_LOCAL).
+    3: """
+    ALTER TABLE images ADD COLUMN remote_state TEXT;
+    ALTER TABLE images ADD COLUMN remote_key TEXT;
+    ALTER TABLE images ADD COLUMN remote_etag TEXT;
+    ALTER TABLE images ADD COLUMN remote_error TEXT;
+    ALTER TABLE images ADD COLUMN remote_attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE images ADD COLUMN remote_next_at REAL;
+    ALTER TABLE images ADD COLUMN remote_claim TEXT;
+    ALTER TABLE images ADD COLUMN remote_claim_until REAL;
+    ALTER TABLE images ADD COLUMN uploaded_at REAL;
+    ALTER TABLE images ADD COLUMN local_deleted_at REAL;
+    CREATE INDEX images_upload_queue ON images(remote_state, remote_next_at, id)
+        WHERE remote_state IN ('pending', 'uploading');
+    CREATE INDEX images_batch_remote ON images(batch_id, remote_state);
     """,
 }
 
@@ -239,9 +258,11 @@ class Store:
                 return False
             conn.executemany(
                 "INSERT OR IGNORE INTO images (task_id, batch_id, node_id, idx, path, filename, subfolder, type, "
-                "width, height, mode, size_bytes, created_at) VALUES (:task_id, :batch_id, :node_id, :idx, :path, "
-                ":filename, :subfolder, :type, :width, :height, :mode, :size_bytes, :created_at)",
-                [{**img, "task_id": task_id, "created_at": now} for img in images])
+                "width, height, mode, size_bytes, created_at, remote_state) VALUES (:task_id, :batch_id, :node_id, "
+                ":idx, :path, :filename, :subfolder, :type, :width, :height, :mode, :size_bytes, :created_at, "
+                ":remote_state)",
+                [{**img, "task_id": task_id, "created_at": now, "remote_state": img.get("remote_state")}
+                 for img in images])
             conn.execute(
                 "UPDATE tasks SET status = 'succeeded', finished_at = ?, updated_at = ?, error = NULL, "
                 "progress_value = COALESCE(progress_max, progress_value) WHERE id = ?", (now, now, task_id))
@@ -346,6 +367,87 @@ class Store:
         sql = "SELECT * FROM events WHERE id > ?" + (" AND task_id = ?" if task_id is not None else "")
         args: list[Any] = [after_id] + ([task_id] if task_id is not None else [])
         return list(self.db.query(sql + " ORDER BY id LIMIT ?", [*args, limit]))
+
+    # -- object storage uploads -------------------------------------------------------------------
+    def claim_uploads(self, claim: str, key_for: Callable[[dict[str, Any]], str], limit: int = 1,
+                      claim_seconds: float = 300.0, batch_id: int | None = None, now: float | None = None
+                      ) -> list[dict[str, Any]]:
+        """Atomically take up to `limit` images due for upload (pending and due, or claimed by someone whose
+        claim ran out) and mark them uploading under `claim`. A row's key is set once, by `key_for(row)`
+        (the row has the batch's `batch_created_at`), and kept for every later attempt."""
+        now = time.time() if now is None else now
+        batch = " AND i.batch_id = ?" if batch_id is not None else ""
+        with self.write() as conn:
+            cur = conn.execute(
+                "SELECT i.*, b.created_at AS batch_created_at FROM images i JOIN batches b ON b.id = i.batch_id "
+                "WHERE i.remote_state IN ('pending', 'uploading') AND ((i.remote_state = 'pending' AND "
+                "COALESCE(i.remote_next_at, 0) <= ?) OR (i.remote_state = 'uploading' AND i.remote_claim_until < ?))"
+                f"{batch} ORDER BY i.id LIMIT ?", [now, now, *([batch_id] if batch_id is not None else []), limit])
+            names = [d[0] for d in cur.description]
+            rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            for row in rows:
+                row["remote_key"] = row["remote_key"] or key_for(row)
+                row["remote_claim"] = claim
+                conn.execute("UPDATE images SET remote_state = 'uploading', remote_key = ?, remote_claim = ?, "
+                             "remote_claim_until = ? WHERE id = ?", (row["remote_key"], claim, now + claim_seconds,
+                                                                     row["id"]))
+        return rows
+
+    def finish_upload(self, image_id: int, claim: str, state: str, *, etag: str | None = None,
+                      error: str | None = None, sent: bool = False, next_at: float | None = None) -> bool:
+        """End a claimed upload: `stored` (with its ETag), `pending` again (retried from `next_at`) or
+        `failed`. `sent`: an upload request may have reached the store (counted in remote_attempts). False
+        when the claim is no longer ours (it ran out and another uploader took the image)."""
+        assert state in ("stored", "pending", "failed")
+        now = time.time()
+        with self.write() as conn:
+            cur = conn.execute(
+                "UPDATE images SET remote_state = ?, remote_etag = COALESCE(?, remote_etag), remote_error = ?, "
+                "remote_attempts = remote_attempts + ?, remote_next_at = ?, remote_claim = NULL, "
+                "remote_claim_until = NULL, uploaded_at = CASE WHEN ? = 'stored' THEN ? ELSE uploaded_at END "
+                "WHERE id = ? AND remote_state = 'uploading' AND remote_claim = ?",
+                (state, etag, error, int(sent), next_at, state, now, image_id, claim))
+        return cur.rowcount == 1
+
+    def queue_uploads(self, batch_id: int | None = None) -> int:
+        """Mark for upload every image not in the store yet (never queued, or failed: attempts start again).
+        Returns how many were queued."""
+        batch = " AND batch_id = ?" if batch_id is not None else ""
+        with self.write() as conn:
+            return conn.execute(
+                "UPDATE images SET remote_state = 'pending', remote_error = NULL, remote_attempts = 0, "
+                f"remote_next_at = NULL WHERE (remote_state IS NULL OR remote_state = 'failed'){batch}",
+                [batch_id] if batch_id is not None else []).rowcount
+
+    def mark_local_deleted(self, image_id: int) -> None:
+        with self.write() as conn:
+            conn.execute("UPDATE images SET local_deleted_at = ? WHERE id = ?", (time.time(), image_id))
+
+    def upload_counts(self, batch_id: int | None = None) -> dict[str, int]:
+        """Images by remote state ("local" for images never queued for the store)."""
+        sql = "SELECT COALESCE(remote_state, 'local'), COUNT(*) FROM images"
+        sql += " WHERE batch_id = ?" if batch_id is not None else ""
+        rows = self.db.execute(sql + " GROUP BY 1", [batch_id] if batch_id is not None else []).fetchall()
+        return {state: n for state, n in sorted(rows)}
+
+    def last_upload_error(self) -> str | None:
+        """The error of the most recently failed or retried upload still waiting (or failed)."""
+        row = self.db.execute("SELECT remote_error FROM images WHERE remote_state IN ('pending', 'uploading', "
+                              "'failed') AND remote_error IS NOT NULL ORDER BY id DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def uploads_due(self, now: float | None = None) -> bool:
+        """Whether an image could be claimed for upload now."""
+        now = time.time() if now is None else now
+        return self.db.execute(
+            "SELECT 1 FROM images WHERE remote_state IN ('pending', 'uploading') AND ((remote_state = 'pending' "
+            "AND COALESCE(remote_next_at, 0) <= ?) OR (remote_state = 'uploading' AND remote_claim_until < ?)) "
+            "LIMIT 1", (now, now)).fetchone() is not None
+
+    def has_upload_queue(self) -> bool:
+        """Whether any image waits for upload or is being uploaded."""
+        return self.db.execute("SELECT 1 FROM images WHERE remote_state IN ('pending', 'uploading') LIMIT 1"
+                               ).fetchone() is not None
 
     # -- servers, uploads, lease ------------------------------------------------------------------
     def sync_servers(self, configured: Iterable[str], client_id_factory: Any) -> None:

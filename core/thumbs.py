@@ -37,6 +37,8 @@ def ensure_thumb(output_dir: Path, relative: str, size: int = THUMB_SIZE) -> Pat
     try:
         src_mtime = src.stat().st_mtime
     except FileNotFoundError:
+        if dst.is_file():  # the original went to object storage (COMFYBATCH_S3_DELETE_LOCAL): keep its thumbnail
+            return dst
         raise NotFound(f"image file {relative} is missing from {output_dir}") from None
     try:
         if dst.stat().st_mtime >= src_mtime:

@@ -52,7 +52,7 @@ def zip_batch(batch_id: int) -> bytes:
 
 def results_csv(batch_id: int) -> bytes:
     ctx = ui.context()
-    return service.results_csv_bytes(ctx.store, batch_id)
+    return service.results_csv_bytes(ctx.settings, ctx.store, batch_id)
 
 
 def open_image(image_id: int) -> None:
@@ -74,9 +74,17 @@ def show_image(image_id: int) -> None:
         except ComfyBatchError:
             workflow = None  # the template was renamed or removed: show what the task recorded
         values = queries.task_parameters(task, workflow)
-        ui.full_image(ctx, image_id)
+        link = service.image_link(ctx.settings, image)
+        ui.full_image(ctx, image_id, href=link)
         size = ui_format.format_bytes(image["size_bytes"])
         st.text(f"Image {image_id} · {image['width']}×{image['height']} · {size} · {image['path']}")
+        if image.get("remote_state"):
+            st.text(f"Object storage: {image['remote_state']}"
+                    + (f" as {image['remote_key']}" if image.get("remote_key") else "")
+                    + (" (local copy deleted)" if image.get("local_deleted_at") else "")
+                    + (f" - {image['remote_error']}" if image.get("remote_error") else ""))
+        if link:
+            st.link_button("Download from object storage", link, icon=":material/cloud_download:")
         seed = "-" if task["seed"] is None else task["seed"]
         st.text(f"Task {task['id']} ({task['status']}) · batch #{batch['id']} {batch['name']} · workflow "
                 f"{task['workflow']} · seed {seed} · server {task['server'] or '-'}")
@@ -134,13 +142,17 @@ with ui.guard():
     first = (page - 1) * size + 1 if images else 0
     st.text(f"Showing {first}-{first + len(images) - 1 if images else 0} of {total} image(s); "
             f"{len(chosen)} selected")
+    if batch_id is not None and (stored := ui_format.storage_text(service.batch_summary(ctx.store, batch_id))):
+        st.text(f"Batch {batch_id}{stored}")
     if not images:
         st.info("No images match. Images appear here as tasks finish.")
     for start in range(0, len(images), COLUMNS):
         for col, img in zip(st.columns(COLUMNS), images[start:start + COLUMNS], strict=False):
             with col:
                 ui.image_tile(ctx, img["id"], f"#{img['id']} · task {img['task_id']}"
-                              + (f" · seed {img['seed']}" if img["seed"] is not None else ""))
+                              + (f" · seed {img['seed']}" if img["seed"] is not None else "")
+                              + (" · stored" if img["remote_state"] == "stored" else ""),
+                              href=service.image_link(ctx.settings, img))
                 st.session_state[f"gsel_{img['id']}"] = img["id"] in chosen
                 s1, s2 = st.columns(2)
                 s1.checkbox("Select", key=f"gsel_{img['id']}", on_change=toggle, args=(img["id"],))

@@ -45,6 +45,25 @@ def health_table(servers: list[dict]) -> pd.DataFrame:
                                        "VRAM free / total", "ComfyUI", "problem"])
 
 
+def storage_lines(status: dict) -> list[str]:
+    """Object storage as plain lines: where, whether it answers, uploads by state, the latest error."""
+    if not status["enabled"]:
+        return ["Object storage is off: images stay on this machine only. Set COMFYBATCH_S3_BUCKET (with the "
+                "endpoint, region and credentials) to upload them to S3, Alibaba OSS, Tencent COS, MinIO or R2."]
+    state = ("reachable, bucket exists" if status["bucket_exists"] else
+             "unreachable" if status["reachable"] is False else "reachable, bucket missing"
+             if status["bucket_exists"] is False else "not usable")
+    lines = [f"Object storage: bucket '{status['bucket']}' at {status['endpoint']} - {state}",
+             f"Uploads: {status['stored']} stored, {status['pending']} pending, {status['failed']} failed"
+             + (f"; {status['local_only']} image(s) made while storage was off (python -m core storage sync)"
+                if status["local_only"] else "")]
+    if status["error"]:
+        lines.append(f"Problem: {status['error']}")
+    elif status["last_error"]:
+        lines.append(f"Last upload error: {status['last_error']}")
+    return lines
+
+
 ctx = ui.setup("Servers")
 with ui.guard():
     ui.show_flash("servers")
@@ -72,6 +91,11 @@ with ui.guard():
                        "or change COMFYUI_URL.")
         else:
             row.button("Remove", on_click=ui.safe_callback("servers", lambda c: remove(c, url)))
+
+    st.subheader("Object storage")
+    storage = ui.storage_status(ctx)
+    for line in storage_lines(storage):
+        st.text(line)
 
     st.subheader("Add a server")
     st.text_input("URL", placeholder="http://192.168.1.20:8188", key="servers_new_url")

@@ -12,7 +12,7 @@ from core.config import Settings
 from core.scheduler import Scheduler
 from core.store import Store
 from tests.comfyui_harness import server as harness
-from tests.support import make_settings
+from tests.support import S3Server, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -95,3 +95,19 @@ def offline_engine(tmp_path: Path) -> Iterator[tuple[Settings, Store]]:
     s = Store(settings.db_path)
     yield settings, s
     s.close()
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """A real S3-compatible server (moto's) on a free 127.0.0.1 port with a fresh bucket. boto3 is kept off
+    every other address: no instance-metadata lookups, no proxy for loopback, explicit endpoint and dummy
+    credentials in the settings the test builds from `s3.settings()`."""
+    from core import storage
+
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    server = S3Server().start()
+    server.create_bucket()
+    yield server
+    server.stop()
+    storage.close_clients()

@@ -1,5 +1,6 @@
 """Helpers shared by test modules (test modules never import each other): settings in a temporary folder,
-waiting on a condition, the environment of a CLI or worker subprocess, and running the CLI."""
+waiting on a condition, the environment of a CLI or worker subprocess, running the CLI, and a real
+S3-compatible server (moto's) on loopback."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from PIL import Image
 
@@ -89,3 +94,98 @@ def settle(page: Any) -> None:
     """Wait on a Playwright page like Streamlit's own e2e suite: connected, and the script done."""
     page.wait_for_selector("[data-testid=stApp][data-test-connection-state=CONNECTED]", timeout=30_000)
     page.wait_for_selector("[data-test-script-state=notRunning]", timeout=30_000)
+
+
+# -- object storage: moto's S3 server on 127.0.0.1 -------------------------------------------------------
+S3_KEY_ID = "AKIACOMFYBATCHTEST01"  # dummy credentials, distinctive so a test can grep for leaks
+S3_SECRET = "cb-secret-NEVER-LOGGED-7f3a9d2e1c"
+
+
+class S3Server:
+    """moto's S3-compatible server, served by werkzeug in this process on 127.0.0.1, with every request
+    recorded (method, path) so a test can count the PUTs of each key.
+
+    `stop()` closes the listening socket (clients get "connection refused", as from a store that is down);
+    `start()` again binds the same port. moto keeps its buckets in this process's memory, not in the
+    server, so a restarted server still has the bucket and every object uploaded before the outage. (A new
+    `moto_server` process on the same port would come back empty; moto's ThreadedMotoServer.stop() leaves the
+    socket listening, so clients would hang instead of being refused.)"""
+
+    def __init__(self) -> None:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+        self.app = DomainDispatcherApplication(create_backend_app)
+        self.port = 0
+        self.requests: list[tuple[str, str]] = []
+        self.bucket = f"comfybatch-test-{uuid.uuid4().hex[:12]}"
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _recording(self, environ: dict[str, Any], start_response: Any) -> Any:
+        self.requests.append((environ["REQUEST_METHOD"], unquote(environ.get("PATH_INFO", ""))))
+        return self.app(environ, start_response)
+
+    def start(self) -> S3Server:
+        from moto.moto_server.werkzeug_app import MotoRequestHandler
+        from werkzeug.serving import make_server
+
+        class Quiet(MotoRequestHandler):  # type: ignore[misc]
+            def log_request(self, *args: Any) -> None:
+                pass
+
+        self._server = make_server("127.0.0.1", self.port, self._recording, threaded=True, request_handler=Quiet)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="moto-s3", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            assert self._thread is not None
+            self._thread.join(10)
+            self._server = None
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.session.Session().client("s3", endpoint_url=self.url, region_name="us-east-1",
+                                              aws_access_key_id=S3_KEY_ID, aws_secret_access_key=S3_SECRET)
+
+    def create_bucket(self) -> None:
+        client = self.client()
+        client.create_bucket(Bucket=self.bucket)
+        client.close()
+
+    def puts(self) -> Counter[str]:
+        """How many PUT requests reached the server for each object key of the bucket."""
+        prefix = f"/{self.bucket}/"
+        return Counter(path[len(prefix):] for method, path in self.requests
+                       if method == "PUT" and path.startswith(prefix))
+
+    def objects(self) -> dict[str, bytes]:
+        """Every object in the bucket: key -> bytes."""
+        client = self.client()
+        try:
+            keys = [o["Key"] for o in client.list_objects_v2(Bucket=self.bucket).get("Contents", [])]
+            return {k: client.get_object(Bucket=self.bucket, Key=k)["Body"].read() for k in keys}
+        finally:
+            client.close()
+
+    def settings(self, **overrides: Any) -> dict[str, Any]:
+        """Settings fields that point ComfyBatch at this server's bucket."""
+        return {"s3_bucket": self.bucket, "s3_endpoint_url": self.url, "s3_region": "us-east-1",
+                "s3_access_key_id": S3_KEY_ID, "s3_secret_access_key": S3_SECRET, "s3_addressing_style": "path",
+                **overrides}
+
+    def env(self) -> dict[str, str]:
+        """The same as environment variables, for a `python -m core` subprocess."""
+        return {"COMFYBATCH_S3_BUCKET": self.bucket, "COMFYBATCH_S3_ENDPOINT_URL": self.url,
+                "COMFYBATCH_S3_REGION": "us-east-1", "COMFYBATCH_S3_ACCESS_KEY_ID": S3_KEY_ID,
+                "COMFYBATCH_S3_SECRET_ACCESS_KEY": S3_SECRET, "COMFYBATCH_S3_ADDRESSING_STYLE": "path",
+                "AWS_EC2_METADATA_DISABLED": "true", "NO_PROXY": "127.0.0.1,localhost"}

@@ -445,11 +445,15 @@ def test_gallery_with_no_images_says_so(offline):
 
 
 # -- Servers ----------------------------------------------------------------------------------------------
+STORAGE_OFF = ("Object storage is off: images stay on this machine only. Set COMFYBATCH_S3_BUCKET (with the endpoint, "
+               "region and credentials) to upload them to S3, Alibaba OSS, Tencent COS, MinIO or R2.")
+
+
 def test_servers_add_disable_enable_and_remove_at_run_time(offline, db):
     at = page("servers")
     no_failures(at)
     configured = offline.comfyui_urls[0]
-    assert texts(at) == [f"{configured}: down"]
+    assert texts(at) == [f"{configured}: down", STORAGE_OFF]
     at.text_input(key="servers_new_url").set_value("127.0.0.1:9")
     next(b for b in at.button if b.label == "Add server").click().run()
     assert messages(at, "success") == ["Added http://127.0.0.1:9. The scheduler starts sending it work within a "
@@ -465,6 +469,36 @@ def test_servers_add_disable_enable_and_remove_at_run_time(offline, db):
     next(b for b in at.button if b.label == "Remove").click().run()
     assert messages(at, "success") == ["Removed http://127.0.0.1:9."]
     assert [s["url"] for s in db.servers()] == [configured]
+
+
+def test_object_storage_on_the_servers_gallery_and_tasks_pages(offline, db, s3, monkeypatch):
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    submit_rows(offline, db, "sd15_txt2img", [{"prompt": "a red fox", "steps": "3"},
+                                              {"prompt": "a blue bird", "steps": "3"}])
+    finish_with_images(offline, db, [(255, 0, 0), (0, 0, 255)])
+    at = page("servers")
+    no_failures(at)
+    assert texts(at)[1:] == [
+        f"Object storage: bucket '{s3.bucket}' at {s3.url} - reachable, bucket exists",
+        "Uploads: 0 stored, 0 pending, 0 failed; 2 image(s) made while storage was off (python -m core storage sync)"]
+    service.sync_storage(offline.with_overrides(**s3.settings()), db)
+    ui.refresh_health()
+    at = page("servers")
+    assert texts(at)[1:] == [f"Object storage: bucket '{s3.bucket}' at {s3.url} - reachable, bucket exists",
+                             "Uploads: 2 stored, 0 pending, 0 failed"]
+
+    at = page("gallery")
+    no_failures(at)
+    tiles = [m.value for m in at.markdown if "/files/thumb/" in m.value]
+    links = [t.split('href="', 1)[1].split('"', 1)[0] for t in tiles]
+    assert [link.startswith(f"{s3.url}/{s3.bucket}/comfybatch/") and "X-Amz-Signature=" in link
+            for link in links] == [True, True]
+    at.selectbox(key="gallery_batch").set_value(1).run()
+    assert "Batch 1 - 2/2 image(s) in object storage" in texts(at)
+    at = page("tasks")
+    no_failures(at)
+    assert "Batch 1: 2/2 done (100%) - 2 succeeded - 2/2 image(s) in object storage" in texts(at)
 
 
 def test_servers_reject_a_bad_url_and_report_a_failed_test(offline, db):
@@ -486,8 +520,8 @@ def test_servers_health_and_connection_test_against_a_real_comfyui(app_settings,
     at = page("servers")
     no_failures(at)
     assert messages(at, "warning") == []
-    (line,) = texts(at)
-    assert line.startswith(f"{comfy.url}: up, ComfyUI 0.")
+    line, storage = texts(at)
+    assert (line.startswith(f"{comfy.url}: up, ComfyUI 0."), storage) == (True, STORAGE_OFF)
     table = at.table[0].value
     assert table[["status", "running", "pending", "device"]].values.tolist() == [["up", 0, 0, "cpu"]]
     at.text_input(key="servers_new_url").set_value(comfy.url)

@@ -40,5 +40,5 @@ def test_bad_values_name_the_setting(tmp_path, env, message):
 
 def test_readme_settings_table_matches_the_code():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)` \| (.+?) \|$", readme, re.M)
+    rows = re.findall(r"^\| `([A-Z0-9_]+)` \| `([^`]*)` \| (.+?) \|$", readme, re.M)
     assert [(name, default, text) for name, default, text in rows] == [(s.env, s.default, s.help) for s in SETTINGS]

@@ -141,8 +141,12 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     store.set_server_health("http://a", {"up": False, "error": "refused"})
     (server,) = store.servers()
     assert (server["url"], server["health"]) == ("http://a", '{"up": false, "error": "refused"}')
+    upload_columns = [c.name for c in store.db["images"].columns][-10:]
+    assert upload_columns == ["remote_state", "remote_key", "remote_etag", "remote_error", "remote_attempts",
+                              "remote_next_at", "remote_claim", "remote_claim_until", "uploaded_at",
+                              "local_deleted_at"]
     store.close()
