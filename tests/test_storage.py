@@ -348,7 +348,9 @@ def test_the_store_stopped_mid_batch_every_image_uploaded_exactly_once(settings,
     expected = local_bytes(settings, images, store, batch_id)
     assert all((settings.output_dir / i["path"]).is_file() for i in images)  # nothing local lost
     assert (s3.objects(), s3.puts()) == (expected, {k: 1 for k in expected})
-    assert [i["remote_attempts"] for i in images] == [1] * 12
+    # One uploader thread: at most the one PUT in flight when the store stopped needed a second attempt.
+    assert sorted(i["remote_attempts"] for i in images)[:11] == [1] * 11
+    assert max(i["remote_attempts"] for i in images) <= 2
     assert (1 <= stored_before < 12, succeeded_before < 12) == (True, True), (stored_before, succeeded_before)
 
 
