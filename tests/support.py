@@ -189,3 +189,22 @@ class S3Server:
                 "COMFYBATCH_S3_REGION": "us-east-1", "COMFYBATCH_S3_ACCESS_KEY_ID": S3_KEY_ID,
                 "COMFYBATCH_S3_SECRET_ACCESS_KEY": S3_SECRET, "COMFYBATCH_S3_ADDRESSING_STYLE": "path",
                 "AWS_EC2_METADATA_DISABLED": "true", "NO_PROXY": "127.0.0.1,localhost"}
+
+
+def finish_next_task(settings: Settings, store: Any, data: bytes, remote_state: str | None = None) -> dict[str, Any]:
+    """Play ComfyUI's and the scheduler's part without a server: claim the next queued task, write `data` as
+    its one output image and record it as the scheduler does. Returns the image row."""
+    import uuid
+
+    from core import files
+
+    task = store.claim_next_task("http://gpu-1:8188", str(uuid.uuid4()))
+    assert task is not None, "no queued task to finish"
+    rel = f"batch-{task['batch_id']:05d}/{files.image_name(task['id'], '9', 0, 'x.png')}"
+    files.write_atomic(settings.output_dir / rel, data)
+    record = {"batch_id": task["batch_id"], "node_id": "9", "idx": 0, "path": rel, "filename": "x.png",
+              "subfolder": "", "type": "output", "size_bytes": len(data), **files.describe_image(data)}
+    if remote_state is not None:
+        record["remote_state"] = remote_state
+    assert store.complete_task(task["id"], [record])
+    return store.images_for_task(task["id"])[0]

@@ -19,12 +19,12 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 import ui
-from core import files, service
+from core import service
 from core.config import Settings
 from core.scheduler import Scheduler
 from core.store import Store
 from tests.comfyui_harness.server import free_port
-from tests.support import make_settings, submit_rows
+from tests.support import finish_next_task, make_settings, submit_rows
 
 MAIN = "../ui_main.py"  # relative to this file, as AppTest wants
 ENV = {"comfyui_urls": "COMFYUI_URL", "db_path": "COMFYBATCH_DB", "output_dir": "COMFYBATCH_OUTPUT_DIR",
@@ -105,18 +105,7 @@ def png(color: tuple[int, ...], size: tuple[int, int] = (32, 16), mode: str = "R
 
 def finish_with_images(settings: Settings, store: Store, colors: list[tuple[int, int, int]]) -> list[int]:
     """Play the scheduler's part without a server: claim each queued task and record a real PNG for it."""
-    done = []
-    for color in colors:
-        task = store.claim_next_task("http://gpu-1:8188", str(uuid.uuid4()))
-        assert task is not None
-        rel = f"batch-{task['batch_id']:05d}/{files.image_name(task['id'], '9', 0, 'x.png')}"
-        data = png(color, (48, 32))
-        files.write_atomic(settings.output_dir / rel, data)
-        assert store.complete_task(task["id"], [{
-            "batch_id": task["batch_id"], "node_id": "9", "idx": 0, "path": rel, "filename": "x.png",
-            "subfolder": "", "type": "output", "width": 48, "height": 32, "mode": "RGB", "size_bytes": len(data)}])
-        done.append(task["id"])
-    return done
+    return [finish_next_task(settings, store, png(color, (48, 32)))["task_id"] for color in colors]
 
 
 # -- every page -------------------------------------------------------------------------------------

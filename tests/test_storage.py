@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import threading
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from PIL import Image
 
 from api.files import image_response
 from api.shapes import batch_json, image_json
-from core import files, service, storage, uploads
+from core import service, storage, uploads
 from core.config import Settings
 from core.errors import ConfigError, NotFound, StorageError
 from core.scheduler import Scheduler
@@ -30,6 +29,7 @@ from tests.support import (
     S3_KEY_ID,
     S3_SECRET,
     S3Server,
+    finish_next_task,
     make_settings,
     png,
     run_cli,
@@ -54,15 +54,7 @@ def finished_batch(settings: Settings, store: Store, colors: list[int]) -> tuple
     batch_id, _ = store.create_batch("made here", "empty_image", [{"params": {"1.color": c}, "graph": {}}
                                                                    for c in colors])
     for color in colors:
-        task = store.claim_next_task("http://gpu-1:8188", str(uuid.uuid4()))
-        assert task is not None
-        rel = f"batch-{batch_id:05d}/{files.image_name(task['id'], '9', 0, 'x.png')}"
-        data = png(color, (24, 16))
-        files.write_atomic(settings.output_dir / rel, data)
-        assert store.complete_task(task["id"], [{
-            "batch_id": batch_id, "node_id": "9", "idx": 0, "path": rel, "filename": "x.png", "subfolder": "",
-            "type": "output", "size_bytes": len(data), **files.describe_image(data),
-            "remote_state": "pending" if settings.storage_enabled else None}])
+        finish_next_task(settings, store, png(color, (24, 16)), "pending" if settings.storage_enabled else None)
     return batch_id, store.images_for_batch(batch_id)
 
 

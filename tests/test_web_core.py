@@ -19,7 +19,7 @@ from api.files import FileServer
 from core import access, csvin, files, queries, service, thumbs
 from core.errors import InputError, NotFound
 from core.store import Store
-from tests.support import make_settings, submit_rows
+from tests.support import finish_next_task, make_settings, submit_rows
 
 
 @pytest.fixture
@@ -41,13 +41,7 @@ def png(color, size=(40, 20), mode="RGB") -> bytes:
 
 
 def finish(settings, store, data: bytes) -> dict:
-    task = store.claim_next_task("http://gpu-1:8188", str(uuid.uuid4()))
-    rel = f"batch-{task['batch_id']:05d}/{files.image_name(task['id'], '9', 0, 'x.png')}"
-    files.write_atomic(settings.output_dir / rel, data)
-    store.complete_task(task["id"], [{"batch_id": task["batch_id"], "node_id": "9", "idx": 0, "path": rel,
-                                      "filename": "x.png", "subfolder": "", "type": "output", "width": 40,
-                                      "height": 20, "mode": "RGB", "size_bytes": len(data)}])
-    return store.images_for_task(task["id"])[0]
+    return finish_next_task(settings, store, data)
 
 
 # -- views ----------------------------------------------------------------------------------------------
