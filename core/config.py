@@ -44,6 +44,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("COMFYBATCH_READ_TIMEOUT", "read_timeout", "60", float, "Seconds to wait for a ComfyUI reply."),
     Setting("COMFYBATCH_MAX_ATTEMPTS", "max_attempts", "3", int,
             "Attempts per task before it is marked failed (HTTP 400 rejections are never retried)."),
+    Setting("COMFYBATCH_POLICY", "policy", "fair", str,
+            "Order of batches at equal priority: `fair` (batches take turns, one task each) or `fifo` (oldest "
+            "batch first). Higher priority always goes first.", choices=("fair", "fifo")),
     Setting("COMFYBATCH_LEASE_SECONDS", "lease_seconds", "15", float,
             "A scheduler that stops renewing its lease for this long is presumed dead and replaced."),
     Setting("COMFYBATCH_API_TOKENS", "api_tokens", "", list,
@@ -109,6 +112,7 @@ class Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_attempts: int = 3
+    policy: str = "fair"
     lease_seconds: float = 15.0
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     cors_origins: tuple[str, ...] = ()

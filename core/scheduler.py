@@ -19,6 +19,18 @@ With object storage on (COMFYBATCH_S3_BUCKET), the leader also runs one uploader
 saved images are recorded as `pending` and uploaded off the dispatch path; a collection wakes it. It stops
 with the lease, and a new leader resumes the pending uploads from the database.
 
+Which task a server gets next (`Store.claim_next_task`, one `BEGIN IMMEDIATE` transaction):
+1. nothing while the whole queue is paused; never a task of a paused batch (both kept in the database, so
+   they survive restarts; what is already on a server finishes);
+2. the highest task priority first: priority always wins over fairness;
+3. at that priority, batches marked "run next" first (the latest mark first);
+4. then, with COMFYBATCH_POLICY=fair (the default), round robin between batches: every claim stamps its
+   batch with the next value of a counter (`batches.turn`) and the batch with the smallest stamp goes next,
+   so a new batch (stamp 0) gets the very next free slot and then batches alternate one task each, however
+   large each is. With `fifo`, the oldest batch first (the pre-fleet behaviour: priority, then FIFO);
+5. within a batch, the lowest task id.
+A draining server claims nothing; its in-flight prompts finish, and it then shows as drained.
+
 Retries by cause: server unreachable before the post -> back in the queue at once, no attempt spent;
 server lost the prompt (restart, long outage) -> requeued, one attempt spent; HTTP 400 -> failed at once;
 execution error or foreign interrupt -> requeued until `max_attempts`, then failed with ComfyUI's message.
@@ -153,7 +165,9 @@ class ServerWorker:
     def submit_next_task(self) -> dict[str, Any] | None:
         """Claim the best queued task for this server (its prompt_id stored before anything is posted) and
         post it. Returns the claimed task as it was claimed, or None when nothing is queued for this server."""
-        task = self.store.claim_next_task(self.url, str(uuid.uuid4()))
+        if self.store.server_draining(self.url):
+            return None  # drained: what is on the server finishes, nothing new goes there
+        task = self.store.claim_next_task(self.url, str(uuid.uuid4()), self.settings.policy)
         if task is not None:
             self.submit(task)
         return task

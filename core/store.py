@@ -25,7 +25,7 @@ import sqlite_utils
 from core.errors import NotFound
 from core.models import FINAL_STATUSES, IN_FLIGHT, UNFINISHED, TaskStatus
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _JSON_COLUMNS = ("params", "graph", "inputs")
 
 _MIGRATIONS: dict[int, str] = {
@@ -88,7 +88,20 @@ _MIGRATIONS: dict[int, str] = {
         WHERE remote_state IN ('pending', 'uploading');
     CREATE INDEX images_batch_remote ON images(batch_id, remote_state);
     """,
+    # v4: fleet scheduling. paused: nothing more of the batch is claimed. run_next: set by "run next" (a
+    # sequence number; the latest goes first at its priority). turn: the fair-share clock value of the batch's
+    # latest claim (core.scheduler's docstring). servers.draining: no new work for that server. The whole
+    # queue's pause is the meta key 'queue_paused'.
+    4: """
+    ALTER TABLE batches ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE batches ADD COLUMN run_next INTEGER;
+    ALTER TABLE batches ADD COLUMN turn INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE servers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+    """,
 }
+POLICIES = ("fair", "fifo")  # COMFYBATCH_POLICY: batches take turns at equal priority, or oldest first
+_ELIGIBLE = ("t.status = 'queued' AND t.cancel_requested = 0 "
+             "AND (t.servers IS NULL OR instr(',' || t.servers || ',', ',' || :server || ',') > 0)")
 
 
 class Store:
@@ -194,26 +207,78 @@ class Store:
                              [(r[0], batch_id, now) for r in rows])
         return batch_id, [r[0] for r in rows]
 
-    def claim_next_task(self, server: str, prompt_id: str) -> dict[str, Any] | None:
-        """Atomically move the best queued task (priority, then FIFO) to `submitted` on `server`.
+    def claim_next_task(self, server: str, prompt_id: str, policy: str = "fair") -> dict[str, Any] | None:
+        """Atomically move the next queued task for `server` to `submitted` (None when there is none, the
+        queue is paused, or every waiting batch is paused).
 
+        Priority first. At the top priority, batches marked "run next" go first (latest mark first); then,
+        with `policy` "fair", the batch whose turn came longest ago (round robin: each claim stamps the batch
+        with the next value of a clock), with "fifo" the oldest batch. Within a batch, lowest task id.
         The prompt_id is stored before anything is posted, so a crash after the post can be reconciled.
         """
         now = time.time()
+        args = {"server": server}
         with self.write() as conn:
+            if self._queue_paused(conn):
+                return None
+            top = conn.execute(
+                f"SELECT t.priority FROM tasks t WHERE {_ELIGIBLE} AND t.batch_id NOT IN "
+                "(SELECT id FROM batches WHERE paused = 1) ORDER BY t.priority DESC, t.id LIMIT 1", args).fetchone()
+            if top is None:
+                return None
+            fairness = "b.turn, b.id" if policy == "fair" else "b.id"
+            # One probe of the (batch_id, status) index per batch, instead of sorting every queued task.
             row = conn.execute(
-                "SELECT id, batch_id FROM tasks WHERE status = 'queued' AND cancel_requested = 0 "
-                "AND (servers IS NULL OR instr(',' || servers || ',', ',' || ? || ',') > 0) "
-                "ORDER BY priority DESC, id LIMIT 1", (server,)).fetchone()
+                f"SELECT b.id, (SELECT t.id FROM tasks t WHERE t.batch_id = b.id AND {_ELIGIBLE} "
+                "AND t.priority = :priority ORDER BY t.id LIMIT 1) AS task FROM batches b WHERE b.paused = 0 "
+                f"AND task IS NOT NULL ORDER BY b.run_next IS NULL, b.run_next DESC, {fairness} LIMIT 1",
+                {**args, "priority": top[0]}).fetchone()
             if row is None:
                 return None
+            batch_id, task_id = row
+            conn.execute("UPDATE batches SET turn = (SELECT COALESCE(MAX(turn), 0) + 1 FROM batches) WHERE id = ?",
+                         (batch_id,))
             conn.execute(
                 "UPDATE tasks SET status = 'submitted', server = ?, prompt_id = ?, attempts = attempts + 1, "
                 "submitted_at = ?, started_at = NULL, progress_value = NULL, progress_max = NULL, "
-                "updated_at = ? WHERE id = ?", (server, prompt_id, now, now, row[0]))
+                "updated_at = ? WHERE id = ?", (server, prompt_id, now, now, task_id))
             conn.execute("INSERT INTO events (task_id, batch_id, status, at, detail) VALUES (?, ?, ?, ?, ?)",
-                         (row[0], row[1], "submitted", now, server))
-        return self.get_task(row[0])
+                         (task_id, batch_id, "submitted", now, server))
+        return self.get_task(task_id)
+
+    @staticmethod
+    def _queue_paused(conn: sqlite3.Connection) -> bool:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'queue_paused'").fetchone()
+        return bool(row and row[0] == "1")
+
+    # -- pause, run next, drain -------------------------------------------------------------------
+    def queue_paused(self) -> bool:
+        return self._queue_paused(self.db.conn)
+
+    def set_queue_paused(self, paused: bool) -> None:
+        with self.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('queue_paused', ?)", ("1" if paused else "0",))
+
+    def set_batch_paused(self, batch_id: int, paused: bool) -> None:
+        with self.write() as conn:
+            if conn.execute("UPDATE batches SET paused = ? WHERE id = ?", (int(paused), batch_id)).rowcount != 1:
+                raise NotFound(f"batch {batch_id} does not exist")
+
+    def set_run_next(self, batch_id: int) -> None:
+        """Put the batch ahead of every other batch at its priority (the latest "run next" first)."""
+        with self.write() as conn:
+            if conn.execute("UPDATE batches SET run_next = (SELECT COALESCE(MAX(run_next), 0) + 1 FROM batches) "
+                            "WHERE id = ?", (batch_id,)).rowcount != 1:
+                raise NotFound(f"batch {batch_id} does not exist")
+
+    def set_server_draining(self, url: str, draining: bool) -> None:
+        with self.write() as conn:
+            if conn.execute("UPDATE servers SET draining = ? WHERE url = ?", (int(draining), url)).rowcount != 1:
+                raise NotFound(f"server {url} is not configured")
+
+    def server_draining(self, url: str) -> bool:
+        row = self.db.execute("SELECT draining FROM servers WHERE url = ?", (url,)).fetchone()
+        return bool(row and row[0])
 
     def transition(self, task_id: int, status: TaskStatus, from_statuses: Iterable[str],
                    detail: str | None = None, **fields: Any) -> bool:
