@@ -58,6 +58,10 @@ def batch_status_line(summary: dict[str, Any]) -> str:
     details = ", ".join(f"{counts[s]} {s}" for s in ALL_STATUSES if counts.get(s))
     if details:
         line += f" - {details}"
+    if summary.get("paused"):
+        line += " - paused"
+    if summary.get("run_next"):
+        line += " - runs next"
     if summary.get("eta_seconds") is not None:
         line += f" - about {format_duration(summary['eta_seconds'])} left"
     return line + storage_text(summary)
