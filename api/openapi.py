@@ -98,7 +98,7 @@ PRIORITY_BODY = {"required": True, "content": {"application/json": {"schema": {
 SERVER_BODY = {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["url"], "additionalProperties": False,
     "properties": {"url": {"type": "string", "description": "A configured server's URL, as /health lists it."}}}}}}
-SERVER_STATES = ["active", "draining", "drained", "disabled"]
+SERVER_STATES = ["active", "draining", "drained", "quarantined", "disabled"]
 SCALAR = {"description": "Text, a number or true/false (null: the template's value, or a random seed).",
           "anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
 PARAMS = {"type": "object", "additionalProperties": SCALAR,
@@ -374,7 +374,10 @@ def schemas(settings: Settings) -> dict[str, Any]:
                                      "description": "Tasks by status."}}),
         "ServerState": _object({"url": STRING, "state": {"type": "string", "enum": SERVER_STATES},
                                 "draining": {"type": "boolean"},
-                                "in_flight": {**INTEGER, "description": "Our tasks still on it."}}),
+                                "in_flight": {**INTEGER, "description": "Our tasks still on it."},
+                                "quarantined_until": {**nullable_num, "description": "Unix seconds; set while "
+                                                      "quarantined after repeated failures."},
+                                "quarantine_reason": nullable_str}),
         "Health": _object({
             "status": {"type": "string", "enum": ["ok", "degraded"]},
             "scheduler": _object({"running": {"type": "boolean"}, "owner": nullable_str, "host": nullable_str,
@@ -382,7 +385,9 @@ def schemas(settings: Settings) -> dict[str, Any]:
             "counts": {"type": "object", "additionalProperties": INTEGER, "description": "Tasks by status."},
             "servers": _list(_object({"url": STRING, "enabled": {"type": "boolean"},
                                       "state": {"type": "string", "enum": SERVER_STATES},
-                                      "draining": {"type": "boolean"}, "in_flight": INTEGER}, required=True))}),
+                                      "draining": {"type": "boolean"}, "in_flight": INTEGER,
+                                      "quarantined_until": nullable_num, "quarantine_reason": nullable_str},
+                                     required=True))}),
     }
 
 

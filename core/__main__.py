@@ -202,6 +202,9 @@ def cmd_servers(settings: Settings, store: Store, args: argparse.Namespace) -> i
         extra: Any = (f"ComfyUI {s.get('version')} on {s.get('device')}, queue {s.get('queue_running')}+"
                       f"{s.get('queue_pending')}") if s["up"] else s.get("error", "")
         drain = f"({s['state']}) " if s["state"] in ("draining", "drained") else ""
+        if s.get("quarantined_until"):
+            drain += (f"(quarantined until {time.strftime('%H:%M:%S', time.localtime(s['quarantined_until']))}: "
+                      f"{s['quarantine_reason']}) ")
         print(f"{s['url']}\t{state}\t{'' if s['enabled'] else '(disabled) '}{drain}{extra}")
     return 0 if all(s["up"] for s in report if s["enabled"]) else 1
 

@@ -47,6 +47,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("COMFYBATCH_POLICY", "policy", "fair", str,
             "Order of batches at equal priority: `fair` (batches take turns, one task each) or `fifo` (oldest "
             "batch first). Higher priority always goes first.", choices=("fair", "fifo")),
+    Setting("COMFYBATCH_STALL_FLOOR", "stall_floor", "120", float,
+            "Seconds: a task with no word from ComfyUI for max(5 x its workflow's p95 run time, this) is "
+            "interrupted and requeued (an attempt spent)."),
+    Setting("COMFYBATCH_STALL_CEILING", "stall_ceiling", "1800", float,
+            "Seconds: the stall limit of a workflow with fewer than 5 finished tasks (no p95 to go by yet)."),
+    Setting("COMFYBATCH_QUARANTINE_AFTER", "quarantine_after", "3", int,
+            "A server whose last this many tasks failed (execution errors or stalls) is quarantined."),
+    Setting("COMFYBATCH_QUARANTINE_SECONDS", "quarantine_seconds", "300", float,
+            "How long a quarantined server gets no work (its queued work goes to the other servers)."),
     Setting("COMFYBATCH_LEASE_SECONDS", "lease_seconds", "15", float,
             "A scheduler that stops renewing its lease for this long is presumed dead and replaced."),
     Setting("COMFYBATCH_API_TOKENS", "api_tokens", "", list,
@@ -113,6 +122,10 @@ class Settings:
     read_timeout: float = 60.0
     max_attempts: int = 3
     policy: str = "fair"
+    stall_floor: float = 120.0
+    stall_ceiling: float = 1800.0
+    quarantine_after: int = 3
+    quarantine_seconds: float = 300.0
     lease_seconds: float = 15.0
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     cors_origins: tuple[str, ...] = ()

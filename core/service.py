@@ -293,16 +293,22 @@ def undrain_server(store: Store, raw_url: str) -> dict[str, Any]:
 
 
 def server_state(store: Store, url: str) -> dict[str, Any]:
-    """`state`: disabled, drained (draining and nothing left on it), draining (still finishing work) or active."""
+    """`state`: disabled, quarantined (after repeated failures: until when and why), drained (draining and
+    nothing left on it), draining (still finishing work) or active."""
     server = next(s for s in store.servers() if s["url"] == url)
     in_flight = len(store.in_flight_tasks(url))
+    quarantine = store.quarantine(url)
     if not server["enabled"]:
         state = "disabled"
+    elif quarantine is not None:
+        state = "quarantined"
     elif server["draining"]:
         state = "draining" if in_flight else "drained"
     else:
         state = "active"
-    return {"url": url, "state": state, "draining": bool(server["draining"]), "in_flight": in_flight}
+    return {"url": url, "state": state, "draining": bool(server["draining"]), "in_flight": in_flight,
+            "quarantined_until": quarantine[0] if quarantine else None,
+            "quarantine_reason": quarantine[1] if quarantine else None}
 
 
 def export_batch(settings: Settings, store: Store, batch_id: int, csv_path: Path | None = None,

@@ -91,12 +91,20 @@ _MIGRATIONS: dict[int, str] = {
     # v4: fleet scheduling. paused: nothing more of the batch is claimed. run_next: set by "run next" (a
     # sequence number; the latest goes first at its priority). turn: the fair-share clock value of the batch's
     # latest claim (core.scheduler's docstring). servers.draining: no new work for that server. The whole
-    # queue's pause is the meta key 'queue_paused'.
+    # queue's pause is the meta key 'queue_paused'. The circuit breaker: servers.failures counts consecutive
+    # failed runs (execution errors, stalls), quarantined_until/quarantine_reason the cool-down it led to;
+    # tasks.failed_on/failure_sig are the server and the kind of a task's last failed run.
     4: """
     ALTER TABLE batches ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE batches ADD COLUMN run_next INTEGER;
     ALTER TABLE batches ADD COLUMN turn INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE servers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE servers ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE servers ADD COLUMN quarantined_until REAL;
+    ALTER TABLE servers ADD COLUMN quarantine_reason TEXT;
+    ALTER TABLE tasks ADD COLUMN failed_on TEXT;
+    ALTER TABLE tasks ADD COLUMN failure_sig TEXT;
+    CREATE INDEX tasks_workflow_finished ON tasks(workflow, status, finished_at);
     """,
 }
 POLICIES = ("fair", "fifo")  # COMFYBATCH_POLICY: batches take turns at equal priority, or oldest first
@@ -275,6 +283,38 @@ class Store:
         with self.write() as conn:
             if conn.execute("UPDATE servers SET draining = ? WHERE url = ?", (int(draining), url)).rowcount != 1:
                 raise NotFound(f"server {url} is not configured")
+
+    def record_server_run(self, url: str, failure: str | None, threshold: int, cooldown: float) -> float | None:
+        """Count a finished run for the circuit breaker: a success resets the count; the `threshold`-th failure
+        in a row quarantines the server for `cooldown` seconds (and starts the count again). Returns the end of
+        a quarantine this call began, else None."""
+        now = time.time()
+        with self.write() as conn:
+            if failure is None:
+                conn.execute("UPDATE servers SET failures = 0 WHERE url = ?", (url,))
+                return None
+            row = conn.execute("UPDATE servers SET failures = failures + 1 WHERE url = ? RETURNING failures",
+                               (url,)).fetchone()
+            if row is None or row[0] < threshold:
+                return None
+            until = now + cooldown
+            conn.execute("UPDATE servers SET failures = 0, quarantined_until = ?, quarantine_reason = ? WHERE url = ?",
+                         (until, f"its last {row[0]} tasks failed; the last one: {failure}"[:500], url))
+            return until
+
+    def quarantine(self, url: str) -> tuple[float, str] | None:
+        """(until, reason) while the server is quarantined, else None."""
+        row = self.db.execute("SELECT quarantined_until, quarantine_reason FROM servers WHERE url = ?",
+                              (url,)).fetchone()
+        return (row[0], row[1] or "") if row and row[0] and row[0] > time.time() else None
+
+    def run_durations(self, workflow: str, limit: int = 200) -> list[float]:
+        """Seconds from execution start to finish of the workflow's latest succeeded tasks, newest first."""
+        rows = self.db.execute(
+            "SELECT finished_at - started_at FROM tasks WHERE workflow = ? AND status = 'succeeded' AND "
+            "started_at IS NOT NULL AND finished_at >= started_at ORDER BY finished_at DESC LIMIT ?",
+            (workflow, limit)).fetchall()
+        return [float(r[0]) for r in rows]
 
     def server_draining(self, url: str) -> bool:
         row = self.db.execute("SELECT draining FROM servers WHERE url = ?", (url,)).fetchone()

@@ -87,6 +87,9 @@ with ui.guard():
         st.table(health_table(servers).set_index("server"))  # a few rows: a plain table reads best
         for s in servers:
             drain = f" ({s['state']})" if s.get("state") in ("draining", "drained") else ""
+            if s.get("quarantined_until"):
+                drain += (f" - quarantined until {ui_format.format_time(s['quarantined_until'])}: "
+                          f"{s['quarantine_reason']}")
             st.text(f"{s['url']}: " + ("up" if s["up"] else "down") + ("" if s["enabled"] else " (disabled)") + drain
                     + (f", ComfyUI {s['version']}" if s.get("version") else ""))
         st.subheader("Change a server")

@@ -62,11 +62,15 @@ def test_drain_finishes_in_flight_work_then_shows_drained(engine):
     _, store = engine
     add(store, 3)
     first = store.claim_next_task(GPU, "p1")
-    assert service.drain_server(store, "gpu-1:8188") == {"url": GPU, "state": "draining", "draining": True,
-                                                         "in_flight": 1}
+    assert service.drain_server(store, "gpu-1:8188") == {
+        "url": GPU, "state": "draining", "draining": True, "in_flight": 1, "quarantined_until": None,
+        "quarantine_reason": None}
     assert store.complete_task(first["id"], [])
-    assert service.server_state(store, GPU) == {"url": GPU, "state": "drained", "draining": True, "in_flight": 0}
-    assert service.undrain_server(store, GPU) == {"url": GPU, "state": "active", "draining": False, "in_flight": 0}
+    calm = {"quarantined_until": None, "quarantine_reason": None}
+    assert service.server_state(store, GPU) == {"url": GPU, "state": "drained", "draining": True, "in_flight": 0,
+                                                **calm}
+    assert service.undrain_server(store, GPU) == {"url": GPU, "state": "active", "draining": False, "in_flight": 0,
+                                                  **calm}
     with pytest.raises(NotFound, match="^server 'http://gpu-9:8188' is not configured$"):
         service.drain_server(store, "http://gpu-9:8188")
     with pytest.raises(NotFound, match="^server 'not a url' is not configured$"):
@@ -190,7 +194,8 @@ def test_api_pause_resume_run_next_queue_and_drain(engine, api_base):
         assert web.post(f"{api_base}/queue/resume", timeout=10).json() == {"paused": False, "counts": {"queued": 2}}
         reply = web.post(f"{api_base}/servers/drain", json={"url": GPU}, timeout=10)
         assert (reply.status_code, reply.json()) == (200, {"url": GPU, "state": "drained", "draining": True,
-                                                           "in_flight": 0})
+                                                           "in_flight": 0, "quarantined_until": None,
+                                                           "quarantine_reason": None})
         reply = web.post(f"{api_base}/servers/undrain", json={"url": GPU}, timeout=10)
         assert reply.json()["state"] == "active"
         reply = web.post(f"{api_base}/batches/77/pause", timeout=10)
@@ -262,3 +267,13 @@ def test_servers_page_drains_and_undrains(page_env):
     assert f"{GPU}: down (draining)" in [t.value for t in at.text]
     click(at, "Undrain")
     assert (store.server_draining(GPU), [m.value for m in at.success]) == (False, [f"{GPU} takes work again."])
+
+
+def test_servers_page_says_why_and_until_when_a_server_is_quarantined(page_env):
+    store = page_env
+    until = store.record_server_run(GPU, "ComfyUI failed while running node 3 (KSampler): boom", 1, 300.0)
+    assert until is not None
+    at = open_page("servers")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until))
+    assert (f"{GPU}: down - quarantined until {stamp}: its last 1 tasks failed; the last one: ComfyUI failed while "
+            "running node 3 (KSampler): boom") in [t.value for t in at.text]
