@@ -336,7 +336,11 @@ def schemas(settings: Settings) -> dict[str, Any]:
                        "description": f"Tasks by status ({', '.join(ALL_STATUSES)})."},
             "paused": {"type": "boolean", "description": "Nothing more of it starts until resumed."},
             "run_next": {"type": "boolean", "description": "Marked to go ahead of other batches at its priority."},
-            "total": INTEGER, "done": INTEGER, "progress": fraction, "eta_seconds": nullable_num,
+            "total": INTEGER, "done": INTEGER, "progress": fraction,
+            "eta_seconds": {**nullable_num, "description": "Seconds left, from the measured run times of its workflow "
+                            "on the servers that can take it now; null: unknown (no measurement yet, no server, "
+                            "or paused)."},
+            "eta_at": {**nullable_num, "description": "The estimated finish time (Unix seconds); null: unknown."},
             "images": INTEGER, "stored_remotely": {**INTEGER, "description": "Images uploaded to object storage."},
             "upload_pending": INTEGER, "upload_failed": INTEGER, "url": URL,
             "tasks_url": URL, "images_url": URL, "zip_url": URL, "csv_url": URL, "events_url": URL}),

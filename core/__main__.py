@@ -130,7 +130,8 @@ def cmd_worker(settings: Settings, store: Store, args: argparse.Namespace) -> in
 
 
 def cmd_status(settings: Settings, store: Store, args: argparse.Namespace) -> int:
-    counts = store.counts(args.batch) if args.batch is None else service.batch_summary(store, args.batch)["counts"]
+    summary = None if args.batch is None else service.batch_summary(store, args.batch)
+    counts = store.counts() if summary is None else summary["counts"]
     if args.json:
         print(json.dumps(counts))
     else:
@@ -138,7 +139,16 @@ def cmd_status(settings: Settings, store: Store, args: argparse.Namespace) -> in
             print(f"{status:10} {n}")
         if not counts:
             print("no tasks")
+        if summary is not None and summary["done"] < summary["total"]:
+            print(f"{'eta':10} {_eta(summary)}")
     return 0
+
+
+def _eta(summary: dict[str, Any]) -> str:
+    if summary["eta_seconds"] is None:
+        return "unknown" + (" (paused)" if summary["paused"] else "")
+    finish = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["eta_at"]))
+    return f"{summary['eta_seconds']:.0f} s (done about {finish})"
 
 
 def _task_ids(store: Store, args: argparse.Namespace, statuses: tuple[str, ...]) -> list[int]:

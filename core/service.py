@@ -218,20 +218,38 @@ def batch_summary(store: Store, batch_id: int) -> dict[str, Any]:
     counts = store.counts(batch_id)
     total = sum(counts.values())
     done = sum(counts.get(s, 0) for s in FINAL)
-    row = store.db.execute("SELECT MIN(submitted_at), MAX(finished_at), COUNT(finished_at) FROM tasks "
-                           "WHERE batch_id = ? AND status = 'succeeded'", (batch_id,)).fetchone()
-    eta = None
-    if row[2] and row[0] and row[1] and row[1] > row[0] and total > done:
-        rate = row[2] / (row[1] - row[0])
-        eta = (total - done) / rate
+    eta = batch_eta(store, batch, total - done)
     uploaded = store.upload_counts(batch_id)
     batch.pop("turn", None)  # the fair-share clock: the scheduler's business, not the batch's
     return {**batch, "paused": bool(batch["paused"]), "run_next": batch["run_next"] is not None,
             "counts": counts, "total": total, "done": done,
             "progress": (done / total) if total else 1.0, "eta_seconds": eta,
+            "eta_at": None if eta is None else time.time() + eta,
             "images": sum(uploaded.values()), "stored_remotely": uploaded.get("stored", 0),
             "upload_pending": uploaded.get("pending", 0) + uploaded.get("uploading", 0),
             "upload_failed": uploaded.get("failed", 0)}
+
+
+def batch_eta(store: Store, batch: dict[str, Any], left: int) -> float | None:
+    """Seconds until the batch is done, from measured run times: each server that can take its tasks now
+    (enabled, not draining, not quarantined, on the batch's route) finishes one task per its mean run time of
+    the batch's workflow (the workflow's mean over all servers for a server that has not run it yet). None
+    (unknown) with no measurement yet, no server to run it, or the batch or the queue paused: never a guess."""
+    if left == 0:
+        return 0.0
+    if batch["paused"] or store.queue_paused():
+        return None
+    measured = store.run_durations_by_server(batch["workflow"])
+    every = [d for durations in measured.values() for d in durations]
+    if not every:
+        return None
+    overall = sum(every) / len(every)
+    routes = store.batch_routes(batch["id"])
+    serving = [s["url"] for s in store.servers(enabled_only=True) if not s["draining"]
+               and store.quarantine(s["url"]) is None
+               and (not routes or any(r is None or s["url"] in r.split(",") for r in routes))]
+    rate = sum(1 / max(sum(measured[u]) / len(measured[u]) if u in measured else overall, 1e-3) for u in serving)
+    return left / rate if rate else None
 
 
 # -- fleet controls: pause, run next, drain (kept in the database: they survive restarts) ----------------

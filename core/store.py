@@ -316,6 +316,22 @@ class Store:
             (workflow, limit)).fetchall()
         return [float(r[0]) for r in rows]
 
+    def run_durations_by_server(self, workflow: str, limit: int = 200) -> dict[str, list[float]]:
+        """run_durations of the workflow's latest succeeded tasks, grouped by the server that ran them."""
+        rows = self.db.execute(
+            "SELECT server, finished_at - started_at FROM tasks WHERE workflow = ? AND status = 'succeeded' AND "
+            "started_at IS NOT NULL AND finished_at >= started_at ORDER BY finished_at DESC LIMIT ?",
+            (workflow, limit)).fetchall()
+        found: dict[str, list[float]] = {}
+        for server, seconds in rows:
+            found.setdefault(server, []).append(float(seconds))
+        return found
+
+    def batch_routes(self, batch_id: int) -> list[str | None]:
+        """The distinct server lists (comma-separated; None: any server) of a batch's queued tasks."""
+        return [r[0] for r in self.db.execute("SELECT DISTINCT servers FROM tasks WHERE batch_id = ? AND "
+                                              "status = 'queued'", (batch_id,)).fetchall()]
+
     def server_draining(self, url: str) -> bool:
         row = self.db.execute("SELECT draining FROM servers WHERE url = ?", (url,)).fetchone()
         return bool(row and row[0])

@@ -186,7 +186,8 @@ def test_api_pause_resume_run_next_queue_and_drain(engine, api_base):
     a = add(store, 2)
     with requests.Session() as web:
         batch = web.post(f"{api_base}/batches/{a}/pause", timeout=10).json()["batch"]
-        assert (batch["id"], batch["paused"], batch["run_next"]) == (a, True, False)
+        assert (batch["id"], batch["paused"], batch["run_next"], batch["eta_seconds"], batch["eta_at"]) == (
+            a, True, False, None, None)
         assert web.post(f"{api_base}/batches/{a}/resume", timeout=10).json()["batch"]["paused"] is False
         assert web.post(f"{api_base}/batches/{a}/run-next", timeout=10).json()["batch"]["run_next"] is True
         assert web.post(f"{api_base}/queue/pause", timeout=10).json() == {"paused": True, "counts": {"queued": 2}}
@@ -249,7 +250,7 @@ def test_tasks_page_pauses_and_resumes_the_queue_and_a_batch_and_runs_it_next(pa
     at.selectbox(key="tasks_batch").set_value(a).run()
     click(at, f"Pause batch {a}")
     assert store.get_batch(a)["paused"] == 1
-    assert f"Batch {a}: 0/2 done (0%) - 2 queued - paused" in [t.value for t in at.text]
+    assert f"Batch {a}: 0/2 done (0%) - 2 queued - paused - ETA unknown" in [t.value for t in at.text]
     click(at, f"Resume batch {a}")
     click(at, f"Run batch {a} next")
     assert [m.value for m in at.success] == [f"Batch {a} runs next: ahead of every other batch at priority 0."]
