@@ -379,6 +379,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
         "ServerState": _object({"url": STRING, "state": {"type": "string", "enum": SERVER_STATES},
                                 "draining": {"type": "boolean"},
                                 "in_flight": {**INTEGER, "description": "Our tasks still on it."},
+                                "models": {**_list(STRING), "description": "The model files its last task loaded."},
                                 "quarantined_until": {**nullable_num, "description": "Unix seconds; set while "
                                                       "quarantined after repeated failures."},
                                 "quarantine_reason": nullable_str}),
@@ -390,6 +391,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
             "servers": _list(_object({"url": STRING, "enabled": {"type": "boolean"},
                                       "state": {"type": "string", "enum": SERVER_STATES},
                                       "draining": {"type": "boolean"}, "in_flight": INTEGER,
+                                      "models": _list(STRING),
                                       "quarantined_until": nullable_num, "quarantine_reason": nullable_str},
                                      required=True))}),
     }

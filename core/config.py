@@ -47,6 +47,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("COMFYBATCH_POLICY", "policy", "fair", str,
             "Order of batches at equal priority: `fair` (batches take turns, one task each) or `fifo` (oldest "
             "batch first). Higher priority always goes first.", choices=("fair", "fifo")),
+    Setting("COMFYBATCH_AFFINITY", "affinity", "true", bool,
+            "`true`: a server prefers tasks loading the models (checkpoint, UNet, CLIP, VAE, LoRA) its last task "
+            "loaded, to spare model reloads; `false`: the queue order alone."),
+    Setting("COMFYBATCH_AFFINITY_PATIENCE", "affinity_patience", "16", int,
+            "With affinity on, how many claims a batch may be passed over for another server's loaded model "
+            "before it must go next (fairness wins then)."),
     Setting("COMFYBATCH_STALL_FLOOR", "stall_floor", "120", float,
             "Seconds: a task with no word from ComfyUI for max(5 x its workflow's p95 run time, this) is "
             "interrupted and requeued (an attempt spent)."),
@@ -122,6 +128,8 @@ class Settings:
     read_timeout: float = 60.0
     max_attempts: int = 3
     policy: str = "fair"
+    affinity: bool = True
+    affinity_patience: int = 16
     stall_floor: float = 120.0
     stall_ceiling: float = 1800.0
     quarantine_after: int = 3

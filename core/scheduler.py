@@ -28,7 +28,10 @@ Which task a server gets next (`Store.claim_next_task`, one `BEGIN IMMEDIATE` tr
    batch with the next value of a counter (`batches.turn`) and the batch with the smallest stamp goes next,
    so a new batch (stamp 0) gets the very next free slot and then batches alternate one task each, however
    large each is. With `fifo`, the oldest batch first (the pre-fleet behaviour: priority, then FIFO);
-5. within a batch, the lowest task id.
+5. within a batch, the lowest task id;
+6. model affinity (COMFYBATCH_AFFINITY): if that task loads other models than the server's last task did,
+   the next batch in the same order whose next such task loads the same models goes instead, unless the
+   chosen batch has waited COMFYBATCH_AFFINITY_PATIENCE claims since its turn: fairness then wins.
 A draining server claims nothing; its in-flight prompts finish, and it then shows as drained.
 
 The watchdog (`check_stalls`, a step like the others): each in-flight prompt has a clock, reset by every event
@@ -181,7 +184,8 @@ class ServerWorker:
             return None  # drained: what is on the server finishes, nothing new goes there
         if self.store.quarantine(self.url) is not None:
             return None  # cooling down after repeated failures
-        task = self.store.claim_next_task(self.url, str(uuid.uuid4()), self.settings.policy)
+        task = self.store.claim_next_task(self.url, str(uuid.uuid4()), self.settings.policy,
+                                          self.settings.affinity_patience if self.settings.affinity else 0)
         if task is not None:
             self.submit(task)
         return task

@@ -122,7 +122,8 @@ def enqueue(store: Store, workflow: Workflow, jobs: list[Job], batch_name: str |
     batch_ids, task_ids = [], []
     prompt_param = workflow.params.get("prompt")
     for name, group in groups.items():
-        rows = [{"row_number": j.row_number, "params": j.params, "seed": j.resolved.get("seed"), "graph": j.graph,
+        rows = [{"models": workflows.loaded_models(j.graph), "row_number": j.row_number, "params": j.params,
+                 "seed": j.resolved.get("seed"), "graph": j.graph,
                  "inputs": j.inputs, "servers": ",".join(servers) if servers else None,
                  "prompt": str(j.resolved.get("prompt") or (j.graph[prompt_param.node_id]["inputs"].get(
                      prompt_param.input_name) if prompt_param else "") or "")} for j in group]
@@ -325,6 +326,7 @@ def server_state(store: Store, url: str) -> dict[str, Any]:
     else:
         state = "active"
     return {"url": url, "state": state, "draining": bool(server["draining"]), "in_flight": in_flight,
+            "models": server["models"].split("|") if server["models"] else [],
             "quarantined_until": quarantine[0] if quarantine else None,
             "quarantine_reason": quarantine[1] if quarantine else None}
 

@@ -93,7 +93,9 @@ _MIGRATIONS: dict[int, str] = {
     # latest claim (core.scheduler's docstring). servers.draining: no new work for that server. The whole
     # queue's pause is the meta key 'queue_paused'. The circuit breaker: servers.failures counts consecutive
     # failed runs (execution errors, stalls), quarantined_until/quarantine_reason the cool-down it led to;
-    # tasks.failed_on/failure_sig are the server and the kind of a task's last failed run.
+    # tasks.failed_on/failure_sig are the server and the kind of a task's last failed run. Model affinity:
+    # tasks.models lists the model files its graph loads (sorted, '|'-separated), servers.models those of the
+    # last task a server took.
     4: """
     ALTER TABLE batches ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE batches ADD COLUMN run_next INTEGER;
@@ -104,6 +106,8 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE servers ADD COLUMN quarantine_reason TEXT;
     ALTER TABLE tasks ADD COLUMN failed_on TEXT;
     ALTER TABLE tasks ADD COLUMN failure_sig TEXT;
+    ALTER TABLE tasks ADD COLUMN models TEXT NOT NULL DEFAULT '';
+    ALTER TABLE servers ADD COLUMN models TEXT;
     CREATE INDEX tasks_workflow_finished ON tasks(workflow, status, finished_at);
     """,
 }
@@ -207,21 +211,28 @@ class Store:
             rows = [(first + i, batch_id, t.get("row_number"), workflow, t.get("prompt") or "",
                      json.dumps(t["params"], ensure_ascii=False), t.get("seed"),
                      json.dumps(t["graph"], ensure_ascii=False), json.dumps(t.get("inputs") or {}),
-                     t.get("servers"), TaskStatus.QUEUED.value, priority, now, now) for i, t in enumerate(tasks)]
+                     t.get("servers"), TaskStatus.QUEUED.value, priority, now, now, "|".join(t.get("models") or ()))
+                    for i, t in enumerate(tasks)]
             conn.executemany(
                 "INSERT INTO tasks (id, batch_id, row_number, workflow, prompt, params, seed, graph, inputs, "
-                "servers, status, priority, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                "servers, status, priority, created_at, updated_at, models) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows)
             conn.executemany("INSERT INTO events (task_id, batch_id, status, at) VALUES (?, ?, 'queued', ?)",
                              [(r[0], batch_id, now) for r in rows])
         return batch_id, [r[0] for r in rows]
 
-    def claim_next_task(self, server: str, prompt_id: str, policy: str = "fair") -> dict[str, Any] | None:
+    def claim_next_task(self, server: str, prompt_id: str, policy: str = "fair",
+                        affinity_patience: int = 0) -> dict[str, Any] | None:
         """Atomically move the next queued task for `server` to `submitted` (None when there is none, the
         queue is paused, or every waiting batch is paused).
 
         Priority first. At the top priority, batches marked "run next" go first (latest mark first); then,
         with `policy` "fair", the batch whose turn came longest ago (round robin: each claim stamps the batch
         with the next value of a clock), with "fifo" the oldest batch. Within a batch, lowest task id.
+        Model affinity (`affinity_patience` > 0): when that task loads other models than the server's last
+        task did, a batch whose next matching task loads the same ones goes instead, unless the chosen batch
+        has already waited `affinity_patience` claims since its turn (or is marked "run next"): fairness then
+        requires the switch.
         The prompt_id is stored before anything is posted, so a crash after the post can be reconciled.
         """
         now = time.time()
@@ -236,16 +247,28 @@ class Store:
                 return None
             fairness = "b.turn, b.id" if policy == "fair" else "b.id"
             # One probe of the (batch_id, status) index per batch, instead of sorting every queued task.
-            row = conn.execute(
-                f"SELECT b.id, (SELECT t.id FROM tasks t WHERE t.batch_id = b.id AND {_ELIGIBLE} "
-                "AND t.priority = :priority ORDER BY t.id LIMIT 1) AS task FROM batches b WHERE b.paused = 0 "
-                f"AND task IS NOT NULL ORDER BY b.run_next IS NULL, b.run_next DESC, {fairness} LIMIT 1",
-                {**args, "priority": top[0]}).fetchone()
+            pick = ("SELECT b.id, (SELECT t.id FROM tasks t WHERE t.batch_id = b.id AND {eligible} AND t.priority = "
+                    ":priority {match} ORDER BY t.id LIMIT 1) AS task, b.turn, b.run_next FROM batches b WHERE "
+                    "b.paused = 0 AND task IS NOT NULL ORDER BY b.run_next IS NULL, b.run_next DESC, {fairness} "
+                    "LIMIT 1")
+            params = {**args, "priority": top[0]}
+            row = conn.execute(pick.format(eligible=_ELIGIBLE, match="", fairness=fairness), params).fetchone()
             if row is None:
                 return None
-            batch_id, task_id = row
+            batch_id, task_id = row[0], row[1]
+            if affinity_patience > 0 and row[3] is None:
+                loaded = conn.execute("SELECT models FROM servers WHERE url = ?", (server,)).fetchone()
+                wanted = conn.execute("SELECT models FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]
+                clock = conn.execute("SELECT COALESCE(MAX(turn), 0) FROM batches").fetchone()[0]
+                if loaded and loaded[0] is not None and wanted != loaded[0] and clock - row[2] < affinity_patience:
+                    same = conn.execute(pick.format(eligible=_ELIGIBLE, match="AND t.models = :models",
+                                                    fairness=fairness), {**params, "models": loaded[0]}).fetchone()
+                    if same is not None and same[3] is None:
+                        batch_id, task_id = same[0], same[1]
             conn.execute("UPDATE batches SET turn = (SELECT COALESCE(MAX(turn), 0) + 1 FROM batches) WHERE id = ?",
                          (batch_id,))
+            conn.execute("UPDATE servers SET models = (SELECT models FROM tasks WHERE id = ?) WHERE url = ?",
+                         (task_id, server))
             conn.execute(
                 "UPDATE tasks SET status = 'submitted', server = ?, prompt_id = ?, attempts = attempts + 1, "
                 "submitted_at = ?, started_at = NULL, progress_value = NULL, progress_max = NULL, "

@@ -47,13 +47,13 @@ def health_table(servers: list[dict]) -> pd.DataFrame:
         rows.append({
             "server": s["url"], "enabled": s["enabled"], "from": s["source"],
             "status": "up" if s["up"] else ("disabled" if not s["enabled"] else "down"),
-            "work": s.get("state", ""),
+            "work": s.get("state", ""), "model": ", ".join(s.get("models") or []),
             "running": s.get("queue_running"), "pending": s.get("queue_pending"), "device": s.get("device") or "",
             "VRAM free / total": f"{ui_format.format_bytes(free)} / {ui_format.format_bytes(total)}" if total else "",
             "ComfyUI": s.get("version") or "", "problem": ui.short_reason(s.get("error")) if s.get("error") else "",
         })
-    return pd.DataFrame(rows, columns=["server", "enabled", "from", "status", "work", "running", "pending", "device",
-                                       "VRAM free / total", "ComfyUI", "problem"])
+    return pd.DataFrame(rows, columns=["server", "enabled", "from", "status", "work", "model", "running", "pending",
+                                       "device", "VRAM free / total", "ComfyUI", "problem"])
 
 
 def storage_lines(status: dict) -> list[str]:

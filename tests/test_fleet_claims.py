@@ -119,3 +119,56 @@ def test_a_paused_queue_claims_nothing_until_resumed_even_after_a_reopen(db, tmp
     reopened.set_queue_paused(False)
     assert (reopened.queue_paused(), claim(reopened), db.counts()) == (False, a, {"queued": 1, "submitted": 1})
     reopened.close()
+
+
+# -- model affinity ---------------------------------------------------------------------------------
+def add_models(store: Store, n: int, models: list[str], name: str) -> int:
+    return store.create_batch(name, "wf", [{"params": {}, "graph": {}, "models": models}] * n)[0]
+
+
+def test_loader_models_are_read_from_the_graph():
+    from core.workflows import loaded_models
+
+    graph = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "b.safetensors"}},
+             "5": {"class_type": "LoraLoader", "inputs": {"lora_name": "style.safetensors", "model": ["4", 0]}},
+             "6": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "t5.safetensors",
+                                                               "clip_name2": "clip_l.safetensors"}},
+             "7": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+             "8": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux.safetensors"}},
+             "9": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "b.safetensors"}}}
+    assert loaded_models(graph) == ["ae.safetensors", "b.safetensors", "clip_l.safetensors", "flux.safetensors",
+                                    "style.safetensors", "t5.safetensors"]
+
+
+def test_affinity_keeps_each_server_on_its_model_while_both_batches_progress(db):
+    db.sync_servers(SERVERS, lambda: "c")
+    x = add_models(db, 6, ["x.safetensors"], "x")
+    y = add_models(db, 6, ["y.safetensors"], "y")
+    one, two = SERVERS
+    order = []
+    for _ in range(6):
+        for server in (one, two):
+            task = db.claim_next_task(server, next(PROMPT_IDS), "fair", affinity_patience=16)
+            order.append((server, task["batch_id"]))
+    assert order == [(one, x), (two, y)] * 6  # one load per (server, model)
+    assert [s["models"] for s in db.servers()] == ["x.safetensors", "y.safetensors"]
+
+
+def test_without_affinity_servers_alternate_models_with_the_batches(db):
+    db.sync_servers(SERVERS, lambda: "c")
+    x = add_models(db, 4, ["x.safetensors"], "x")
+    y = add_models(db, 4, ["y.safetensors"], "y")
+    one = SERVERS[0]
+    assert [db.claim_next_task(one, next(PROMPT_IDS), "fair")["batch_id"] for _ in range(4)] == [x, y, x, y]
+
+
+def test_fairness_wins_once_a_batch_has_waited_the_patience(db):
+    db.sync_servers(SERVERS, lambda: "c")
+    x = add_models(db, 10, ["x.safetensors"], "x")
+    one = SERVERS[0]
+    assert db.claim_next_task(one, next(PROMPT_IDS), "fair", 3)["batch_id"] == x
+    y = add_models(db, 10, ["y.safetensors"], "y")
+    # The server has x loaded: y is passed over until it has waited 3 claims, then goes, and the server (now
+    # with y loaded) keeps y until x has waited 3 claims: never more than the patience between turns.
+    order = [db.claim_next_task(one, next(PROMPT_IDS), "fair", 3)["batch_id"] for _ in range(9)]
+    assert order == [x, x, y, y, y, x, x, x, y]

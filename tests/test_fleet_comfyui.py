@@ -116,5 +116,5 @@ def test_drain_a_real_server_finishes_its_work_and_the_rest_goes_elsewhere(fleet
     wait_until(lambda: store.counts(batch) == {"succeeded": 12}, 240, message="the batch done")
     later = submitted_events(store, mark)
     assert later and {e["detail"] for e in later} == {two}
-    assert service.server_state(store, one) == {"url": one, "state": "drained", "draining": True, "in_flight": 0,
-                                                "quarantined_until": None, "quarantine_reason": None}
+    state = service.server_state(store, one)
+    assert (state["state"], state["in_flight"], state["quarantined_until"]) == ("drained", 0, None)

@@ -63,10 +63,10 @@ def test_drain_finishes_in_flight_work_then_shows_drained(engine):
     add(store, 3)
     first = store.claim_next_task(GPU, "p1")
     assert service.drain_server(store, "gpu-1:8188") == {
-        "url": GPU, "state": "draining", "draining": True, "in_flight": 1, "quarantined_until": None,
+        "url": GPU, "state": "draining", "draining": True, "in_flight": 1, "models": [], "quarantined_until": None,
         "quarantine_reason": None}
     assert store.complete_task(first["id"], [])
-    calm = {"quarantined_until": None, "quarantine_reason": None}
+    calm = {"models": [], "quarantined_until": None, "quarantine_reason": None}
     assert service.server_state(store, GPU) == {"url": GPU, "state": "drained", "draining": True, "in_flight": 0,
                                                 **calm}
     assert service.undrain_server(store, GPU) == {"url": GPU, "state": "active", "draining": False, "in_flight": 0,
@@ -195,7 +195,7 @@ def test_api_pause_resume_run_next_queue_and_drain(engine, api_base):
         assert web.post(f"{api_base}/queue/resume", timeout=10).json() == {"paused": False, "counts": {"queued": 2}}
         reply = web.post(f"{api_base}/servers/drain", json={"url": GPU}, timeout=10)
         assert (reply.status_code, reply.json()) == (200, {"url": GPU, "state": "drained", "draining": True,
-                                                           "in_flight": 0, "quarantined_until": None,
+                                                           "in_flight": 0, "models": [], "quarantined_until": None,
                                                            "quarantine_reason": None})
         reply = web.post(f"{api_base}/servers/undrain", json={"url": GPU}, timeout=10)
         assert reply.json()["state"] == "active"
