@@ -141,6 +141,8 @@ def cmd_status(settings: Settings, store: Store, args: argparse.Namespace) -> in
             print("no tasks")
         if summary is not None and summary["done"] < summary["total"]:
             print(f"{'eta':10} {_eta(summary)}")
+        if store.queue_paused():
+            print(f"{'queue':10} paused (python -m core resume)")
     return 0
 
 
