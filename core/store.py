@@ -312,6 +312,10 @@ class Store:
         in a row quarantines the server for `cooldown` seconds (and starts the count again). Returns the end of
         a quarantine this call began, else None."""
         now = time.time()
+        # The common case, a success after a success: a read, not a write transaction per task.
+        if failure is None and self.db.execute("SELECT failures FROM servers WHERE url = ?",
+                                               (url,)).fetchone() in (None, (0,)):
+            return None
         with self.write() as conn:
             if failure is None:
                 conn.execute("UPDATE servers SET failures = 0 WHERE url = ?", (url,))

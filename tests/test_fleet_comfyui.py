@@ -56,12 +56,13 @@ def test_fair_share_a_three_task_batch_starts_within_the_bound_behind_two_thousa
                                                         for i in range(2000)]).batch_ids[0]
     start(settings, store, schedulers)
     wait_until(lambda: store.counts(big).get("succeeded", 0) >= 20, 120, message="the big batch running")
-    mark = store.events(limit=1_000_000)[-1]["id"]
     small = submit_rows(settings, store, "empty_image", [{"1.color": c} for c in (1, 2, 3)]).batch_ids[0]
     wait_until(lambda: store.counts(small) == {"succeeded": 3}, 120, message="the small batch done")
     service.cancel_batch(store, big)
     wait_until(lambda: batch_in_flight(store, big) == 0, 60, message="the big batch stopped")
-    after = submitted_events(store, mark)
+    # From the moment the small batch is in the queue (its tasks' `queued` events, written with the batch).
+    arrived = min(e["id"] for e in store.events(limit=1_000_000) if e["batch_id"] == small)
+    after = submitted_events(store, arrived)
     last_small = max(e["id"] for e in after if e["batch_id"] == small)
     big_meanwhile = [e for e in after if e["batch_id"] == big and e["id"] < last_small]
     servers_x_in_flight = len(settings.comfyui_urls) * settings.in_flight
