@@ -150,6 +150,56 @@ def batch_priority(call: Call) -> dict[str, Any]:
     return {"updated": updated, "priority": priority, "batch": batch_json(call.store, batch_id, call.url)}
 
 
+def pause_batch(call: Call) -> dict[str, Any]:
+    return {"batch": _batch_after(call, service.pause_batch)}
+
+
+def resume_batch(call: Call) -> dict[str, Any]:
+    return {"batch": _batch_after(call, service.resume_batch)}
+
+
+def run_batch_next(call: Call) -> dict[str, Any]:
+    return {"batch": _batch_after(call, service.run_batch_next)}
+
+
+def _batch_after(call: Call, action: Any) -> dict[str, Any]:
+    batch_id = call.path_id("batch_id", "batch")
+    action(call.store, batch_id)
+    return batch_json(call.store, batch_id, call.url)
+
+
+# -- the queue and the servers ------------------------------------------------------------------------
+def get_queue(call: Call) -> dict[str, Any]:
+    return service.queue_state(call.store)
+
+
+def pause_queue(call: Call) -> dict[str, Any]:
+    return service.pause_queue(call.store)
+
+
+def resume_queue(call: Call) -> dict[str, Any]:
+    return service.resume_queue(call.store)
+
+
+def drain_server(call: Call) -> dict[str, Any]:
+    return service.drain_server(call.store, _server_url(call.json_object()))
+
+
+def undrain_server(call: Call) -> dict[str, Any]:
+    return service.undrain_server(call.store, _server_url(call.json_object()))
+
+
+def _server_url(data: dict[str, Any]) -> Any:
+    """The body's `url` (its value is checked by the engine)."""
+    extra = [k for k in data if k != "url"]
+    if extra or not isinstance(data.get("url"), str):
+        problem = (Problem("unknown field (send only 'url')", field=extra[0][:60], code="unknown") if extra else
+                   Problem("expected the server's URL as a string, e.g. \"http://127.0.0.1:8188\"", field="url",
+                           code="required" if "url" not in data else "invalid"))
+        raise InputError("1 problem(s) found; nothing was changed", [problem])
+    return data["url"]
+
+
 # -- tasks --------------------------------------------------------------------------------------------
 def list_tasks(call: Call) -> dict[str, Any]:
     limit = call.query_int("limit", PAGE_SIZE, 1, MAX_PAGE_SIZE) or PAGE_SIZE

@@ -95,6 +95,10 @@ PRIORITY = {"type": "integer", "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY
 PRIORITY_BODY = {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["priority"], "additionalProperties": False,
     "properties": {"priority": PRIORITY}}}}}
+SERVER_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["url"], "additionalProperties": False,
+    "properties": {"url": {"type": "string", "description": "A configured server's URL, as /health lists it."}}}}}}
+SERVER_STATES = ["active", "draining", "drained", "quarantined", "disabled"]
 SCALAR = {"description": "Text, a number or true/false (null: the template's value, or a random seed).",
           "anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
 PARAMS = {"type": "object", "additionalProperties": SCALAR,
@@ -193,6 +197,25 @@ def paths(settings: Settings) -> dict[str, dict[str, Any]]:
         "/batches/{batch_id}/priority": {"post": _op("Set the priority of every task of a batch", {
             "200": _json(_object({"updated": INTEGER, "priority": INTEGER, "batch": _ref("Batch")}), "Updated."),
             **_errors(404, *json_body)}, [batch_id], PRIORITY_BODY)},
+        "/batches/{batch_id}/pause": {"post": _op("Pause a batch: nothing more of it starts; what runs finishes", {
+            "200": _json(_object({"batch": _ref("Batch")}), "Paused (kept across restarts)."), **_errors(404)},
+            [batch_id])},
+        "/batches/{batch_id}/resume": {"post": _op("Resume a paused batch where it stopped", {
+            "200": _json(_object({"batch": _ref("Batch")}), "Resumed."), **_errors(404)}, [batch_id])},
+        "/batches/{batch_id}/run-next": {"post": _op("Move a batch ahead of every other batch at its priority", {
+            "200": _json(_object({"batch": _ref("Batch")}), "Runs next (higher priorities still go first)."),
+            **_errors(404)}, [batch_id])},
+        "/queue": {"get": _op("Whether the whole queue is paused, and tasks by status", {
+            "200": _json(_ref("Queue"), "The queue."), **_errors()})},
+        "/queue/pause": {"post": _op("Pause the whole queue: nothing new starts; what runs finishes", {
+            "200": _json(_ref("Queue"), "Paused (kept across restarts)."), **_errors()})},
+        "/queue/resume": {"post": _op("Resume the whole queue", {
+            "200": _json(_ref("Queue"), "Resumed."), **_errors()})},
+        "/servers/drain": {"post": _op("Drain a server: no new work; it finishes what it has, then shows drained", {
+            "200": _json(_ref("ServerState"), "Draining (or drained)."), **_errors(404, *json_body)},
+            body=SERVER_BODY)},
+        "/servers/undrain": {"post": _op("Put a drained server back to work", {
+            "200": _json(_ref("ServerState"), "Active again."), **_errors(404, *json_body)}, body=SERVER_BODY)},
         "/tasks": {"get": _op("Tasks, filtered and paged", {"200": _json(_object({
             "tasks": _list(_ref("Task")), "total": INTEGER, "limit": INTEGER, "offset": INTEGER,
             "next": {**URL, "nullable": True}}), "A page of tasks."), **_errors(400)}, [
@@ -311,7 +334,13 @@ def schemas(settings: Settings) -> dict[str, Any]:
             "id": INTEGER, "name": STRING, "workflow": STRING, "priority": INTEGER, "created_at": {"type": "number"},
             "counts": {"type": "object", "additionalProperties": INTEGER,
                        "description": f"Tasks by status ({', '.join(ALL_STATUSES)})."},
-            "total": INTEGER, "done": INTEGER, "progress": fraction, "eta_seconds": nullable_num,
+            "paused": {"type": "boolean", "description": "Nothing more of it starts until resumed."},
+            "run_next": {"type": "boolean", "description": "Marked to go ahead of other batches at its priority."},
+            "total": INTEGER, "done": INTEGER, "progress": fraction,
+            "eta_seconds": {**nullable_num, "description": "Seconds left, from the measured run times of its workflow "
+                            "on the servers that can take it now; null: unknown (no measurement yet, no server, "
+                            "or paused)."},
+            "eta_at": {**nullable_num, "description": "The estimated finish time (Unix seconds); null: unknown."},
             "images": INTEGER, "stored_remotely": {**INTEGER, "description": "Images uploaded to object storage."},
             "upload_pending": INTEGER, "upload_failed": INTEGER, "url": URL,
             "tasks_url": URL, "images_url": URL, "zip_url": URL, "csv_url": URL, "events_url": URL}),
@@ -344,12 +373,27 @@ def schemas(settings: Settings) -> dict[str, Any]:
                                              "default": {}})),
                             "description": "Other inputs a row may set as `<node id>.<input>`."},
             "presets": {}, "url": URL}),
+        "Queue": _object({"paused": {"type": "boolean", "description": "Nothing new starts while true."},
+                          "counts": {"type": "object", "additionalProperties": INTEGER,
+                                     "description": "Tasks by status."}}),
+        "ServerState": _object({"url": STRING, "state": {"type": "string", "enum": SERVER_STATES},
+                                "draining": {"type": "boolean"},
+                                "in_flight": {**INTEGER, "description": "Our tasks still on it."},
+                                "models": {**_list(STRING), "description": "The model files its last task loaded."},
+                                "quarantined_until": {**nullable_num, "description": "Unix seconds; set while "
+                                                      "quarantined after repeated failures."},
+                                "quarantine_reason": nullable_str}),
         "Health": _object({
             "status": {"type": "string", "enum": ["ok", "degraded"]},
             "scheduler": _object({"running": {"type": "boolean"}, "owner": nullable_str, "host": nullable_str,
                                   "pid": nullable_int}),
             "counts": {"type": "object", "additionalProperties": INTEGER, "description": "Tasks by status."},
-            "servers": _list(_object({"url": STRING, "enabled": {"type": "boolean"}}, required=True))}),
+            "servers": _list(_object({"url": STRING, "enabled": {"type": "boolean"},
+                                      "state": {"type": "string", "enum": SERVER_STATES},
+                                      "draining": {"type": "boolean"}, "in_flight": INTEGER,
+                                      "models": _list(STRING),
+                                      "quarantined_until": nullable_num, "quarantine_reason": nullable_str},
+                                     required=True))}),
     }
 
 

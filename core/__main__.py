@@ -130,7 +130,8 @@ def cmd_worker(settings: Settings, store: Store, args: argparse.Namespace) -> in
 
 
 def cmd_status(settings: Settings, store: Store, args: argparse.Namespace) -> int:
-    counts = store.counts(args.batch) if args.batch is None else service.batch_summary(store, args.batch)["counts"]
+    summary = None if args.batch is None else service.batch_summary(store, args.batch)
+    counts = store.counts() if summary is None else summary["counts"]
     if args.json:
         print(json.dumps(counts))
     else:
@@ -138,7 +139,18 @@ def cmd_status(settings: Settings, store: Store, args: argparse.Namespace) -> in
             print(f"{status:10} {n}")
         if not counts:
             print("no tasks")
+        if summary is not None and summary["done"] < summary["total"]:
+            print(f"{'eta':10} {_eta(summary)}")
+        if store.queue_paused():
+            print(f"{'queue':10} paused (python -m core resume)")
     return 0
+
+
+def _eta(summary: dict[str, Any]) -> str:
+    if summary["eta_seconds"] is None:
+        return "unknown" + (" (paused)" if summary["paused"] else "")
+    finish = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["eta_at"]))
+    return f"{summary['eta_seconds']:.0f} s (done about {finish})"
 
 
 def _task_ids(store: Store, args: argparse.Namespace, statuses: tuple[str, ...]) -> list[int]:
@@ -159,6 +171,31 @@ def cmd_retry(settings: Settings, store: Store, args: argparse.Namespace) -> int
     return 0
 
 
+def cmd_pause(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    """Pause (or resume) one batch, or with no batch the whole queue."""
+    resume = args.command == "resume"
+    if args.batch is None:
+        state = service.resume_queue(store) if resume else service.pause_queue(store)
+        print("queue " + ("paused: nothing new starts until `resume`" if state["paused"] else "resumed"))
+    else:
+        batch = (service.resume_batch if resume else service.pause_batch)(store, args.batch)
+        print(f"batch {batch['id']} " + ("paused" if batch["paused"] else "resumed"))
+    return 0
+
+
+def cmd_run_next(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    batch = service.run_batch_next(store, args.batch)
+    print(f"batch {batch['id']} runs next at priority {batch['priority']}")
+    return 0
+
+
+def cmd_drain(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    state = (service.undrain_server if args.command == "undrain" else service.drain_server)(store, args.url)
+    print(f"{state['url']}: {state['state']}" + (f" ({state['in_flight']} task(s) still on it)"
+                                                  if state["state"] == "draining" else ""))
+    return 0
+
+
 def cmd_export(settings: Settings, store: Store, args: argparse.Namespace) -> int:
     if not args.csv and not args.zip:
         raise InputError("export: give --csv FILE and/or --zip FILE")
@@ -176,7 +213,11 @@ def cmd_servers(settings: Settings, store: Store, args: argparse.Namespace) -> i
         state = "up" if s["up"] else "DOWN"
         extra: Any = (f"ComfyUI {s.get('version')} on {s.get('device')}, queue {s.get('queue_running')}+"
                       f"{s.get('queue_pending')}") if s["up"] else s.get("error", "")
-        print(f"{s['url']}\t{state}\t{'' if s['enabled'] else '(disabled) '}{extra}")
+        drain = f"({s['state']}) " if s["state"] in ("draining", "drained") else ""
+        if s.get("quarantined_until"):
+            drain += (f"(quarantined until {time.strftime('%H:%M:%S', time.localtime(s['quarantined_until']))}: "
+                      f"{s['quarantine_reason']}) ")
+        print(f"{s['url']}\t{state}\t{'' if s['enabled'] else '(disabled) '}{drain}{extra}")
     return 0 if all(s["up"] for s in report if s["enabled"]) else 1
 
 
@@ -251,6 +292,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--csv")
     e.add_argument("--zip")
     e.set_defaults(func=cmd_export)
+    for name, help_text in (("pause", "pause a batch (no new tasks of it start), or with no batch the whole queue"),
+                            ("resume", "resume a paused batch, or with no batch the whole queue")):
+        pa = sub.add_parser(name, help=help_text)
+        pa.add_argument("batch", nargs="?", type=int, help="batch id (default: the whole queue)")
+        pa.set_defaults(func=cmd_pause)
+    rn = sub.add_parser("run-next", help="move a batch ahead of every other batch at its priority")
+    rn.add_argument("batch", type=int)
+    rn.set_defaults(func=cmd_run_next)
+    for name, help_text in (("drain", "a server takes no new work and finishes what it has (maintenance)"),
+                            ("undrain", "a drained server takes work again")):
+        dr = sub.add_parser(name, help=help_text)
+        dr.add_argument("url", help="the server's URL, as `servers` lists it")
+        dr.set_defaults(func=cmd_drain)
     sv = sub.add_parser("servers", help="health of each configured ComfyUI server")
     sv.set_defaults(func=cmd_servers)
     so = sub.add_parser("storage", help="object storage (S3 and S3-compatible stores)")

@@ -44,6 +44,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("COMFYBATCH_READ_TIMEOUT", "read_timeout", "60", float, "Seconds to wait for a ComfyUI reply."),
     Setting("COMFYBATCH_MAX_ATTEMPTS", "max_attempts", "3", int,
             "Attempts per task before it is marked failed (HTTP 400 rejections are never retried)."),
+    Setting("COMFYBATCH_POLICY", "policy", "fair", str,
+            "Order of batches at equal priority: `fair` (batches take turns, one task each) or `fifo` (oldest "
+            "batch first). Higher priority always goes first.", choices=("fair", "fifo")),
+    Setting("COMFYBATCH_AFFINITY", "affinity", "true", bool,
+            "`true`: a server prefers tasks loading the models (checkpoint, UNet, CLIP, VAE, LoRA) its last task "
+            "loaded, to spare model reloads; `false`: the queue order alone."),
+    Setting("COMFYBATCH_AFFINITY_PATIENCE", "affinity_patience", "16", int,
+            "With affinity on, how many claims a batch may be passed over for another server's loaded model "
+            "before it must go next (fairness wins then)."),
+    Setting("COMFYBATCH_STALL_FLOOR", "stall_floor", "120", float,
+            "Seconds: a task with no word from ComfyUI for max(5 x its workflow's p95 run time, this) is "
+            "interrupted and requeued (an attempt spent)."),
+    Setting("COMFYBATCH_STALL_CEILING", "stall_ceiling", "1800", float,
+            "Seconds: the stall limit of a workflow with fewer than 5 finished tasks (no p95 to go by yet)."),
+    Setting("COMFYBATCH_QUARANTINE_AFTER", "quarantine_after", "3", int,
+            "A server whose last this many tasks failed (execution errors or stalls) is quarantined."),
+    Setting("COMFYBATCH_QUARANTINE_SECONDS", "quarantine_seconds", "300", float,
+            "How long a quarantined server gets no work (its queued work goes to the other servers)."),
     Setting("COMFYBATCH_LEASE_SECONDS", "lease_seconds", "15", float,
             "A scheduler that stops renewing its lease for this long is presumed dead and replaced."),
     Setting("COMFYBATCH_API_TOKENS", "api_tokens", "", list,
@@ -109,6 +127,13 @@ class Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_attempts: int = 3
+    policy: str = "fair"
+    affinity: bool = True
+    affinity_patience: int = 16
+    stall_floor: float = 120.0
+    stall_ceiling: float = 1800.0
+    quarantine_after: int = 3
+    quarantine_seconds: float = 300.0
     lease_seconds: float = 15.0
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     cors_origins: tuple[str, ...] = ()

@@ -19,6 +19,30 @@ With object storage on (COMFYBATCH_S3_BUCKET), the leader also runs one uploader
 saved images are recorded as `pending` and uploaded off the dispatch path; a collection wakes it. It stops
 with the lease, and a new leader resumes the pending uploads from the database.
 
+Which task a server gets next (`Store.claim_next_task`, one `BEGIN IMMEDIATE` transaction):
+1. nothing while the whole queue is paused; never a task of a paused batch (both kept in the database, so
+   they survive restarts; what is already on a server finishes);
+2. the highest task priority first: priority always wins over fairness;
+3. at that priority, batches marked "run next" first (the latest mark first);
+4. then, with COMFYBATCH_POLICY=fair (the default), round robin between batches: every claim stamps its
+   batch with the next value of a counter (`batches.turn`) and the batch with the smallest stamp goes next,
+   so a new batch (stamp 0) gets the very next free slot and then batches alternate one task each, however
+   large each is. With `fifo`, the oldest batch first (the pre-fleet behaviour: priority, then FIFO);
+5. within a batch, the lowest task id;
+6. model affinity (COMFYBATCH_AFFINITY): if that task loads other models than the server's last task did,
+   the next batch in the same order whose next such task loads the same models goes instead, unless the
+   chosen batch has waited COMFYBATCH_AFFINITY_PATIENCE claims since its turn: fairness then wins.
+A draining server claims nothing; its in-flight prompts finish, and it then shows as drained.
+
+The watchdog (`check_stalls`, a step like the others): each in-flight prompt has a clock, reset by every event
+about it, by its post, and when the prompt ahead of it on that server finishes (ComfyUI runs one at a time, so
+waiting behind ours is not a stall). Past the workflow's stall limit (core.watchdog) the prompt is interrupted
+and deleted from the server, and the task requeued with one attempt spent and the reason as its error.
+The circuit breaker: every finished run is recorded per server; COMFYBATCH_QUARANTINE_AFTER failures in a row
+(execution errors or stalls) quarantine the server for COMFYBATCH_QUARANTINE_SECONDS: it claims nothing, and
+what it still holds goes back to the queue (no attempt spent) for the other servers. A task whose run fails
+the same way (same error, or a stall) on two different servers is failed at once instead of bouncing around.
+
 Retries by cause: server unreachable before the post -> back in the queue at once, no attempt spent;
 server lost the prompt (restart, long outage) -> requeued, one attempt spent; HTTP 400 -> failed at once;
 execution error or foreign interrupt -> requeued until `max_attempts`, then failed with ComfyUI's message.
@@ -36,7 +60,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from core import files, storage, uploads
+from core import files, storage, uploads, watchdog
 from core.comfy import TERMINAL_EVENTS, ComfyClient, EventSocket, outcome, output_images, probe
 from core.config import Settings
 from core.errors import ComfyError, ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
@@ -100,6 +124,8 @@ class ServerWorker:
         self.started: set[str] = set()  # prompts whose execution_start this connection saw (all events seen)
         self.collecting: set[str] = set()
         self.progress_written: dict[str, float] = {}
+        self.activity: dict[str, float] = {}  # prompt_id -> monotonic time of the latest sign of life (watchdog)
+        self.limits: dict[str, tuple[float, watchdog.StallLimit]] = {}  # workflow -> (read at, stall limit)
         self.healthy = False
         self.down_since: float | None = None
         self.needs_reconcile = True
@@ -143,6 +169,7 @@ class ServerWorker:
             self.needs_reconcile = False
             self.reconcile()
         self.handle_cancels()
+        self.check_stalls(now)
         with self.slot_free:
             if len(self.inflight) >= self.settings.in_flight:
                 self.slot_free.wait(0.5)
@@ -153,7 +180,12 @@ class ServerWorker:
     def submit_next_task(self) -> dict[str, Any] | None:
         """Claim the best queued task for this server (its prompt_id stored before anything is posted) and
         post it. Returns the claimed task as it was claimed, or None when nothing is queued for this server."""
-        task = self.store.claim_next_task(self.url, str(uuid.uuid4()))
+        if self.store.server_draining(self.url):
+            return None  # drained: what is on the server finishes, nothing new goes there
+        if self.store.quarantine(self.url) is not None:
+            return None  # cooling down after repeated failures
+        task = self.store.claim_next_task(self.url, str(uuid.uuid4()), self.settings.policy,
+                                          self.settings.affinity_patience if self.settings.affinity else 0)
         if task is not None:
             self.submit(task)
         return task
@@ -199,6 +231,7 @@ class ServerWorker:
             return
         with self.slot_free:
             self.inflight[prompt_id] = task["id"]
+            self.activity[prompt_id] = time.monotonic()
         try:
             self.client.submit(graph, prompt_id)
             log.info("task %s submitted to %s as %s (attempt %s)", task["id"], self.url, prompt_id, task["attempts"])
@@ -240,6 +273,9 @@ class ServerWorker:
 
     def _drop(self, prompt_id: str) -> None:
         with self.slot_free:
+            if self.activity.pop(prompt_id, None) is not None:
+                now = time.monotonic()  # the next prompt only starts now: its wait so far was no stall
+                self.activity.update({p: max(t, now) for p, t in self.activity.items()})
             self.inflight.pop(prompt_id, None)
             self.progress_written.pop(prompt_id, None)
             self.outputs.pop(prompt_id, None)
@@ -263,6 +299,7 @@ class ServerWorker:
         task_id = self.inflight.get(prompt_id)
         if task_id is None:
             return
+        self.activity[prompt_id] = now
         if kind == "execution_start":
             self.started.add(prompt_id)
             self.store.transition(task_id, TaskStatus.RUNNING, [TaskStatus.SUBMITTED])
@@ -356,6 +393,8 @@ class ServerWorker:
                             "size_bytes": len(data), **files.describe_image(data),
                             "remote_state": "pending" if self.settings.storage_enabled else None})
         if self.store.complete_task(task["id"], records):
+            self.store.record_server_run(self.url, None, self.settings.quarantine_after,
+                                         self.settings.quarantine_seconds)
             log.info("task %s succeeded on %s: %d image(s)", task["id"], self.url, len(records))
             if records and self.settings.storage_enabled:
                 self.scheduler.upload_wake.set()
@@ -364,12 +403,82 @@ class ServerWorker:
         current = self.store.get_task(task["id"])
         if current["cancel_requested"]:
             self._finish(current, TaskStatus.CANCELLED, "cancelled by user")
-        elif current["attempts"] < self.settings.max_attempts:
-            log.info("task %s: attempt %s failed on %s, retrying: %s", task["id"], current["attempts"], self.url, exc)
-            self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=str(exc)[:500], error=str(exc))
+            return
+        signature = str(exc) if isinstance(exc, ExecutionFailed) else None
+        self._retry_or_fail(current, str(exc), signature)
+        if signature is not None:
+            self._count_failure(str(exc))
+
+    def _retry_or_fail(self, task: dict[str, Any], error: str, signature: str | None) -> None:
+        """Requeue a task whose run failed here (an attempt spent), or fail it: out of attempts, or the same
+        failure (`signature`) already happened on another server."""
+        previous = task.get("failed_on")
+        if signature is not None and task.get("failure_sig") == signature and previous and previous != self.url:
+            log.warning("task %s failed the same way on %s and %s: %s", task["id"], previous, self.url, error)
+            self._finish(task, TaskStatus.FAILED, f"{error} (the same failure on {previous} and {self.url}: not "
+                                                  "retried on other servers)")
+        elif task["attempts"] < self.settings.max_attempts:
+            log.info("task %s: attempt %s failed on %s, retrying: %s", task["id"], task["attempts"], self.url, error)
+            self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=error[:500], error=error,
+                                  failed_on=self.url, failure_sig=signature)
         else:
-            log.warning("task %s failed after %s attempts: %s", task["id"], current["attempts"], exc)
-            self._finish(current, TaskStatus.FAILED, str(exc))
+            log.warning("task %s failed after %s attempts: %s", task["id"], task["attempts"], error)
+            self._finish(task, TaskStatus.FAILED, error)
+
+    def _count_failure(self, reason: str) -> None:
+        """The circuit breaker: a failed run here; the Nth in a row quarantines the server."""
+        until = self.store.record_server_run(self.url, reason, self.settings.quarantine_after,
+                                             self.settings.quarantine_seconds)
+        if until is None:
+            return
+        log.warning("server %s quarantined for %g s: %s", self.url, self.settings.quarantine_seconds, reason)
+        for task in self.store.in_flight_tasks(self.url):
+            pid = task["prompt_id"]
+            if pid in self.collecting:
+                continue
+            try:
+                self.client.delete_pending([pid])
+                self.client.interrupt(pid)
+            except ComfyError:
+                pass
+            self._drop(pid)
+            self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, attempts=max(task["attempts"] - 1, 0),
+                                  detail=f"{self.url} was quarantined", error=task["error"])
+
+    # -- the watchdog ------------------------------------------------------------------------------
+    def stall_limit(self, workflow: str) -> watchdog.StallLimit:
+        """The workflow's stall limit from its measured run times, read at most every 30 s."""
+        now = time.monotonic()
+        cached = self.limits.get(workflow)
+        if cached is None or now - cached[0] > 30.0:
+            cached = (now, watchdog.stall_limit(self.store.run_durations(workflow), self.settings))
+            self.limits[workflow] = cached
+        return cached[1]
+
+    def check_stalls(self, now: float | None = None) -> None:
+        """Interrupt and requeue the prompt here with no sign of life for longer than its stall limit, if any."""
+        now = time.monotonic() if now is None else now
+        with self.slot_free:
+            quiet = [(p, self.inflight[p], now - t) for p, t in self.activity.items()
+                     if p in self.inflight and p not in self.collecting]
+        # ComfyUI runs one prompt at a time: only the longest-silent of ours can be stalled; the others' clocks
+        # start again when it is dropped.
+        for prompt_id, task_id, silent in sorted(quiet, key=lambda q: -q[2])[:1]:
+            task = self.store.get_task(task_id)
+            limit = self.stall_limit(task["workflow"])
+            if silent <= limit.seconds or task["prompt_id"] != prompt_id:
+                continue
+            reason = (f"no word from ComfyUI at {self.url} about this task for {silent:.0f} s, past the stall limit "
+                      f"of {limit.seconds:.0f} s ({limit.reason}); interrupted and requeued")
+            log.warning("task %s: %s", task_id, reason)
+            try:
+                self.client.interrupt(prompt_id)
+                self.client.delete_pending([prompt_id])
+            except ComfyError:
+                pass
+            self._drop(prompt_id)
+            self._retry_or_fail(task, reason, "stalled")
+            self._count_failure(reason)
 
     def _finish(self, task: dict[str, Any], status: TaskStatus, error: str) -> None:
         self.store.transition(task["id"], status, IN_FLIGHT, detail=error[:500], error=error)
@@ -400,6 +509,8 @@ class ServerWorker:
                     self._lost(task, f"ComfyUI at {self.url} no longer knows prompt {pid} (server restarted?)")
             with self.slot_free:
                 self.inflight = attached
+                now = time.monotonic()
+                self.activity = {p: self.activity.get(p, now) for p in attached}
                 self.slot_free.notify_all()
             self.last_message = time.monotonic()
         except ServerUnavailable as exc:

@@ -122,7 +122,8 @@ def enqueue(store: Store, workflow: Workflow, jobs: list[Job], batch_name: str |
     batch_ids, task_ids = [], []
     prompt_param = workflow.params.get("prompt")
     for name, group in groups.items():
-        rows = [{"row_number": j.row_number, "params": j.params, "seed": j.resolved.get("seed"), "graph": j.graph,
+        rows = [{"models": workflows.loaded_models(j.graph), "row_number": j.row_number, "params": j.params,
+                 "seed": j.resolved.get("seed"), "graph": j.graph,
                  "inputs": j.inputs, "servers": ",".join(servers) if servers else None,
                  "prompt": str(j.resolved.get("prompt") or (j.graph[prompt_param.node_id]["inputs"].get(
                      prompt_param.input_name) if prompt_param else "") or "")} for j in group]
@@ -218,18 +219,116 @@ def batch_summary(store: Store, batch_id: int) -> dict[str, Any]:
     counts = store.counts(batch_id)
     total = sum(counts.values())
     done = sum(counts.get(s, 0) for s in FINAL)
-    row = store.db.execute("SELECT MIN(submitted_at), MAX(finished_at), COUNT(finished_at) FROM tasks "
-                           "WHERE batch_id = ? AND status = 'succeeded'", (batch_id,)).fetchone()
-    eta = None
-    if row[2] and row[0] and row[1] and row[1] > row[0] and total > done:
-        rate = row[2] / (row[1] - row[0])
-        eta = (total - done) / rate
+    eta = batch_eta(store, batch, total - done)
     uploaded = store.upload_counts(batch_id)
-    return {**batch, "counts": counts, "total": total, "done": done,
+    batch.pop("turn", None)  # the fair-share clock: the scheduler's business, not the batch's
+    return {**batch, "paused": bool(batch["paused"]), "run_next": batch["run_next"] is not None,
+            "counts": counts, "total": total, "done": done,
             "progress": (done / total) if total else 1.0, "eta_seconds": eta,
+            "eta_at": None if eta is None else time.time() + eta,
             "images": sum(uploaded.values()), "stored_remotely": uploaded.get("stored", 0),
             "upload_pending": uploaded.get("pending", 0) + uploaded.get("uploading", 0),
             "upload_failed": uploaded.get("failed", 0)}
+
+
+def batch_eta(store: Store, batch: dict[str, Any], left: int) -> float | None:
+    """Seconds until the batch is done, from measured run times: each server that can take its tasks now
+    (enabled, not draining, not quarantined, on the batch's route) finishes one task per its mean run time of
+    the batch's workflow (the workflow's mean over all servers for a server that has not run it yet). None
+    (unknown) with no measurement yet, no server to run it, or the batch or the queue paused: never a guess."""
+    if left == 0:
+        return 0.0
+    if batch["paused"] or store.queue_paused():
+        return None
+    measured = store.run_durations_by_server(batch["workflow"])
+    every = [d for durations in measured.values() for d in durations]
+    if not every:
+        return None
+    overall = sum(every) / len(every)
+    routes = store.batch_routes(batch["id"])
+    serving = [s["url"] for s in store.servers(enabled_only=True) if not s["draining"]
+               and store.quarantine(s["url"]) is None
+               and (not routes or any(r is None or s["url"] in r.split(",") for r in routes))]
+    rate = sum(1 / max(sum(measured[u]) / len(measured[u]) if u in measured else overall, 1e-3) for u in serving)
+    return left / rate if rate else None
+
+
+# -- fleet controls: pause, run next, drain (kept in the database: they survive restarts) ----------------
+def pause_batch(store: Store, batch_id: int) -> dict[str, Any]:
+    """Nothing more of the batch is claimed; what is already on a server finishes. Returns the batch."""
+    store.set_batch_paused(batch_id, True)
+    return batch_summary(store, batch_id)
+
+
+def resume_batch(store: Store, batch_id: int) -> dict[str, Any]:
+    """The batch is claimed again, from where it stopped. Returns the batch."""
+    store.set_batch_paused(batch_id, False)
+    return batch_summary(store, batch_id)
+
+
+def run_batch_next(store: Store, batch_id: int) -> dict[str, Any]:
+    """Move the batch ahead of every other batch at its priority (higher priorities still go first)."""
+    store.set_run_next(batch_id)
+    return batch_summary(store, batch_id)
+
+
+def queue_state(store: Store) -> dict[str, Any]:
+    return {"paused": store.queue_paused(), "counts": store.counts()}
+
+
+def pause_queue(store: Store) -> dict[str, Any]:
+    """Nothing more is claimed from any batch until resume_queue; what is on servers finishes."""
+    store.set_queue_paused(True)
+    return queue_state(store)
+
+
+def resume_queue(store: Store) -> dict[str, Any]:
+    store.set_queue_paused(False)
+    return queue_state(store)
+
+
+def _known_server(store: Store, raw_url: str) -> str:
+    """A configured server's URL as typed (`host:port` gets http://); NotFound for any other text."""
+    try:
+        url = server_url(raw_url)
+    except InputError:
+        url = raw_url
+    if url not in {s["url"] for s in store.servers()}:
+        raise NotFound(f"server {workflows.show(url)} is not configured")
+    return url
+
+
+def drain_server(store: Store, raw_url: str) -> dict[str, Any]:
+    """Graceful maintenance: the server takes no new work, finishes what it has, then shows as drained."""
+    url = _known_server(store, raw_url)
+    store.set_server_draining(url, True)
+    return server_state(store, url)
+
+
+def undrain_server(store: Store, raw_url: str) -> dict[str, Any]:
+    url = _known_server(store, raw_url)
+    store.set_server_draining(url, False)
+    return server_state(store, url)
+
+
+def server_state(store: Store, url: str) -> dict[str, Any]:
+    """`state`: disabled, quarantined (after repeated failures: until when and why), drained (draining and
+    nothing left on it), draining (still finishing work) or active."""
+    server = next(s for s in store.servers() if s["url"] == url)
+    in_flight = len(store.in_flight_tasks(url))
+    quarantine = store.quarantine(url)
+    if not server["enabled"]:
+        state = "disabled"
+    elif quarantine is not None:
+        state = "quarantined"
+    elif server["draining"]:
+        state = "draining" if in_flight else "drained"
+    else:
+        state = "active"
+    return {"url": url, "state": state, "draining": bool(server["draining"]), "in_flight": in_flight,
+            "models": server["models"].split("|") if server["models"] else [],
+            "quarantined_until": quarantine[0] if quarantine else None,
+            "quarantine_reason": quarantine[1] if quarantine else None}
 
 
 def export_batch(settings: Settings, store: Store, batch_id: int, csv_path: Path | None = None,
@@ -367,7 +466,7 @@ def server_health(settings: Settings, store: Store, timeout: float = 3.0) -> lis
     now = time.time()
     for server in store.servers():
         entry: dict[str, Any] = {"url": server["url"], "enabled": bool(server["enabled"]),
-                                 "source": server["source"]}
+                                 "source": server["source"], **server_state(store, server["url"])}
         if server.get("health") and now - (server.get("health_at") or 0) < HEALTH_FRESH:
             entry.update(json.loads(server["health"]))
         else:

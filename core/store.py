@@ -25,7 +25,7 @@ import sqlite_utils
 from core.errors import NotFound
 from core.models import FINAL_STATUSES, IN_FLIGHT, UNFINISHED, TaskStatus
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _JSON_COLUMNS = ("params", "graph", "inputs")
 
 _MIGRATIONS: dict[int, str] = {
@@ -88,7 +88,32 @@ _MIGRATIONS: dict[int, str] = {
         WHERE remote_state IN ('pending', 'uploading');
     CREATE INDEX images_batch_remote ON images(batch_id, remote_state);
     """,
+    # v4: fleet scheduling. paused: nothing more of the batch is claimed. run_next: set by "run next" (a
+    # sequence number; the latest goes first at its priority). turn: the fair-share clock value of the batch's
+    # latest claim (core.scheduler's docstring). servers.draining: no new work for that server. The whole
+    # queue's pause is the meta key 'queue_paused'. The circuit breaker: servers.failures counts consecutive
+    # failed runs (execution errors, stalls), quarantined_until/quarantine_reason the cool-down it led to;
+    # tasks.failed_on/failure_sig are the server and the kind of a task's last failed run. Model affinity:
+    # tasks.models lists the model files its graph loads (sorted, '|'-separated), servers.models those of the
+    # last task a server took.
+    4: """
+    ALTER TABLE batches ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE batches ADD COLUMN run_next INTEGER;
+    ALTER TABLE batches ADD COLUMN turn INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE servers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE servers ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE servers ADD COLUMN quarantined_until REAL;
+    ALTER TABLE servers ADD COLUMN quarantine_reason TEXT;
+    ALTER TABLE tasks ADD COLUMN failed_on TEXT;
+    ALTER TABLE tasks ADD COLUMN failure_sig TEXT;
+    ALTER TABLE tasks ADD COLUMN models TEXT NOT NULL DEFAULT '';
+    ALTER TABLE servers ADD COLUMN models TEXT;
+    CREATE INDEX tasks_workflow_finished ON tasks(workflow, status, finished_at);
+    """,
 }
+POLICIES = ("fair", "fifo")  # COMFYBATCH_POLICY: batches take turns at equal priority, or oldest first
+_ELIGIBLE = ("t.status = 'queued' AND t.cancel_requested = 0 "
+             "AND (t.servers IS NULL OR instr(',' || t.servers || ',', ',' || :server || ',') > 0)")
 
 
 class Store:
@@ -186,34 +211,157 @@ class Store:
             rows = [(first + i, batch_id, t.get("row_number"), workflow, t.get("prompt") or "",
                      json.dumps(t["params"], ensure_ascii=False), t.get("seed"),
                      json.dumps(t["graph"], ensure_ascii=False), json.dumps(t.get("inputs") or {}),
-                     t.get("servers"), TaskStatus.QUEUED.value, priority, now, now) for i, t in enumerate(tasks)]
+                     t.get("servers"), TaskStatus.QUEUED.value, priority, now, now, "|".join(t.get("models") or ()))
+                    for i, t in enumerate(tasks)]
             conn.executemany(
                 "INSERT INTO tasks (id, batch_id, row_number, workflow, prompt, params, seed, graph, inputs, "
-                "servers, status, priority, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                "servers, status, priority, created_at, updated_at, models) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows)
             conn.executemany("INSERT INTO events (task_id, batch_id, status, at) VALUES (?, ?, 'queued', ?)",
                              [(r[0], batch_id, now) for r in rows])
         return batch_id, [r[0] for r in rows]
 
-    def claim_next_task(self, server: str, prompt_id: str) -> dict[str, Any] | None:
-        """Atomically move the best queued task (priority, then FIFO) to `submitted` on `server`.
+    def claim_next_task(self, server: str, prompt_id: str, policy: str = "fair",
+                        affinity_patience: int = 0) -> dict[str, Any] | None:
+        """Atomically move the next queued task for `server` to `submitted` (None when there is none, the
+        queue is paused, or every waiting batch is paused).
 
+        Priority first. At the top priority, batches marked "run next" go first (latest mark first); then,
+        with `policy` "fair", the batch whose turn came longest ago (round robin: each claim stamps the batch
+        with the next value of a clock), with "fifo" the oldest batch. Within a batch, lowest task id.
+        Model affinity (`affinity_patience` > 0): when that task loads other models than the server's last
+        task did, a batch whose next matching task loads the same ones goes instead, unless the chosen batch
+        has already waited `affinity_patience` claims since its turn (or is marked "run next"): fairness then
+        requires the switch.
         The prompt_id is stored before anything is posted, so a crash after the post can be reconciled.
         """
         now = time.time()
+        args = {"server": server}
         with self.write() as conn:
-            row = conn.execute(
-                "SELECT id, batch_id FROM tasks WHERE status = 'queued' AND cancel_requested = 0 "
-                "AND (servers IS NULL OR instr(',' || servers || ',', ',' || ? || ',') > 0) "
-                "ORDER BY priority DESC, id LIMIT 1", (server,)).fetchone()
+            if self._queue_paused(conn):
+                return None
+            top = conn.execute(
+                f"SELECT t.priority FROM tasks t WHERE {_ELIGIBLE} AND t.batch_id NOT IN "
+                "(SELECT id FROM batches WHERE paused = 1) ORDER BY t.priority DESC, t.id LIMIT 1", args).fetchone()
+            if top is None:
+                return None
+            fairness = "b.turn, b.id" if policy == "fair" else "b.id"
+            # One probe of the (batch_id, status) index per batch, instead of sorting every queued task.
+            pick = ("SELECT b.id, (SELECT t.id FROM tasks t WHERE t.batch_id = b.id AND {eligible} AND t.priority = "
+                    ":priority {match} ORDER BY t.id LIMIT 1) AS task, b.turn, b.run_next FROM batches b WHERE "
+                    "b.paused = 0 AND task IS NOT NULL ORDER BY b.run_next IS NULL, b.run_next DESC, {fairness} "
+                    "LIMIT 1")
+            params = {**args, "priority": top[0]}
+            row = conn.execute(pick.format(eligible=_ELIGIBLE, match="", fairness=fairness), params).fetchone()
             if row is None:
                 return None
+            batch_id, task_id = row[0], row[1]
+            if affinity_patience > 0 and row[3] is None:
+                loaded = conn.execute("SELECT models FROM servers WHERE url = ?", (server,)).fetchone()
+                wanted = conn.execute("SELECT models FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]
+                clock = conn.execute("SELECT COALESCE(MAX(turn), 0) FROM batches").fetchone()[0]
+                if loaded and loaded[0] is not None and wanted != loaded[0] and clock - row[2] < affinity_patience:
+                    same = conn.execute(pick.format(eligible=_ELIGIBLE, match="AND t.models = :models",
+                                                    fairness=fairness), {**params, "models": loaded[0]}).fetchone()
+                    if same is not None and same[3] is None:
+                        batch_id, task_id = same[0], same[1]
+            conn.execute("UPDATE batches SET turn = (SELECT COALESCE(MAX(turn), 0) + 1 FROM batches) WHERE id = ?",
+                         (batch_id,))
+            conn.execute("UPDATE servers SET models = (SELECT models FROM tasks WHERE id = ?) WHERE url = ?",
+                         (task_id, server))
             conn.execute(
                 "UPDATE tasks SET status = 'submitted', server = ?, prompt_id = ?, attempts = attempts + 1, "
                 "submitted_at = ?, started_at = NULL, progress_value = NULL, progress_max = NULL, "
-                "updated_at = ? WHERE id = ?", (server, prompt_id, now, now, row[0]))
+                "updated_at = ? WHERE id = ?", (server, prompt_id, now, now, task_id))
             conn.execute("INSERT INTO events (task_id, batch_id, status, at, detail) VALUES (?, ?, ?, ?, ?)",
-                         (row[0], row[1], "submitted", now, server))
-        return self.get_task(row[0])
+                         (task_id, batch_id, "submitted", now, server))
+        return self.get_task(task_id)
+
+    @staticmethod
+    def _queue_paused(conn: sqlite3.Connection) -> bool:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'queue_paused'").fetchone()
+        return bool(row and row[0] == "1")
+
+    # -- pause, run next, drain -------------------------------------------------------------------
+    def queue_paused(self) -> bool:
+        return self._queue_paused(self.db.conn)
+
+    def set_queue_paused(self, paused: bool) -> None:
+        with self.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('queue_paused', ?)", ("1" if paused else "0",))
+
+    def set_batch_paused(self, batch_id: int, paused: bool) -> None:
+        with self.write() as conn:
+            if conn.execute("UPDATE batches SET paused = ? WHERE id = ?", (int(paused), batch_id)).rowcount != 1:
+                raise NotFound(f"batch {batch_id} does not exist")
+
+    def set_run_next(self, batch_id: int) -> None:
+        """Put the batch ahead of every other batch at its priority (the latest "run next" first)."""
+        with self.write() as conn:
+            if conn.execute("UPDATE batches SET run_next = (SELECT COALESCE(MAX(run_next), 0) + 1 FROM batches) "
+                            "WHERE id = ?", (batch_id,)).rowcount != 1:
+                raise NotFound(f"batch {batch_id} does not exist")
+
+    def set_server_draining(self, url: str, draining: bool) -> None:
+        with self.write() as conn:
+            if conn.execute("UPDATE servers SET draining = ? WHERE url = ?", (int(draining), url)).rowcount != 1:
+                raise NotFound(f"server {url} is not configured")
+
+    def record_server_run(self, url: str, failure: str | None, threshold: int, cooldown: float) -> float | None:
+        """Count a finished run for the circuit breaker: a success resets the count; the `threshold`-th failure
+        in a row quarantines the server for `cooldown` seconds (and starts the count again). Returns the end of
+        a quarantine this call began, else None."""
+        now = time.time()
+        # The common case, a success after a success: a read, not a write transaction per task.
+        if failure is None and self.db.execute("SELECT failures FROM servers WHERE url = ?",
+                                               (url,)).fetchone() in (None, (0,)):
+            return None
+        with self.write() as conn:
+            if failure is None:
+                conn.execute("UPDATE servers SET failures = 0 WHERE url = ?", (url,))
+                return None
+            row = conn.execute("UPDATE servers SET failures = failures + 1 WHERE url = ? RETURNING failures",
+                               (url,)).fetchone()
+            if row is None or row[0] < threshold:
+                return None
+            until = now + cooldown
+            conn.execute("UPDATE servers SET failures = 0, quarantined_until = ?, quarantine_reason = ? WHERE url = ?",
+                         (until, f"its last {row[0]} tasks failed; the last one: {failure}"[:500], url))
+            return until
+
+    def quarantine(self, url: str) -> tuple[float, str] | None:
+        """(until, reason) while the server is quarantined, else None."""
+        row = self.db.execute("SELECT quarantined_until, quarantine_reason FROM servers WHERE url = ?",
+                              (url,)).fetchone()
+        return (row[0], row[1] or "") if row and row[0] and row[0] > time.time() else None
+
+    def run_durations(self, workflow: str, limit: int = 200) -> list[float]:
+        """Seconds from execution start to finish of the workflow's latest succeeded tasks, newest first."""
+        rows = self.db.execute(
+            "SELECT finished_at - started_at FROM tasks WHERE workflow = ? AND status = 'succeeded' AND "
+            "started_at IS NOT NULL AND finished_at >= started_at ORDER BY finished_at DESC LIMIT ?",
+            (workflow, limit)).fetchall()
+        return [float(r[0]) for r in rows]
+
+    def run_durations_by_server(self, workflow: str, limit: int = 200) -> dict[str, list[float]]:
+        """run_durations of the workflow's latest succeeded tasks, grouped by the server that ran them."""
+        rows = self.db.execute(
+            "SELECT server, finished_at - started_at FROM tasks WHERE workflow = ? AND status = 'succeeded' AND "
+            "started_at IS NOT NULL AND finished_at >= started_at ORDER BY finished_at DESC LIMIT ?",
+            (workflow, limit)).fetchall()
+        found: dict[str, list[float]] = {}
+        for server, seconds in rows:
+            found.setdefault(server, []).append(float(seconds))
+        return found
+
+    def batch_routes(self, batch_id: int) -> list[str | None]:
+        """The distinct server lists (comma-separated; None: any server) of a batch's queued tasks."""
+        return [r[0] for r in self.db.execute("SELECT DISTINCT servers FROM tasks WHERE batch_id = ? AND "
+                                              "status = 'queued'", (batch_id,)).fetchall()]
+
+    def server_draining(self, url: str) -> bool:
+        row = self.db.execute("SELECT draining FROM servers WHERE url = ?", (url,)).fetchone()
+        return bool(row and row[0])
 
     def transition(self, task_id: int, status: TaskStatus, from_statuses: Iterable[str],
                    detail: str | None = None, **fields: Any) -> bool:

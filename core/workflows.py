@@ -461,3 +461,17 @@ def id_order(node_id: str) -> tuple[int, int, str]:
     """Numeric ids in numeric order, then any others ("75:12" from subgraphs) by text; never int() a string
     of arbitrary length."""
     return (0, len(node_id), node_id) if node_id.isascii() and node_id.isdigit() else (1, 0, node_id)
+
+
+# Inputs of loader nodes that name a model file (CheckpointLoaderSimple, UNETLoader, CLIPLoader, DualCLIPLoader,
+# VAELoader, LoraLoader, ...): model affinity keys on them.
+MODEL_INPUTS = ("ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name",
+                "lora_name", "model_name")
+
+
+def loaded_models(graph: dict[str, Any]) -> list[str]:
+    """The model files a graph's loader nodes load, sorted and without repeats."""
+    names = {value for node in graph.values() if isinstance(node, dict)
+             for key, value in (node.get("inputs") or {}).items()
+             if key in MODEL_INPUTS and isinstance(value, str) and value}
+    return sorted(names)

@@ -1,4 +1,4 @@
-"""Servers: health of every ComfyUI server; add, disable or remove one at run time; test a connection."""
+"""Servers: health of every ComfyUI server; add, drain, disable or remove one at run time; test a connection."""
 
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ def set_enabled(ctx: ui.Context, url: str, enabled: bool) -> tuple[str, str]:
             + ("" if enabled else " Tasks already on it finish there; no new ones are sent."))
 
 
+def set_draining(ctx: ui.Context, url: str, draining: bool) -> tuple[str, str]:
+    state = (service.drain_server if draining else service.undrain_server)(ctx.store, url)
+    ui.refresh_health()
+    if not draining:
+        return ("success", f"{url} takes work again.")
+    return ("success", f"Draining {url}: it takes no new work" + (
+        f" and finishes the {state['in_flight']} task(s) on it, then shows as drained." if state["in_flight"]
+        else "; nothing is on it, so it is drained."))
+
+
 def remove(ctx: ui.Context, url: str) -> tuple[str, str]:
     service.remove_server(ctx.store, url)
     ui.refresh_health()
@@ -37,12 +47,13 @@ def health_table(servers: list[dict]) -> pd.DataFrame:
         rows.append({
             "server": s["url"], "enabled": s["enabled"], "from": s["source"],
             "status": "up" if s["up"] else ("disabled" if not s["enabled"] else "down"),
+            "work": s.get("state", ""), "model": ", ".join(s.get("models") or []),
             "running": s.get("queue_running"), "pending": s.get("queue_pending"), "device": s.get("device") or "",
             "VRAM free / total": f"{ui_format.format_bytes(free)} / {ui_format.format_bytes(total)}" if total else "",
             "ComfyUI": s.get("version") or "", "problem": ui.short_reason(s.get("error")) if s.get("error") else "",
         })
-    return pd.DataFrame(rows, columns=["server", "enabled", "from", "status", "running", "pending", "device",
-                                       "VRAM free / total", "ComfyUI", "problem"])
+    return pd.DataFrame(rows, columns=["server", "enabled", "from", "status", "work", "model", "running", "pending",
+                                       "device", "VRAM free / total", "ComfyUI", "problem"])
 
 
 def storage_lines(status: dict) -> list[str]:
@@ -75,7 +86,11 @@ with ui.guard():
     else:
         st.table(health_table(servers).set_index("server"))  # a few rows: a plain table reads best
         for s in servers:
-            st.text(f"{s['url']}: " + ("up" if s["up"] else "down") + ("" if s["enabled"] else " (disabled)")
+            drain = f" ({s['state']})" if s.get("state") in ("draining", "drained") else ""
+            if s.get("quarantined_until"):
+                drain += (f" - quarantined until {ui_format.format_time(s['quarantined_until'])}: "
+                          f"{s['quarantine_reason']}")
+            st.text(f"{s['url']}: " + ("up" if s["up"] else "down") + ("" if s["enabled"] else " (disabled)") + drain
                     + (f", ComfyUI {s['version']}" if s.get("version") else ""))
         st.subheader("Change a server")
         by_url = {s["url"]: s for s in servers}
@@ -86,6 +101,11 @@ with ui.guard():
             row.button("Disable", on_click=ui.safe_callback("servers", lambda c: set_enabled(c, url, False)))
         else:
             row.button("Enable", on_click=ui.safe_callback("servers", lambda c: set_enabled(c, url, True)))
+        if server.get("draining"):
+            row.button("Undrain", on_click=ui.safe_callback("servers", lambda c: set_draining(c, url, False)))
+        elif server["enabled"]:
+            row.button("Drain", help="No new work; what is on the server finishes, then it shows as drained.",
+                       on_click=ui.safe_callback("servers", lambda c: set_draining(c, url, True)))
         if server["source"] == "config":
             row.caption("This server comes from COMFYUI_URL and is added back at every start: disable it instead, "
                        "or change COMFYUI_URL.")

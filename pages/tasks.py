@@ -1,4 +1,5 @@
-"""Tasks: a live, filtered, paged table of tasks with cancel / retry / priority, and per-batch progress."""
+"""Tasks: a live, filtered, paged table of tasks with cancel / retry / priority, per-batch progress, and the
+queue controls: pause or resume the whole queue or the picked batch, and run the picked batch next."""
 
 from __future__ import annotations
 
@@ -66,6 +67,42 @@ def set_priority(ctx: ui.Context) -> tuple[str, str]:
     return ("success", f"Priority of {n} task(s) set to {value}; queued tasks with a higher priority run first.")
 
 
+def set_queue_paused(ctx: ui.Context, paused: bool) -> tuple[str, str]:
+    (service.pause_queue if paused else service.resume_queue)(ctx.store)
+    return ("success", "Queue paused: no new task starts; tasks already on a server finish." if paused
+            else "Queue resumed.")
+
+
+def set_batch_paused(ctx: ui.Context, batch_id: int, paused: bool) -> tuple[str, str]:
+    (service.pause_batch if paused else service.resume_batch)(ctx.store, batch_id)
+    return ("success", f"Batch {batch_id} paused: none of its tasks start; those on a server finish." if paused
+            else f"Batch {batch_id} resumed.")
+
+
+def run_next(ctx: ui.Context, batch_id: int) -> tuple[str, str]:
+    batch = service.run_batch_next(ctx.store, batch_id)
+    return ("success", f"Batch {batch_id} runs next: ahead of every other batch at priority {batch['priority']}.")
+
+
+def queue_controls(ctx: ui.Context, batch_id: int | None) -> None:
+    """Pause/resume the queue; with a batch picked, pause/resume it and run it next."""
+    row = st.container(horizontal=True, vertical_alignment="center")
+    if service.queue_state(ctx.store)["paused"]:
+        row.button("Resume queue", on_click=ui.safe_callback("tasks", lambda c: set_queue_paused(c, False)))
+        row.caption("The queue is paused: no new task starts.")
+    else:
+        row.button("Pause queue", on_click=ui.safe_callback("tasks", lambda c: set_queue_paused(c, True)))
+    if batch_id is None:
+        return
+    if service.batch_summary(ctx.store, batch_id)["paused"]:
+        row.button(f"Resume batch {batch_id}",
+                   on_click=ui.safe_callback("tasks", lambda c: set_batch_paused(c, batch_id, False)))
+    else:
+        row.button(f"Pause batch {batch_id}",
+                   on_click=ui.safe_callback("tasks", lambda c: set_batch_paused(c, batch_id, True)))
+    row.button(f"Run batch {batch_id} next", on_click=ui.safe_callback("tasks", lambda c: run_next(c, batch_id)))
+
+
 ctx = ui.setup("Tasks")
 with ui.guard():
     c1, c2, c3, c4 = st.columns([2, 2, 1, 2])
@@ -79,6 +116,7 @@ with ui.guard():
                                 format_func=lambda w: "All" if w is None else w, on_change=clear_selection)
     with c4:
         text = st.text_input("Prompt contains", key="tasks_text", on_change=clear_selection)
+    queue_controls(ctx, batch_id)
     flt = queries.TaskFilter(batch_id, tuple(statuses), workflow, text)
     busy_at_draw = queries.has_unfinished_work(ctx.store)
 

@@ -563,7 +563,7 @@ def test_openapi_document_describes_real_replies(app, web):
         reply = case.call_and_validate(base_url=app.url, session=web, checks=conformance, timeout=30)
         assert reply.status_code == 200, (operation.label, reply.text)
         seen.add(operation.path)
-    assert len(seen) == 16
+    assert len(seen) == 17
     tasks = schema["/api/v1/tasks"]["GET"]
     for status, code in ((["succeeded", " queued , failed"], 200), ([""], 200), (["succeeded,"], 400),
                          (["succeeded,,failed"], 400), (["done"], 400)):

@@ -155,7 +155,7 @@ def test_generate_queues_work_while_comfyui_is_down(offline, db):
     assert task["params"]["width"] == 40 and task["params"]["2.filename_prefix"] == "red"
     assert (task["graph"]["1"]["inputs"]["width"], task["graph"]["1"]["inputs"]["height"]) == (40, 64)
     assert task["graph"]["2"]["inputs"]["filename_prefix"] == "red"
-    assert "Batch 1: 0/2 done (0%) - 2 queued" in texts(at)
+    assert "Batch 1: 0/2 done (0%) - 2 queued - ETA unknown" in texts(at)
 
 
 def test_generate_reports_bad_inputs_and_enqueues_nothing(offline, db):
@@ -331,8 +331,8 @@ def test_tasks_lists_filters_and_acts_on_selected_rows(offline, db):
     submit_rows(offline, db, "sd15_txt2img", [{"prompt": "a red fox", "steps": "2"}], name="second")
     at = page("tasks")
     no_failures(at)
-    assert texts(at)[:3] == ["Batch 2: 0/1 done (0%) - 1 queued", "Batch 1: 0/3 done (0%) - 3 queued",
-                             "Showing 1-4 of 4 task(s)"]
+    assert texts(at)[:3] == ["Batch 2: 0/1 done (0%) - 1 queued - ETA unknown",
+                             "Batch 1: 0/3 done (0%) - 3 queued - ETA unknown", "Showing 1-4 of 4 task(s)"]
     table = at.dataframe[0].value
     assert table["id"].tolist() == [4, 3, 2, 1]
     assert table["status"].tolist() == ["queued"] * 4
@@ -342,7 +342,7 @@ def test_tasks_lists_filters_and_acts_on_selected_rows(offline, db):
     assert "Showing 1-1 of 1 task(s)" in texts(at)
     at.text_input(key="tasks_text").set_value("").run()
     at.selectbox(key="tasks_batch").set_value(1).run()
-    assert texts(at) == ["Batch 1: 0/3 done (0%) - 3 queued", "Showing 1-3 of 3 task(s)"]
+    assert texts(at) == ["Batch 1: 0/3 done (0%) - 3 queued - ETA unknown", "Showing 1-3 of 3 task(s)"]
 
     at.session_state["tasks_table_3"] = {"selection": {"rows": [0, 2], "columns": [], "cells": []}}
     at.run()

@@ -74,7 +74,7 @@ def test_task_rows_and_status_lines(offline, db):
     assert (row["status"], row["progress"], row["server"], row["attempts"], row["prompt"]) == (
         "submitted", 0.5, "http://gpu-1:8188", 1, "a fox")
     summary = service.batch_summary(db, result.batch_ids[0])
-    assert ui_format.batch_status_line(summary) == "Batch 1: 0/2 done (0%) - 1 queued, 1 submitted"
+    assert ui_format.batch_status_line(summary) == "Batch 1: 0/2 done (0%) - 1 queued, 1 submitted - ETA unknown"
     assert queries.tasks_by_ids(db, [2, 999, 1])[0]["id"] == 2
     assert queries.task_workflows(db) == ["sd15_txt2img"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +34,28 @@ def ensure_checkpoint() -> Path:
     return CHECKPOINT
 
 
+SECOND_CHECKPOINT = "random_sd15_b.safetensors"
+
+
+def second_checkpoint_config(work: Path) -> Path:
+    """An extra_model_paths.yaml (for --extra-model-paths-config) naming a folder under `work` that holds a
+    second, distinct random-weight checkpoint: a copy of the test checkpoint whose last byte differs (the low
+    bit of a float16 weight). The shared install's models folder is left alone."""
+    folder = work / "models" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / SECOND_CHECKPOINT
+    if not copy.is_file():
+        shutil.copyfile(ensure_checkpoint(), copy)
+        with open(copy, "r+b") as f:
+            f.seek(-1, 2)
+            last = f.read(1)[0]
+            f.seek(-1, 2)
+            f.write(bytes([last ^ 1]))
+    config = work / "extra_model_paths.yaml"
+    config.write_text(f"extra:\n    base_path: {work / 'models'}\n    checkpoints: checkpoints\n", encoding="utf-8")
+    return config
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,8 +65,9 @@ def free_port() -> int:
 class ComfyServer:
     """One real ComfyUI on 127.0.0.1 with its own input/output/temp/user folders under `home`."""
 
-    def __init__(self, home: Path, port: int | None = None):
+    def __init__(self, home: Path, port: int | None = None, extra_args: tuple[str, ...] = ()):
         self.home = home
+        self.extra_args = extra_args  # more main.py options, e.g. --extra-model-paths-config FILE
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -56,7 +80,8 @@ class ComfyServer:
             [str(PYTHON), str(ROOT / "tests" / "comfyui_harness" / "launch.py"), str(COMFY_DIR), "--cpu",
              "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
              "--output-directory", str(self.home / "output"), "--input-directory", str(self.home / "input"),
-             "--temp-directory", str(self.home / "temp"), "--user-directory", str(self.home / "user")],
+             "--temp-directory", str(self.home / "temp"), "--user-directory", str(self.home / "user"),
+             *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
@@ -81,6 +106,11 @@ class ComfyServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(15)
         self.proc = None
+
+    def model_loads(self) -> int:
+        """Checkpoint loads from disk so far: ComfyUI logs `model_type ...` once for each."""
+        return sum(1 for line in (self.home / "comfyui.log").read_text(errors="replace").splitlines()
+                   if line.startswith("model_type "))
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
