@@ -11,6 +11,8 @@ copy was deleted after its upload to object storage is answered with a redirect 
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -32,10 +34,8 @@ def image_response(settings: Settings, store: Store, image_id: int, thumbnail: b
     if source.redirect is not None:
         return RedirectResponse(source.redirect, status_code=307, headers={"Cache-Control": "no-store"})
     assert source.path is not None
-    if thumbnail:
-        return FileResponse(source.path, media_type=source.media_type, headers={"Cache-Control": CACHE})
-    return FileResponse(source.path, media_type=source.media_type, headers={"Cache-Control": CACHE},
-                        filename=source.path.name, content_disposition_type="inline")
+    named: dict[str, Any] = {} if thumbnail else {"filename": source.path.name, "content_disposition_type": "inline"}
+    return FileResponse(source.path, media_type=source.media_type, headers={"Cache-Control": CACHE}, **named)
 
 
 class FileServer:

@@ -66,12 +66,11 @@ def json_submission(data: Any) -> Submission:
     if not isinstance(dry_run, bool):
         problems.append(Problem(f"expected true or false, got {show(dry_run)}", field="dry_run"))
     name = data.get("name")
-    sub = Submission(workflow or "", _rows(data, problems), count=data.get("count", 1), name=name,
-                     priority=data.get("priority", 0), images=_json_images(data.get("images"), problems),
-                     source="api", dry_run=dry_run is True, problems=problems)
     if isinstance(name, str):
-        sub.name = name.strip() or None
-    return sub
+        name = name.strip() or None
+    return Submission(workflow or "", _rows(data, problems), count=data.get("count", 1), name=name,
+                      priority=data.get("priority", 0), images=_json_images(data.get("images"), problems),
+                      source="api", dry_run=dry_run is True, problems=problems)
 
 
 def form_submission(settings: Settings, fields: dict[str, list[str]], files: dict[str, list[tuple[str, bytes]]]

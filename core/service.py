@@ -17,7 +17,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,7 @@ def submit(settings: Settings, store: Store, sub: Submission, rng: random.Random
                         for r in sub.rows[:1000] for p in r.problems)
         problems.sort(key=sort_key)
         raise InputError(f"{len(problems)} problem(s) found; nothing was enqueued", problems)
-    jobs = build_jobs(settings, workflow, Submission(**{**sub.__dict__, "problems": problems}), rng)
+    jobs = build_jobs(settings, workflow, replace(sub, problems=problems), rng)
     reports, servers = route(workflow, jobs, urls)
     if sub.dry_run:
         return Submitted([], [], jobs, reports, servers)
@@ -221,14 +221,19 @@ def batch_summary(store: Store, batch_id: int) -> dict[str, Any]:
     done = sum(counts.get(s, 0) for s in FINAL)
     eta = batch_eta(store, batch, total - done)
     uploaded = store.upload_counts(batch_id)
+    stored, pending, failed = _upload_states(uploaded)
     batch.pop("turn", None)  # the fair-share clock: the scheduler's business, not the batch's
     return {**batch, "paused": bool(batch["paused"]), "run_next": batch["run_next"] is not None,
             "counts": counts, "total": total, "done": done,
             "progress": (done / total) if total else 1.0, "eta_seconds": eta,
             "eta_at": None if eta is None else time.time() + eta,
-            "images": sum(uploaded.values()), "stored_remotely": uploaded.get("stored", 0),
-            "upload_pending": uploaded.get("pending", 0) + uploaded.get("uploading", 0),
-            "upload_failed": uploaded.get("failed", 0)}
+            "images": sum(uploaded.values()), "stored_remotely": stored, "upload_pending": pending,
+            "upload_failed": failed}
+
+
+def _upload_states(counts: dict[str, int]) -> tuple[int, int, int]:
+    """(stored, pending, failed) from images counted by upload state; a claimed upload counts as pending."""
+    return counts.get("stored", 0), counts.get("pending", 0) + counts.get("uploading", 0), counts.get("failed", 0)
 
 
 def batch_eta(store: Store, batch: dict[str, Any], left: int) -> float | None:
@@ -314,7 +319,11 @@ def undrain_server(store: Store, raw_url: str) -> dict[str, Any]:
 def server_state(store: Store, url: str) -> dict[str, Any]:
     """`state`: disabled, quarantined (after repeated failures: until when and why), drained (draining and
     nothing left on it), draining (still finishing work) or active."""
-    server = next(s for s in store.servers() if s["url"] == url)
+    return _server_state(store, next(s for s in store.servers() if s["url"] == url))
+
+
+def _server_state(store: Store, server: dict[str, Any]) -> dict[str, Any]:
+    url = server["url"]
     in_flight = len(store.in_flight_tasks(url))
     quarantine = store.quarantine(url)
     if not server["enabled"]:
@@ -369,7 +378,7 @@ def zip_bytes(settings: Settings, images: list[dict[str, Any]]) -> bytes:
 def image_link(settings: Settings, image: dict[str, Any]) -> str | None:
     """The object store URL of an image stored there (presigned or public, per COMFYBATCH_S3_LINKS), or
     None: the local route serves it. None too when a link cannot be signed (the local route still works)."""
-    if not settings.storage_enabled or image.get("remote_state") != "stored" or not image.get("remote_key"):
+    if not _in_store(settings, image):
         return None
     try:
         return storage.link(settings, image["remote_key"])
@@ -390,20 +399,20 @@ def image_source(settings: Settings, store: Store, image_id: int, thumbnail: boo
     """An image (bytes as ComfyUI made them) or its WebP thumbnail, from the local file when there is one,
     else from the object store (the local copy was deleted after its upload). NotFound otherwise."""
     row = queries.get_image(store, image_id)
-    link = None
+    missing: NotFound | None = None
     try:
         if thumbnail:
             return ImageSource(thumbs.ensure_thumb(settings.output_dir, row["path"]), None, thumbs.THUMB_FORMAT[2])
         path = thumbs.source_path(settings.output_dir, row["path"])
         if path.is_file():
             return ImageSource(path, None, storage.content_type(path.name))
-    except NotFound:
-        link = image_link(settings, row)
-        if link is None:
-            raise
-    link = link or image_link(settings, row)
+    except NotFound as exc:
+        missing = exc
+    link = image_link(settings, row)
     if link is not None:
         return ImageSource(None, link)
+    if missing is not None:
+        raise missing
     if row.get("local_deleted_at"):
         raise NotFound(f"image {image_id}: its local file was deleted after it was uploaded to object storage, "
                        "which is not configured now (set COMFYBATCH_S3_BUCKET and the other COMFYBATCH_S3_* "
@@ -414,10 +423,13 @@ def image_source(settings: Settings, store: Store, image_id: int, thumbnail: boo
 def _stored_bytes(settings: Settings) -> Any:
     """For ZIPs: an image's bytes from the object store when its local file is gone (None if not stored)."""
     def fetch(image: dict[str, Any]) -> bytes | None:
-        if not settings.storage_enabled or image.get("remote_state") != "stored" or not image.get("remote_key"):
-            return None
-        return storage.object_store(settings).get(image["remote_key"])
+        return storage.object_store(settings).get(image["remote_key"]) if _in_store(settings, image) else None
     return fetch
+
+
+def _in_store(settings: Settings, image: dict[str, Any]) -> bool:
+    """Whether an image row is stored in the object store this app is configured for now."""
+    return bool(settings.storage_enabled and image.get("remote_state") == "stored" and image.get("remote_key"))
 
 
 def storage_status(settings: Settings, store: Store, check: bool = True) -> dict[str, Any]:
@@ -425,12 +437,12 @@ def storage_status(settings: Settings, store: Store, check: bool = True) -> dict
     answers and the bucket exists (`check`: ask it, a few seconds at most), images by upload state, and the
     latest upload error. Never a credential."""
     counts = store.upload_counts()
+    stored, pending, failed = _upload_states(counts)
     status: dict[str, Any] = {
         "enabled": settings.storage_enabled, "bucket": settings.s3_bucket or None,
         "endpoint": settings.s3_endpoint_url or (f"AWS S3 ({settings.s3_region})" if settings.s3_bucket else None),
         "links": settings.s3_links, "delete_local": settings.s3_delete_local,
-        "stored": counts.get("stored", 0), "pending": counts.get("pending", 0) + counts.get("uploading", 0),
-        "failed": counts.get("failed", 0), "local_only": counts.get("local", 0),
+        "stored": stored, "pending": pending, "failed": failed, "local_only": counts.get("local", 0),
         "last_error": store.last_upload_error(), "reachable": None, "bucket_exists": None, "error": None}
     if settings.storage_enabled and check:
         status.update(storage.health(settings))
@@ -466,7 +478,7 @@ def server_health(settings: Settings, store: Store, timeout: float = 3.0) -> lis
     now = time.time()
     for server in store.servers():
         entry: dict[str, Any] = {"url": server["url"], "enabled": bool(server["enabled"]),
-                                 "source": server["source"], **server_state(store, server["url"])}
+                                 "source": server["source"], **_server_state(store, server)}
         if server.get("health") and now - (server.get("health_at") or 0) < HEALTH_FRESH:
             entry.update(json.loads(server["health"]))
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
@@ -162,7 +163,7 @@ with ui.guard():
     dry: service.Submitted | None
     problems: list[Problem] = []
     try:
-        dry = service.submit(ctx.settings, ctx.store, service.Submission(**{**submission.__dict__, "dry_run": True}))
+        dry = service.submit(ctx.settings, ctx.store, replace(submission, dry_run=True))
     except InputError as exc:
         dry, problems, summary = None, exc.problems or [Problem(exc.summary)], exc.summary
 
