@@ -14,19 +14,19 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from fleet_common import SECOND, model_loads, run_until_idle, start_servers
+from fleet_common import SECOND, run_until_idle, servers
 
 from core.store import Store
 from tests.support import make_settings, submit_rows
 
 
-def one_mode(work: Path, servers: list, affinity: bool, tasks: int) -> tuple[int, float, list[int]]:
-    for server in servers:
+def one_mode(work: Path, fleet: list, affinity: bool, tasks: int) -> tuple[int, float, list[int]]:
+    for server in fleet:
         server.restart()
-    before = [model_loads(s) for s in servers]
+    before = [s.model_loads() for s in fleet]
     home = work / ("on" if affinity else "off")
     home.mkdir()
-    settings = make_settings(home, [s.url for s in servers], affinity=affinity)
+    settings = make_settings(home, [s.url for s in fleet], affinity=affinity)
     store = Store(settings.db_path)
     try:
         for i, checkpoint in enumerate(("random_sd15.safetensors", SECOND)):
@@ -37,7 +37,7 @@ def one_mode(work: Path, servers: list, affinity: bool, tasks: int) -> tuple[int
         assert store.counts() == {"succeeded": 2 * tasks}, store.counts()
     finally:
         store.close()
-    per_server = [model_loads(s) - b for s, b in zip(servers, before, strict=True)]
+    per_server = [s.model_loads() - b for s, b in zip(fleet, before, strict=True)]
     return sum(per_server), seconds, per_server
 
 
@@ -47,15 +47,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="comfybatch-affinity-") as tmp:
         work = Path(tmp)
-        servers = start_servers(work, 2)
-        try:
+        with servers(work, 2) as started:
             rows = []
             for affinity in (False, True):
-                loads, seconds, per_server = one_mode(work, servers, affinity, args.tasks)
+                loads, seconds, per_server = one_mode(work, started, affinity, args.tasks)
                 rows.append((affinity, loads, seconds, per_server))
-        finally:
-            for server in servers:
-                server.stop()
     print("| affinity | tasks | checkpoint loads | loads per server | wall s |")
     print("|---|---|---|---|---|")
     for affinity, loads, seconds, per_server in rows:

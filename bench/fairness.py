@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from fleet_common import run_until_idle, start_servers
+from fleet_common import run_until_idle, servers
 
 from core import service
 from core.store import Store
@@ -65,13 +65,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="comfybatch-fairness-") as tmp:
         work = Path(tmp)
-        servers = start_servers(work, 2)
-        try:
-            results = {policy: one_policy(work, [s.url for s in servers], policy, args.big)
+        with servers(work, 2) as started:
+            results = {policy: one_policy(work, [s.url for s in started], policy, args.big)
                        for policy in ("fifo", "fair")}
-        finally:
-            for server in servers:
-                server.stop()
     print("| policy | big batch | small batch | first image of the small batch s | all 3 s |")
     print("|---|---|---|---|---|")
     for policy, (first, last) in results.items():

@@ -4,8 +4,10 @@ engine's scheduler in process until the work is done."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +21,20 @@ from tests.comfyui_harness import server as harness  # noqa: E402
 SECOND = harness.SECOND_CHECKPOINT
 
 
-def start_servers(work: Path, n: int) -> list[harness.ComfyServer]:
+@contextlib.contextmanager
+def servers(work: Path, n: int) -> Iterator[list[harness.ComfyServer]]:
+    """`n` real ComfyUI servers under `work` that also see the second checkpoint; stopped on leaving."""
     harness.ensure_installed()
     config = harness.second_checkpoint_config(work)
-    return [harness.ComfyServer(work / f"server-{i}", extra_args=("--extra-model-paths-config", str(config))).start()
-            for i in range(n)]
-
-
-def model_loads(server: harness.ComfyServer) -> int:
-    return server.model_loads()
+    started: list[harness.ComfyServer] = []
+    try:
+        for i in range(n):
+            started.append(harness.ComfyServer(work / f"server-{i}", extra_args=(
+                "--extra-model-paths-config", str(config))).start())
+        yield started
+    finally:
+        for server in started:
+            server.stop()
 
 
 def run_until_idle(settings: Any, store: Store, stop_when: Any = None, timeout: float = 1800) -> float:

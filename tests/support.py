@@ -4,6 +4,7 @@ S3-compatible server (moto's) on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -12,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -208,3 +209,53 @@ def finish_next_task(settings: Settings, store: Any, data: bytes, remote_state: 
         record["remote_state"] = remote_state
     assert store.complete_task(task["id"], [record])
     return store.images_for_task(task["id"])[0]
+
+
+class NoEvents:
+    """The websocket's place in a stepped ServerWorker: tests deliver events by calling `worker.on_event`."""
+
+    def run(self, stop: Any) -> None:
+        stop.wait()
+
+    def close(self) -> None:
+        pass
+
+
+def inline_executor() -> Any:
+    """An Executor that runs each submitted call at once, on the caller's thread: collection becomes one more
+    step of a stepped ServerWorker."""
+    from concurrent.futures import Executor, Future
+
+    class InlineExecutor(Executor):
+        def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+            future: Future[Any] = Future()
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+            return future
+
+    return InlineExecutor()
+
+
+@contextlib.contextmanager
+def serve_api(api: Any) -> Iterator[str]:
+    """An api.app.Api served by uvicorn on a free loopback port in a thread; yields its base URL."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from api.calls import PREFIX
+    from tests.comfyui_harness.server import free_port
+
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Mount(PREFIX, app=api)]), host="127.0.0.1",
+                                           port=free_port(), log_level="warning", lifespan="off", ws="none"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}{PREFIX}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

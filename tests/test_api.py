@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -28,8 +27,7 @@ from core import access
 from core.store import Store
 from tests import appserver
 from tests.appserver import AppServer
-from tests.comfyui_harness.server import free_port
-from tests.support import make_settings
+from tests.support import make_settings, serve_api
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN, OTHER_TOKEN = "tok-3f9a1c", "tok-other-77"
@@ -636,31 +634,18 @@ def test_schemathesis_fuzz_from_the_openapi_document_finds_no_server_error(app, 
 @pytest.fixture
 def local_api(tmp_path) -> Iterator[Any]:
     """The API app served by uvicorn on a free port in a thread; yields a function (settings) -> base URL."""
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
-
     from api.app import Api
-    from api.calls import PREFIX
 
     api = Api()
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Mount(PREFIX, app=api)]), host="127.0.0.1",
-                                           port=free_port(), log_level="warning", lifespan="off", ws="none"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    store = Store(tmp_path / "tasks.db")
-    base = f"http://127.0.0.1:{server.config.port}{PREFIX}"
+    with serve_api(api) as base:
+        store = Store(tmp_path / "tasks.db")
 
-    def bind(**changes: Any) -> str:
-        api.bind(make_settings(tmp_path, [], **changes), store)
-        return base
+        def bind(**changes: Any) -> str:
+            api.bind(make_settings(tmp_path, [], **changes), store)
+            return base
 
-    yield api, bind, base
-    server.should_exit = True
-    thread.join(10)
-    store.close()
+        yield api, bind, base
+        store.close()
 
 
 def test_public_url_open_access_and_not_started(local_api):

@@ -4,10 +4,8 @@ Servers pages (AppTest). The real-ComfyUI behaviour is in tests/test_fleet_comfy
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future
 from typing import Any
 
 import pytest
@@ -21,8 +19,7 @@ from core.__main__ import main as cli
 from core.errors import NotFound
 from core.scheduler import Scheduler, ServerWorker
 from core.store import Store
-from tests.comfyui_harness.server import free_port
-from tests.support import make_settings
+from tests.support import NoEvents, inline_executor, make_settings, serve_api
 
 GPU = "http://gpu-1:8188"
 
@@ -77,13 +74,6 @@ def test_drain_finishes_in_flight_work_then_shows_drained(engine):
         service.drain_server(store, "not a url")
 
 
-class InlineExecutor(Executor):
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
-        future: Future = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
-
-
 class QuietComfy:
     """Takes every prompt and never finishes one: enough to see what the worker posts."""
 
@@ -98,18 +88,10 @@ class QuietComfy:
         pass
 
 
-class NoEvents:
-    def run(self, stop: threading.Event) -> None:
-        stop.wait()
-
-    def close(self) -> None:
-        pass
-
-
 def test_a_draining_worker_posts_nothing_new_and_a_restarted_one_still_drains(engine):
     settings, store = engine
     add(store, 3)
-    scheduler = Scheduler(settings, store, pool=InlineExecutor())
+    scheduler = Scheduler(settings, store, pool=inline_executor())
     comfy = QuietComfy()
     worker = ServerWorker(scheduler, GPU, "client-1", client=comfy, events=NoEvents(),  # type: ignore[arg-type]
                           probe_health=lambda: {"up": True})
@@ -160,25 +142,13 @@ def test_cli_pause_resume_run_next_drain(engine, monkeypatch, capsys):
 # -- the HTTP API ---------------------------------------------------------------------------------
 @pytest.fixture
 def api_base(engine) -> Iterator[str]:
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
-
     from api.app import Api
-    from api.calls import PREFIX
 
     settings, store = engine
     api = Api()
     api.bind(settings, store)
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Mount(PREFIX, app=api)]), host="127.0.0.1",
-                                           port=free_port(), log_level="warning", lifespan="off", ws="none"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{server.config.port}{PREFIX}"
-    server.should_exit = True
-    thread.join(10)
+    with serve_api(api) as base:
+        yield base
 
 
 def test_api_pause_resume_run_next_queue_and_drain(engine, api_base):

@@ -5,9 +5,7 @@ ComfyUI: tests/test_fleet_faults.py.)"""
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import Executor, Future
 from typing import Any
 
 import pytest
@@ -16,19 +14,12 @@ from core import service, watchdog
 from core.errors import ExecutionFailed
 from core.scheduler import Scheduler, ServerWorker
 from core.store import Store
-from tests.support import make_settings
+from tests.support import NoEvents, inline_executor, make_settings
 
 A, B = "http://gpu-a:8188", "http://gpu-b:8188"
 FAILURE = {"node_id": "3", "node_type": "KSampler", "exception_type": "RuntimeError",
            "exception_message": "bad weights"}
 FAILED = "ComfyUI failed while running node 3 (KSampler): RuntimeError: bad weights"
-
-
-class InlineExecutor(Executor):
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
-        future: Future = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
 
 
 class SilentComfy:
@@ -58,21 +49,13 @@ class SilentComfy:
         pass
 
 
-class NoEvents:
-    def run(self, stop: threading.Event) -> None:
-        stop.wait()
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 def fleet(tmp_path):
     settings = make_settings(tmp_path, [A, B], stall_floor=60.0, stall_ceiling=600.0, quarantine_after=2,
                              quarantine_seconds=300.0, max_attempts=3)
     store = Store(settings.db_path)
     store.sync_servers(settings.comfyui_urls, lambda: "client")
-    scheduler = Scheduler(settings, store, pool=InlineExecutor())
+    scheduler = Scheduler(settings, store, pool=inline_executor())
     yield settings, store, scheduler
     scheduler.pool.shutdown()
     store.close()

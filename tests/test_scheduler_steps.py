@@ -2,7 +2,7 @@
 
 Each test builds a real `Store` on a temporary SQLite file and a `ServerWorker` whose ComfyUI edge is an
 in-process stand-in (`StandInComfy`, an object with the client's methods that records every call), collects
-inline (`InlineExecutor`), then calls the worker's step methods (`submit_next_task`, `on_event`, `reconcile`,
+inline (`tests.support.inline_executor`), then calls the worker's step methods (`submit_next_task`, `on_event`, `reconcile`,
 `handle_cancels`, `loop_once`) and compares whole values: counts, task rows, the events list, the calls made.
 The event payloads follow the real server's (see /work/shared/comfyui-transcripts/).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from core.config import Settings
 from core.errors import PromptRejected, ServerUnavailable
 from core.scheduler import Scheduler, ServerWorker
 from core.store import Store
-from tests.support import make_settings, png
+from tests.support import NoEvents, inline_executor, make_settings, png
 
 URL = "http://comfy-a.test:8188"
 GRAPH = {"1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 16, "batch_size": 1, "color": 0}},
@@ -118,28 +117,6 @@ class StandInComfy:
         self.histories.clear()
 
 
-class NoEvents:
-    """The websocket's place: the tests deliver events by calling `worker.on_event` themselves."""
-
-    def run(self, stop: threading.Event) -> None:
-        stop.wait()
-
-    def close(self) -> None:
-        pass
-
-
-class InlineExecutor(Executor):
-    """Runs each submitted call at once, on the caller's thread: collection becomes one more step."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:
-            future.set_exception(exc)
-        return future
-
-
 # -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
@@ -162,7 +139,7 @@ def server(store: Store) -> StandInComfy:
 @pytest.fixture
 def new_worker(settings: Settings, store: Store, server: StandInComfy) -> Callable[[], ServerWorker]:
     """A fresh worker on the same database and server (a second one plays a restarted scheduler)."""
-    scheduler = Scheduler(settings, store, owner="steps", pool=InlineExecutor())
+    scheduler = Scheduler(settings, store, owner="steps", pool=inline_executor())
 
     def make() -> ServerWorker:
         return ServerWorker(scheduler, URL, "steps-client", client=server, events=NoEvents(),
@@ -469,7 +446,7 @@ def test_cancelling_a_running_prompt_interrupts_it(worker, store, server):
 
 # -- the seam and shutdown ------------------------------------------------------------------------
 def test_a_worker_built_without_a_stand_in_talks_to_the_real_server(settings, store):
-    scheduler = Scheduler(settings, store, owner="steps", pool=InlineExecutor())
+    scheduler = Scheduler(settings, store, owner="steps", pool=inline_executor())
     worker = ServerWorker(scheduler, URL, "steps-client")
     try:
         assert isinstance(worker.client, ComfyClient) and isinstance(worker.socket, EventSocket)
