@@ -68,13 +68,19 @@ class Job:
     batch_name: str | None = None
 
 
+def whole_number(value: Any, low: int, high: int | None = None) -> bool:
+    """True for an int (not a bool) from `low` to `high` (no upper bound when None)."""
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= low
+            and (high is None or value <= high))
+
+
 def check_request(settings: Settings, sub: Submission) -> list[Problem]:
     """Problems of the request as a whole (count, priority, name, size), found before any row is looked at."""
     problems = []
-    if isinstance(sub.count, bool) or not isinstance(sub.count, int) or not 1 <= sub.count <= settings.max_count:
+    if not whole_number(sub.count, 1, settings.max_count):
         problems.append(Problem(f"expected a whole number from 1 to {settings.max_count}, got "
                                 f"{workflows.show(sub.count)}", field="count", code="out_of_range"))
-    if isinstance(sub.priority, bool) or not isinstance(sub.priority, int) or abs(sub.priority) > MAX_PRIORITY:
+    if not whole_number(sub.priority, -MAX_PRIORITY, MAX_PRIORITY):
         problems.append(Problem(f"expected a whole number from {-MAX_PRIORITY} to {MAX_PRIORITY}, got "
                                 f"{workflows.show(sub.priority)}", field="priority", code="out_of_range"))
     if sub.name is not None and (not isinstance(sub.name, str) or len(sub.name) > MAX_NAME or "\x00" in sub.name):
@@ -88,8 +94,7 @@ def check_request(settings: Settings, sub: Submission) -> list[Problem]:
     if len(sub.images or {}) > MAX_IMAGES:
         problems.append(Problem(f"{len(sub.images or {})} image files; at most {MAX_IMAGES}", field="images",
                                 code="too_large"))
-    valid_count = isinstance(sub.count, int) and not isinstance(sub.count, bool) and sub.count >= 1
-    count = sub.count if valid_count else 1
+    count = sub.count if whole_number(sub.count, 1) else 1
     tasks = sum(row.count or count for row in sub.rows)
     if tasks > settings.max_tasks:
         problems.append(Problem(f"{len(sub.rows):,} row(s) with count {count:,} would make {tasks:,} tasks; at most "

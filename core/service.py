@@ -25,7 +25,7 @@ from core import csvin, files, preflight, queries, storage, thumbs, uploads, wor
 from core.comfy import ComfyClient, probe
 from core.config import Settings, parse_urls
 from core.errors import ConfigError, InputError, NotFound, Problem, StorageError, sort_key
-from core.intake import MAX_PRIORITY, Job, Row, Submission, build_jobs, check_request, input_dir
+from core.intake import MAX_PRIORITY, Job, Row, Submission, build_jobs, check_request, input_dir, whole_number
 from core.models import FINAL, RETRYABLE, UNFINISHED, TaskStatus
 from core.scheduler import LEASE
 from core.store import Store
@@ -176,7 +176,7 @@ def retry(store: Store, task_ids: Iterable[int]) -> list[int]:
 
 def set_priority(store: Store, task_ids: Iterable[int], priority: int) -> int:
     """Queued tasks with a higher priority are claimed first. Returns how many tasks were updated."""
-    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY:
+    if not whole_number(priority, -MAX_PRIORITY, MAX_PRIORITY):
         raise InputError("1 problem(s) found; nothing was changed", [Problem(
             f"expected a whole number from {-MAX_PRIORITY} to {MAX_PRIORITY} (higher runs first), got "
             f"{workflows.show(priority)}", field="priority", code="out_of_range")])
