@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from api import intake
 from core.config import Settings
-from core.errors import NotFound, Problem
+from core.errors import NotFound, Problem, clip
 from core.models import ALL_STATUSES
 from core.store import Store
 
@@ -70,7 +70,7 @@ class Call:
         raw = str(self.request.path_params[name])
         value = parse_id(raw)
         if value is None:
-            raise NotFound(f"{what} {_clip(raw)!r} does not exist ({what} ids are whole numbers)")
+            raise NotFound(f"{what} {clip(raw)!r} does not exist ({what} ids are whole numbers)")
         return value
 
     def query_int(self, name: str, default: int | None, low: int = 0, high: int = MAX_ID) -> int | None:
@@ -82,7 +82,7 @@ class Call:
         if (not digits.isascii() or not digits.isdecimal() or len(digits) > MAX_ID_DIGITS
                 or not low <= int(text) <= high):
             raise ApiError(400, f"query parameter '{name}': expected a whole number from {low} to {high}, "
-                                f"got {_clip(raw)!r}")
+                                f"got {clip(raw)!r}")
         return int(text)
 
     def statuses(self) -> list[str]:
@@ -91,7 +91,7 @@ class Call:
         values = [s.strip(" ") for raw in self.request.query_params.getlist("status") if raw for s in raw.split(",")]
         bad = [s for s in values if s not in ALL_STATUSES]
         if bad:
-            raise ApiError(400, f"query parameter 'status': unknown status {_clip(bad[0])!r} (one of: "
+            raise ApiError(400, f"query parameter 'status': unknown status {clip(bad[0])!r} (one of: "
                                 f"{', '.join(ALL_STATUSES)}; several may be given comma-separated)")
         return values
 
@@ -142,7 +142,3 @@ async def _read_form(request: Request, call: Call) -> None:
                 call.form_fields.setdefault(key, []).append(value)
             else:
                 call.form_files.setdefault(key, []).append((value.filename or "", await value.read()))
-
-
-def _clip(text: str, n: int = 60) -> str:
-    return text if len(text) <= n else text[: n - 3] + "..."

@@ -19,7 +19,7 @@ from typing import Any
 
 from core import csvin
 from core.config import Settings
-from core.errors import InputError, Problem
+from core.errors import InputError, Problem, clip
 from core.intake import Row, Submission
 from core.workflows import show
 
@@ -56,7 +56,7 @@ def json_submission(data: Any) -> Submission:
     """A JSON body as a Submission; what is wrong with its shape goes into `problems`."""
     if not isinstance(data, dict):
         raise InputError('the request body must be a JSON object like {"workflow": "empty_image", "rows": [...]}')
-    problems = [Problem(f"not a field of this request (the fields are: {', '.join(JSON_FIELDS)})", field=_clip(k),
+    problems = [Problem(f"not a field of this request (the fields are: {', '.join(JSON_FIELDS)})", field=clip(k),
                         code="unknown") for k in data if k not in JSON_FIELDS]
     workflow = data.get("workflow")
     if workflow is not None and not isinstance(workflow, str):
@@ -77,7 +77,7 @@ def form_submission(settings: Settings, fields: dict[str, list[str]], files: dic
                     ) -> Submission:
     """A multipart CSV upload as a Submission; the CSV is read by the engine's one CSV reader."""
     problems = [Problem(f"not a field of this form (the fields are: {', '.join((*FILE_FIELDS, *FORM_FIELDS))})",
-                        field=_clip(k), code="unknown") for k in [*fields, *files] if k not in (*FORM_FIELDS,
+                        field=clip(k), code="unknown") for k in [*fields, *files] if k not in (*FORM_FIELDS,
                                                                                                *FILE_FIELDS)]
     problems += [Problem(f"given {len(v)} times; give it once", field=k) for k, v in fields.items()
                  if k in FORM_FIELDS and len(v) > 1]
@@ -88,10 +88,10 @@ def form_submission(settings: Settings, fields: dict[str, list[str]], files: dic
         if safe:
             images[safe] = data
         else:
-            problems.append(Problem(f"{_clip(name)!r} is not a usable file name", field="images"))
+            problems.append(Problem(f"{clip(name)!r} is not a usable file name", field="images"))
     dry_run = value.get("dry_run", "false").strip().lower()
     if dry_run not in ("true", "false", "1", "0", "yes", "no", ""):
-        problems.append(Problem(f"expected true or false, got {_clip(dry_run)!r}", field="dry_run"))
+        problems.append(Problem(f"expected true or false, got {clip(dry_run)!r}", field="dry_run"))
     sub = Submission(value.get("workflow", "").strip(), [], count=_form_int(value.get("count", "1")),
                      name=value.get("name", "").strip() or None, priority=_form_int(value.get("priority", "0")),
                      images=images, dry_run=dry_run in ("true", "1", "yes"), problems=problems)
@@ -178,7 +178,7 @@ def _json_images(value: Any, problems: list[Problem]) -> dict[str, bytes]:
     images = {}
     for name, data in value.items():
         if safe_filename(name) != name:
-            problems.append(Problem(f"{_clip(name)!r} is not a plain file name (no folders, not hidden)",
+            problems.append(Problem(f"{clip(name)!r} is not a plain file name (no folders, not hidden)",
                                     field="images"))
         elif not isinstance(data, str):
             problems.append(Problem(f"'{name}': expected base64 text, got {show(data)}", field="images"))
@@ -210,7 +210,3 @@ def _first_bad_string(data: Any) -> str | None:
             except UnicodeEncodeError:
                 return item.encode("utf-8", "backslashreplace").decode()[:40]
     return None
-
-
-def _clip(text: str, n: int = 60) -> str:
-    return text if len(text) <= n else text[: n - 3] + "..."

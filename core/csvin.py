@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.errors import InputError, Problem
+from core.errors import InputError, Problem, clip
 from core.intake import Row
 
 SPECIAL_COLUMNS = ("count", "batch_name")
@@ -112,7 +112,7 @@ def read_table(data: bytes, filename: str, max_bytes: int, max_rows: int) -> Csv
             table.problems.append(Problem(
                 f"{len(cells)} cells but the header has {width} columns"
                 + ("; add the missing separators (empty cells are fine)" if not extra else
-                   f"; remove what is beyond the last column ({_clip(extra[0])})"),
+                   f"; remove what is beyond the last column ({clip(extra[0], 40)})"),
                 row=number, file=filename, code="ragged_row"))
         table.rows.append([*cells[:width], *[""] * (width - len(cells))])
         table.numbers.append(number)
@@ -144,7 +144,7 @@ def table_rows(columns: list[str], cells: list[list[str]], numbers: list[int], f
                 except ValueError:
                     row.count = None
                     row.problems.append(Problem(f"expected a whole number from 1 to {max_count}, got "
-                                                f"{_clip(value)!r}", column="count", code="out_of_range"))
+                                                f"{clip(value, 40)!r}", column="count", code="out_of_range"))
             elif key == "batch_name":
                 row.batch_name = value
             else:
@@ -213,7 +213,3 @@ def _line_of(data: bytes, offset: int) -> int:
 
 def _mb(n: int) -> str:
     return f"{n / 1024 / 1024:.1f}".rstrip("0").rstrip(".")
-
-
-def _clip(text: str, n: int = 40) -> str:
-    return text if len(text) <= n else text[: n - 3] + "..."

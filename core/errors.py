@@ -78,6 +78,12 @@ def _node(target: str | None) -> str | None:
     return target.rsplit(".", 1)[0] if target and "." in target else None
 
 
+def clip(text: Any, limit: int = 60) -> str:
+    """A user's text for a message, cut to `limit` characters with "...", so no message grows with the input."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def sort_key(problem: Problem) -> tuple[int, int]:
     """Problems of the request first, then row by row (a stable sort keeps each row's own order)."""
     return (0, 0) if problem.row is None else (1, problem.row)

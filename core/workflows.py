@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from core.errors import ComfyBatchError, InputError, NotFound, Problem, WorkflowError
+from core.errors import ComfyBatchError, InputError, NotFound, Problem, WorkflowError, clip
 
 SEED_MAX = 2**53 - 1  # exact in JSON/JavaScript, well inside ComfyUI's 64-bit seed range
 INT_MAX = 2**63 - 1  # the largest integer SQLite stores (ComfyUI's own INT inputs are 64-bit too)
@@ -126,17 +126,17 @@ def check_api_format(data: Any, source: str) -> dict[str, Any]:
     problems = []
     for node_id, node in data.items():
         if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
-            problems.append(Problem(f"node {_clip(node_id)}: missing 'class_type'", node=node_id))
+            problems.append(Problem(f"node {clip(node_id)}: missing 'class_type'", node=node_id))
             continue
         inputs = node.get("inputs")
         if not isinstance(inputs, dict):
-            problems.append(Problem(f"node {_clip(node_id)} ({_clip(node['class_type'])}): 'inputs' is "
+            problems.append(Problem(f"node {clip(node_id)} ({clip(node['class_type'])}): 'inputs' is "
                                     f"{'missing' if inputs is None else 'not an object'}", node=node_id))
             continue
         for name, value in inputs.items():
             if _is_link(value) and str(value[0]) not in data:
-                problems.append(Problem(f"node {_clip(node_id)} ({_clip(node['class_type'])}) input "
-                                        f"'{_clip(name)}' links to missing node {_clip(str(value[0]))}",
+                problems.append(Problem(f"node {clip(node_id)} ({clip(node['class_type'])}) input "
+                                        f"'{clip(name)}' links to missing node {clip(str(value[0]))}",
                                         node=node_id))
         if len(problems) >= 20:
             break
@@ -362,12 +362,7 @@ def show(value: Any, limit: int = 60) -> str:
     """A user's value for a message: repr-like, clipped, so a message never grows with the input."""
     text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     kind = "a list " if isinstance(value, (list, tuple)) else "an object " if isinstance(value, dict) else ""
-    return kind + (text if len(text) <= limit else text[: limit - 3] + "...")
-
-
-def _clip(text: Any, limit: int = 60) -> str:
-    text = str(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return kind + clip(text, limit)
 
 
 def short_list(items: list[Any], limit: int = 8) -> str:
@@ -377,7 +372,7 @@ def short_list(items: list[Any], limit: int = 8) -> str:
 
 def _address(graph: dict[str, Any], key: str) -> tuple[str, str]:
     def refuse(reason: str, code: str = "unknown_parameter") -> InputError:
-        return InputError(reason, [Problem(reason, parameter=_clip(key), code=code)])
+        return InputError(reason, [Problem(reason, parameter=clip(key), code=code)])
 
     node_ref, dot, input_name = key.rpartition(".")
     if not dot or not node_ref or not input_name:
@@ -393,7 +388,7 @@ def _address(graph: dict[str, Any], key: str) -> tuple[str, str]:
     inputs = graph[node_id]["inputs"]
     label = f"node {node_id} ({graph[node_id]['class_type']})"
     if input_name not in inputs:
-        raise refuse(f"{label} has no input '{_clip(input_name)}' (its inputs: {', '.join(inputs) or 'none'})",
+        raise refuse(f"{label} has no input '{clip(input_name)}' (its inputs: {', '.join(inputs) or 'none'})",
                      "no_such_input")
     if _is_link(inputs[input_name]):
         raise refuse(f"{label} input '{input_name}' is a link from node {inputs[input_name][0]}, not a value; it "
