@@ -19,9 +19,8 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -194,20 +193,16 @@ def check_access(settings: Settings, scope: Scope) -> None:
     if access.token_ok(settings, authorization):
         return
     image = _IMAGE_PATH.search(scope.get("path", ""))
-    if image and parse_id(image.group(1)) is not None:
-        sig = dict(_query_pairs(scope)).get("sig")
-        if access.signature_ok(settings, int(image.group(1)), sig):
-            return
+    image_id = parse_id(image.group(1)) if image else None
+    sig = QueryParams(scope.get("query_string", b"")).get("sig")
+    if image_id is not None and access.signature_ok(settings, image_id, sig):
+        return
     if access.bearer_token(authorization) is None:
         raise ApiError(401, "this API needs a token: send the header 'Authorization: Bearer <token>' "
                             "(the tokens are set in COMFYBATCH_API_TOKENS)",
                        headers={"WWW-Authenticate": 'Bearer realm="ComfyBatch"'})
     raise ApiError(401, "the API token is not valid (compare it with COMFYBATCH_API_TOKENS on the server)",
                    headers={"WWW-Authenticate": 'Bearer realm="ComfyBatch", error="invalid_token"'})
-
-
-def _query_pairs(scope: Scope) -> list[tuple[str, str]]:
-    return parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
 
 
 def error_body(message: str, problems: list[Problem]) -> dict[str, Any]:
