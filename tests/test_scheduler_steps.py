@@ -2,8 +2,9 @@
 
 Each test builds a real `Store` on a temporary SQLite file and a `ServerWorker` whose ComfyUI edge is an
 in-process stand-in (`StandInComfy`, an object with the client's methods that records every call), collects
-inline (`tests.support.inline_executor`), then calls the worker's step methods (`submit_next_task`, `on_event`, `reconcile`,
-`handle_cancels`, `loop_once`) and compares whole values: counts, task rows, the events list, the calls made.
+inline (`tests.support.inline_executor`), then calls the worker's step methods (`submit_next_task`,
+`on_event`, `reconcile`, `handle_cancels`, `loop_once`) and compares whole values: counts, task rows, the
+events list, the calls made.
 The event payloads follow the real server's (see /work/shared/comfyui-transcripts/).
 """
 
