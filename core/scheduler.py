@@ -180,10 +180,7 @@ class ServerWorker:
     def submit_next_task(self) -> dict[str, Any] | None:
         """Claim the best queued task for this server (its prompt_id stored before anything is posted) and
         post it. Returns the claimed task as it was claimed, or None when nothing is queued for this server."""
-        if self.store.server_draining(self.url):
-            return None  # drained: what is on the server finishes, nothing new goes there
-        if self.store.quarantine(self.url) is not None:
-            return None  # cooling down after repeated failures
+        # A draining or quarantined server gets nothing: the claim itself checks, in its transaction.
         task = self.store.claim_next_task(self.url, str(uuid.uuid4()), self.settings.policy,
                                           self.settings.affinity_patience if self.settings.affinity else 0)
         if task is not None:

@@ -224,7 +224,7 @@ class Store:
     def claim_next_task(self, server: str, prompt_id: str, policy: str = "fair",
                         affinity_patience: int = 0) -> dict[str, Any] | None:
         """Atomically move the next queued task for `server` to `submitted` (None when there is none, the
-        queue is paused, or every waiting batch is paused).
+        queue is paused, every waiting batch is paused, or the server is draining or quarantined).
 
         Priority first. At the top priority, batches marked "run next" go first (latest mark first); then,
         with `policy` "fair", the batch whose turn came longest ago (round robin: each claim stamps the batch
@@ -239,6 +239,11 @@ class Store:
         args = {"server": server}
         with self.write() as conn:
             if self._queue_paused(conn):
+                return None
+            # Checked in the claim's own transaction: a drain or a quarantine that lands a moment before a
+            # claim is always seen by it (a check before the claim could race the collector's quarantine).
+            held = conn.execute("SELECT draining, quarantined_until FROM servers WHERE url = ?", (server,)).fetchone()
+            if held is not None and (held[0] or (held[1] is not None and held[1] > now)):
                 return None
             top = conn.execute(
                 f"SELECT t.priority FROM tasks t WHERE {_ELIGIBLE} AND t.batch_id NOT IN "
