@@ -66,6 +66,21 @@ SETTINGS: tuple[Setting, ...] = (
             "A scheduler that stops renewing its lease for this long is presumed dead and replaced."),
     Setting("COMFYBATCH_API_TOKENS", "api_tokens", "", list,
             "Comma-separated bearer tokens for the HTTP API and file downloads. Empty: no token needed."),
+    # Sign-in (core.users, core.accounts). With neither a users file nor `[auth]` in secrets.toml: no sign-in.
+    Setting("COMFYBATCH_USERS_FILE", "users_file", "", Path,
+            "Local accounts file (TOML; `python -m core users add NAME --role admin|member` writes it). Set: the "
+            "pages need a sign-in. Empty: no local accounts."),
+    Setting("COMFYBATCH_ADMINS", "admins", "", list,
+            "Comma-separated OIDC identities (e-mail, else the subject) who sign in as admin; everyone else who "
+            "signs in through the identity provider is a member."),
+    Setting("COMFYBATCH_SESSION_HOURS", "session_hours", "12", float,
+            "Hours a local sign-in lasts (signing out ends it at once)."),
+    Setting("COMFYBATCH_LOCKOUT_AFTER", "lockout_after", "5", int,
+            "Failed sign-ins in a row for one user name before sign-in is refused for a delay."),
+    Setting("COMFYBATCH_LOCKOUT_SECONDS", "lockout_seconds", "30", float,
+            "The first lockout delay in seconds; it doubles with each further failure (at most an hour)."),
+    Setting("COMFYBATCH_USER_MAX_QUEUED", "user_max_queued", "0", int,
+            "Most tasks one person may have queued at once; a submission over it is refused. 0: no cap."),
     Setting("COMFYBATCH_CORS_ORIGINS", "cors_origins", "", list,
             "Comma-separated origins allowed to call the HTTP API from a browser (`*` for any). Empty: none."),
     Setting("COMFYBATCH_PUBLIC_URL", "public_url", "", str,
@@ -136,6 +151,13 @@ class Settings:
     quarantine_seconds: float = 300.0
     lease_seconds: float = 15.0
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    users_file: Path | None = None
+    admins: tuple[str, ...] = ()
+    session_hours: float = 12.0
+    lockout_after: int = 5
+    lockout_seconds: float = 30.0
+    user_max_queued: int = 0
+    oidc: bool = False  # `[auth]` is in .streamlit/secrets.toml: sign-in through st.login (not an env setting)
     cors_origins: tuple[str, ...] = ()
     public_url: str = ""
     max_upload_mb: float = 200.0
@@ -164,6 +186,11 @@ class Settings:
         return bool(self.s3_bucket)
 
     @property
+    def sign_in(self) -> bool:
+        """Whether the pages need a sign-in: local accounts or an OIDC provider is configured."""
+        return self.users_file is not None or self.oidc
+
+    @property
     def max_csv_bytes(self) -> int:
         return int(self.max_csv_mb * 1024 * 1024)
 
@@ -183,7 +210,7 @@ class Settings:
             if raw is None:
                 raw = secrets.get(s.env, s.default)
             values[s.attr] = _convert(s, raw, base)
-        return cls(**values)
+        return cls(**values, oidc=isinstance(secrets.get("auth"), dict))
 
     def with_overrides(self, **changes: Any) -> Settings:
         data = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -263,14 +290,16 @@ def _convert(s: Setting, raw: Any, base: Path) -> Any:
         # Only URLs lose a trailing slash: a secret key may well end in one.
         return text.rstrip("/") if s.attr.endswith("url") else text
     if s.kind is Path:
+        if s.default == "" and not str(raw).strip():
+            return None  # an optional file, not set
         p = Path(str(raw)).expanduser()
         return p if p.is_absolute() else base / p
     try:
         value = s.kind(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{s.env}: {raw!r} is not a valid {s.kind.__name__}") from None
-    if value <= 0:
-        raise ConfigError(f"{s.env}: must be greater than 0, got {raw!r}")
+    if value < 0 or (value == 0 and s.default != "0"):  # a default of 0 means "none": 0 is allowed there
+        raise ConfigError(f"{s.env}: must be {'0 or more' if s.default == '0' else 'greater than 0'}, got {raw!r}")
     return value
 
 

@@ -8,6 +8,8 @@ that names what is wrong and where.
     │   │                    edges turn into text. Nothing was enqueued.
     │   └── WorkflowError    a workflow template cannot be used (missing, not JSON, UI format, broken links)
     ├── NotFound             an id (batch, task, image, workflow) that does not exist
+    ├── Forbidden            the acting user's role or ownership does not allow the action (core.users)
+    ├── SignInFailed         a wrong user name or password, or a sign-in refused during a lockout delay
     ├── ComfyError           talking to a ComfyUI server failed
     │   ├── ServerUnavailable  connection refused / timeout / 5xx: a retry, on this or another server, can help
     │   ├── PromptRejected     HTTP 400 from POST /prompt: the graph is invalid; never retried
@@ -115,6 +117,18 @@ class WorkflowError(InputError):
 
 class NotFound(ComfyBatchError):
     pass
+
+
+class Forbidden(ComfyBatchError):
+    """The acting user may not do this: a member acting on someone else's batch, or on servers."""
+
+
+class SignInFailed(ComfyBatchError):
+    """Sign-in refused. `retry_after` is the lockout delay in seconds (0: none). Never names the password."""
+
+    def __init__(self, message: str, retry_after: float = 0.0):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ComfyError(ComfyBatchError):

@@ -1,6 +1,11 @@
 """The engine's front door: the functions the pages, the CLI and the HTTP API all call to submit, cancel,
 retry, re-prioritise, export, manage servers and read health. No face writes through Store directly.
 
+Acting: every function that changes state takes the acting user (`actor`, a core.users.Actor: a signed-in
+person, an API token's owner, the CLI's "cli", or LOCAL when no sign-in is configured) and refuses with
+Forbidden what the role does not allow: servers, drains and the whole queue's pause are an admin's; a member
+acts only on their own batches. An admin acting on someone else's batch leaves an event saying so.
+
 Submitting: every face builds a `Submission` (core.intake) and calls `submit`, which checks the request's
 limits before expanding anything, checks every row, preflights the graphs on the enabled servers and enqueues
 all or nothing. Side effects: the database (through Store), input images copied into the content-addressed
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from core import csvin, files, preflight, queries, storage, thumbs, uploads, workflows
+from core import acting, csvin, files, preflight, queries, sessions, storage, thumbs, uploads, workflows
 from core.comfy import ComfyClient, probe
 from core.config import Settings, parse_urls
 from core.errors import ConfigError, InputError, NotFound, Problem, StorageError, sort_key
@@ -29,6 +34,7 @@ from core.intake import MAX_PRIORITY, Job, Row, Submission, build_jobs, check_re
 from core.models import FINAL, RETRYABLE, UNFINISHED, TaskStatus
 from core.scheduler import LEASE
 from core.store import Store
+from core.users import LOCAL, Actor, require_admin, require_owner
 from core.workflows import Workflow
 
 __all__ = ["Job", "Row", "Submission", "Submitted", "input_dir", "submit"]
@@ -47,10 +53,11 @@ def load_workflow(settings: Settings, name: str) -> Workflow:
     return workflows.get_workflow(settings.workflows_dir, name)
 
 
-def add_workflow(settings: Settings, filename: str, data: bytes) -> Workflow:
+def add_workflow(settings: Settings, filename: str, data: bytes, *, actor: Actor = LOCAL) -> Workflow:
     """Save an uploaded API-format workflow as `workflows/<name>.json` (name from the file name) and return
     it with its discovered parameters. Everything is checked before the file is written: size, JSON, the API
-    format, every node, parameter discovery. A bad file or an existing name leaves the folder unchanged."""
+    format, every node, parameter discovery. A bad file or an existing name leaves the folder unchanged.
+    Any role may add one (a workflow is a template, shared and never overwritten)."""
     stem = Path(filename).stem.strip()
     name = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in stem).strip("_")[:100]
     if not name:
@@ -73,9 +80,11 @@ def add_workflow(settings: Settings, filename: str, data: bytes) -> Workflow:
 
 
 # -- submitting -------------------------------------------------------------------------------------
-def submit(settings: Settings, store: Store, sub: Submission, rng: random.Random | None = None) -> Submitted:
-    """Check, preflight and enqueue a submission, all or nothing. Raises InputError with every problem (the
-    request's, then row by row); with `dry_run`, checks and resolves but enqueues nothing."""
+def submit(settings: Settings, store: Store, sub: Submission, rng: random.Random | None = None, *,
+           actor: Actor = LOCAL) -> Submitted:
+    """Check, preflight and enqueue a submission as `actor` (recorded as the batches' submitter), all or
+    nothing. Raises InputError with every problem (the request's, then row by row, then the per-user cap);
+    with `dry_run`, checks and resolves but enqueues nothing."""
     problems = list(sub.problems) + check_request(settings, sub)
     workflow: Workflow | None = None
     urls: list[str] = []
@@ -97,10 +106,12 @@ def submit(settings: Settings, store: Store, sub: Submission, rng: random.Random
         problems.sort(key=sort_key)
         raise InputError(f"{len(problems)} problem(s) found; nothing was enqueued", problems)
     jobs = build_jobs(settings, workflow, replace(sub, problems=problems), rng)
+    acting.check_user_cap(settings, store, actor, len(jobs))
     reports, servers = route(workflow, jobs, urls)
     if sub.dry_run:
         return Submitted([], [], jobs, reports, servers)
-    result = enqueue(store, workflow, jobs, sub.name, sub.priority, source=sub.source, servers=servers)
+    result = enqueue(store, workflow, jobs, sub.name, sub.priority, source=sub.source, servers=servers,
+                     submitted_by=actor.name)
     result.reports, result.servers = reports, servers
     return result
 
@@ -113,7 +124,8 @@ def csv_submission(settings: Settings, data: bytes, filename: str, workflow: str
 
 
 def enqueue(store: Store, workflow: Workflow, jobs: list[Job], batch_name: str | None = None, priority: int = 0,
-            source: str | None = None, servers: list[str] | None = None) -> Submitted:
+            source: str | None = None, servers: list[str] | None = None, submitted_by: str | None = None
+            ) -> Submitted:
     """Write validated jobs as one batch per batch name (rows without one share `batch_name`)."""
     groups: dict[str, list[Job]] = {}
     default_name = batch_name or f"{workflow.name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
@@ -127,7 +139,8 @@ def enqueue(store: Store, workflow: Workflow, jobs: list[Job], batch_name: str |
                  "inputs": j.inputs, "servers": ",".join(servers) if servers else None,
                  "prompt": str(j.resolved.get("prompt") or (j.graph[prompt_param.node_id]["inputs"].get(
                      prompt_param.input_name) if prompt_param else "") or "")} for j in group]
-        batch_id, ids = store.create_batch(name, workflow.name, rows, priority=priority, source=source)
+        batch_id, ids = store.create_batch(name, workflow.name, rows, priority=priority, source=source,
+                                           submitted_by=submitted_by)
         batch_ids.append(batch_id)
         task_ids.extend(ids)
     return Submitted(batch_ids, task_ids, jobs)
@@ -162,25 +175,36 @@ def route(workflow: Workflow, jobs: list[Job], urls: list[str]
 
 
 # -- acting on tasks ------------------------------------------------------------------------------
-def cancel(store: Store, task_ids: Iterable[int]) -> dict[str, list[int]]:
+def cancel(store: Store, task_ids: Iterable[int], *, actor: Actor = LOCAL) -> dict[str, list[int]]:
     """Queued tasks are cancelled at once; tasks on a server are removed from its queue or interrupted by
     the scheduler, then marked cancelled. Tasks already final are left alone."""
-    cancelled, in_flight = store.request_cancel(task_ids)
+    ids = list(task_ids)
+    others = acting.may_act(store, ids, actor, "cancel")
+    cancelled, in_flight = store.request_cancel(ids)
+    sessions.note_action(store, others, actor, f"cancel requested by {actor.name}")
     return {"cancelled": cancelled, "cancelling": [t["id"] for t in in_flight]}
 
 
-def retry(store: Store, task_ids: Iterable[int]) -> list[int]:
+def retry(store: Store, task_ids: Iterable[int], *, actor: Actor = LOCAL) -> list[int]:
     """Failed and cancelled tasks (models.RETRYABLE) go back to the queue with a fresh attempt count."""
-    return store.retry(task_ids)
+    ids = list(task_ids)
+    others = acting.may_act(store, ids, actor, "retry")
+    requeued = store.retry(ids)
+    sessions.note_action(store, [i for i in others if i in set(requeued)], actor, f"retried by {actor.name}")
+    return requeued
 
 
-def set_priority(store: Store, task_ids: Iterable[int], priority: int) -> int:
+def set_priority(store: Store, task_ids: Iterable[int], priority: int, *, actor: Actor = LOCAL) -> int:
     """Queued tasks with a higher priority are claimed first. Returns how many tasks were updated."""
     if not whole_number(priority, -MAX_PRIORITY, MAX_PRIORITY):
         raise InputError("1 problem(s) found; nothing was changed", [Problem(
             f"expected a whole number from {-MAX_PRIORITY} to {MAX_PRIORITY} (higher runs first), got "
             f"{workflows.show(priority)}", field="priority", code="out_of_range")])
-    return store.set_priority(list(task_ids), priority)
+    ids = list(task_ids)
+    others = acting.may_act(store, ids, actor, "re-prioritise")
+    updated = store.set_priority(ids, priority)
+    sessions.note_action(store, others, actor, f"priority set to {priority} by {actor.name}")
+    return updated
 
 
 def batch_task_ids(store: Store, batch_id: int, statuses: Iterable[str] | None = None) -> list[int]:
@@ -189,16 +213,19 @@ def batch_task_ids(store: Store, batch_id: int, statuses: Iterable[str] | None =
     return store.task_ids(batch_id=batch_id, statuses=statuses)
 
 
-def cancel_batch(store: Store, batch_id: int) -> dict[str, list[int]]:
-    return cancel(store, batch_task_ids(store, batch_id, UNFINISHED))
+def cancel_batch(store: Store, batch_id: int, *, actor: Actor = LOCAL) -> dict[str, list[int]]:
+    require_owner(actor, store.get_batch(batch_id), "cancel")
+    return cancel(store, batch_task_ids(store, batch_id, UNFINISHED), actor=actor)
 
 
-def retry_batch(store: Store, batch_id: int) -> list[int]:
-    return retry(store, batch_task_ids(store, batch_id, RETRYABLE))
+def retry_batch(store: Store, batch_id: int, *, actor: Actor = LOCAL) -> list[int]:
+    require_owner(actor, store.get_batch(batch_id), "retry")
+    return retry(store, batch_task_ids(store, batch_id, RETRYABLE), actor=actor)
 
 
-def set_batch_priority(store: Store, batch_id: int, priority: int) -> int:
-    return set_priority(store, batch_task_ids(store, batch_id), priority)
+def set_batch_priority(store: Store, batch_id: int, priority: int, *, actor: Actor = LOCAL) -> int:
+    require_owner(actor, store.get_batch(batch_id), "re-prioritise")
+    return set_priority(store, batch_task_ids(store, batch_id), priority, actor=actor)
 
 
 def task_ids_for(store: Store, task_ids: Iterable[int], batch_ids: Iterable[int], statuses: Iterable[str]
@@ -259,20 +286,23 @@ def batch_eta(store: Store, batch: dict[str, Any], left: int) -> float | None:
 
 
 # -- fleet controls: pause, run next, drain (kept in the database: they survive restarts) ----------------
-def pause_batch(store: Store, batch_id: int) -> dict[str, Any]:
+def pause_batch(store: Store, batch_id: int, *, actor: Actor = LOCAL) -> dict[str, Any]:
     """Nothing more of the batch is claimed; what is already on a server finishes. Returns the batch."""
+    acting.batch_action(store, batch_id, actor, "pause", "paused")
     store.set_batch_paused(batch_id, True)
     return batch_summary(store, batch_id)
 
 
-def resume_batch(store: Store, batch_id: int) -> dict[str, Any]:
+def resume_batch(store: Store, batch_id: int, *, actor: Actor = LOCAL) -> dict[str, Any]:
     """The batch is claimed again, from where it stopped. Returns the batch."""
+    acting.batch_action(store, batch_id, actor, "resume", "resumed")
     store.set_batch_paused(batch_id, False)
     return batch_summary(store, batch_id)
 
 
-def run_batch_next(store: Store, batch_id: int) -> dict[str, Any]:
+def run_batch_next(store: Store, batch_id: int, *, actor: Actor = LOCAL) -> dict[str, Any]:
     """Move the batch ahead of every other batch at its priority (higher priorities still go first)."""
+    acting.batch_action(store, batch_id, actor, "run next", "moved to run next")
     store.set_run_next(batch_id)
     return batch_summary(store, batch_id)
 
@@ -281,13 +311,15 @@ def queue_state(store: Store) -> dict[str, Any]:
     return {"paused": store.queue_paused(), "counts": store.counts()}
 
 
-def pause_queue(store: Store) -> dict[str, Any]:
+def pause_queue(store: Store, *, actor: Actor = LOCAL) -> dict[str, Any]:
     """Nothing more is claimed from any batch until resume_queue; what is on servers finishes."""
+    require_admin(actor, "pause the whole queue")
     store.set_queue_paused(True)
     return queue_state(store)
 
 
-def resume_queue(store: Store) -> dict[str, Any]:
+def resume_queue(store: Store, *, actor: Actor = LOCAL) -> dict[str, Any]:
+    require_admin(actor, "resume the whole queue")
     store.set_queue_paused(False)
     return queue_state(store)
 
@@ -303,14 +335,16 @@ def _known_server(store: Store, raw_url: str) -> str:
     return url
 
 
-def drain_server(store: Store, raw_url: str) -> dict[str, Any]:
+def drain_server(store: Store, raw_url: str, *, actor: Actor = LOCAL) -> dict[str, Any]:
     """Graceful maintenance: the server takes no new work, finishes what it has, then shows as drained."""
+    require_admin(actor, "drain a server")
     url = _known_server(store, raw_url)
     store.set_server_draining(url, True)
     return server_state(store, url)
 
 
-def undrain_server(store: Store, raw_url: str) -> dict[str, Any]:
+def undrain_server(store: Store, raw_url: str, *, actor: Actor = LOCAL) -> dict[str, Any]:
+    require_admin(actor, "undrain a server")
     url = _known_server(store, raw_url)
     store.set_server_draining(url, False)
     return server_state(store, url)
@@ -456,10 +490,11 @@ def require_storage(settings: Settings) -> None:
 
 
 def sync_storage(settings: Settings, store: Store, batch_id: int | None = None,
-                 progress: Any = None) -> dict[str, int]:
+                 progress: Any = None, *, actor: Actor = LOCAL) -> dict[str, int]:
     """Upload every image of a batch (or of all batches) that is not in the object store yet: images made
     while storage was off, and failed uploads. Checks the store first (StorageError when it is unreachable
     or misconfigured); `progress(done, total)` after each image. Returns counts (see core.uploads.sync)."""
+    require_admin(actor, "upload to object storage")
     require_storage(settings)
     if batch_id is not None:
         store.get_batch(batch_id)
@@ -512,19 +547,22 @@ def server_url(raw: str) -> str:
     return urls[0]
 
 
-def add_server(store: Store, raw_url: str) -> str:
+def add_server(store: Store, raw_url: str, *, actor: Actor = LOCAL) -> str:
     """Add (or re-enable) a server at run time; the scheduler starts feeding it within a second."""
+    require_admin(actor, "add a server")
     url = server_url(raw_url)
     store.add_server(url, client_id=uuid.uuid4().hex)
     return url
 
 
-def set_server_enabled(store: Store, url: str, enabled: bool) -> None:
+def set_server_enabled(store: Store, url: str, enabled: bool, *, actor: Actor = LOCAL) -> None:
     """Disabled: no new work; its in-flight tasks go back to the queue (the scheduler requeues them)."""
+    require_admin(actor, "enable or disable a server")
     store.set_server_enabled(url, enabled)
 
 
-def remove_server(store: Store, url: str) -> None:
+def remove_server(store: Store, url: str, *, actor: Actor = LOCAL) -> None:
+    require_admin(actor, "remove a server")
     store.remove_server(url)
 
 

@@ -25,7 +25,7 @@ import sqlite_utils
 from core.errors import NotFound
 from core.models import FINAL_STATUSES, IN_FLIGHT, UNFINISHED, TaskStatus
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 _JSON_COLUMNS = ("params", "graph", "inputs")
 
 _MIGRATIONS: dict[int, str] = {
@@ -109,6 +109,24 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE tasks ADD COLUMN models TEXT NOT NULL DEFAULT '';
     ALTER TABLE servers ADD COLUMN models TEXT;
     CREATE INDEX tasks_workflow_finished ON tasks(workflow, status, finished_at);
+    """,
+    # v6: people (core.users, core.sessions). batches.submitted_by: the person, token owner or "cli" who
+    # submitted; events.actor: who caused the event when a person did (a cancel, a pause of another's batch).
+    # sessions/api_tokens keep only SHA-256 hashes of the random ids handed out; sign_in_failures drives the
+    # lockout delay.
+    6: """
+    ALTER TABLE batches ADD COLUMN submitted_by TEXT;
+    CREATE INDEX batches_person_turn ON batches(submitted_by, turn);
+    ALTER TABLE events ADD COLUMN actor TEXT;
+    CREATE TABLE sessions (
+        id_hash TEXT PRIMARY KEY, user TEXT NOT NULL, role TEXT NOT NULL, created_at REAL NOT NULL,
+        expires_at REAL NOT NULL);
+    CREATE TABLE sign_in_failures (
+        name TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at REAL NOT NULL, locked_until REAL);
+    CREATE TABLE api_tokens (
+        id INTEGER PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, user TEXT NOT NULL, role TEXT NOT NULL,
+        label TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, last_used_at REAL, revoked_at REAL,
+        revoked_by TEXT);
     """,
 }
 POLICIES = ("fair", "fifo")  # COMFYBATCH_POLICY: batches take turns at equal priority, or oldest first
@@ -199,13 +217,13 @@ class Store:
 
     # -- batches and tasks ------------------------------------------------------------------------
     def create_batch(self, name: str, workflow: str, tasks: list[dict[str, Any]], priority: int = 0,
-                     source: str | None = None) -> tuple[int, list[int]]:
+                     source: str | None = None, submitted_by: str | None = None) -> tuple[int, list[int]]:
         """Insert a batch and all its tasks in one transaction; returns (batch id, task ids)."""
         now = time.time()
         with self.write() as conn:
             batch_id = conn.execute(
-                "INSERT INTO batches (name, workflow, priority, source, created_at) VALUES (?, ?, ?, ?, ?)",
-                (name, workflow, priority, source, now)).lastrowid
+                "INSERT INTO batches (name, workflow, priority, source, created_at, submitted_by) VALUES "
+                "(?, ?, ?, ?, ?, ?)", (name, workflow, priority, source, now, submitted_by)).lastrowid
             assert batch_id is not None
             first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM tasks").fetchone()[0]
             rows = [(first + i, batch_id, t.get("row_number"), workflow, t.get("prompt") or "",
@@ -227,8 +245,10 @@ class Store:
         queue is paused, every waiting batch is paused, or the server is draining or quarantined).
 
         Priority first. At the top priority, batches marked "run next" go first (latest mark first); then,
-        with `policy` "fair", the batch whose turn came longest ago (round robin: each claim stamps the batch
-        with the next value of a clock), with "fifo" the oldest batch. Within a batch, lowest task id.
+        with `policy` "fair", the person (batches.submitted_by) whose latest turn came longest ago, and of their
+        batches the one whose turn came longest ago (round robin between people, then between a person's
+        batches: each claim stamps the batch with the next value of a clock), with "fifo" the oldest
+        batch. Within a batch, lowest task id.
         Model affinity (`affinity_patience` > 0): when that task loads other models than the server's last
         task did, a batch whose next matching task loads the same ones goes instead, unless the chosen batch
         has already waited `affinity_patience` claims since its turn (or is marked "run next"): fairness then
@@ -250,7 +270,9 @@ class Store:
                 "(SELECT id FROM batches WHERE paused = 1) ORDER BY t.priority DESC, t.id LIMIT 1", args).fetchone()
             if top is None:
                 return None
-            fairness = "b.turn, b.id" if policy == "fair" else "b.id"
+            # Fair: between people first (the person whose latest claim is oldest), then that person's batches.
+            fairness = ("(SELECT MAX(p.turn) FROM batches p WHERE p.submitted_by IS b.submitted_by), b.turn, b.id"
+                        if policy == "fair" else "b.id")
             # One probe of the (batch_id, status) index per batch, instead of sorting every queued task.
             pick = ("SELECT b.id, (SELECT t.id FROM tasks t WHERE t.batch_id = b.id AND {eligible} AND t.priority = "
                     ":priority {match} ORDER BY t.id LIMIT 1) AS task, b.turn, b.run_next FROM batches b WHERE "

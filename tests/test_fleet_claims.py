@@ -172,3 +172,13 @@ def test_fairness_wins_once_a_batch_has_waited_the_patience(db):
     # with y loaded) keeps y until x has waited 3 claims: never more than the patience between turns.
     order = [db.claim_next_task(one, next(PROMPT_IDS), "fair", 3)["batch_id"] for _ in range(9)]
     assert order == [x, x, y, y, y, x, x, x, y]
+
+
+def test_fair_share_is_between_people_first_then_between_a_persons_batches(db):
+    alice = [db.create_batch(f"alice-{i}", "wf", [{"params": {}, "graph": {}}] * 4, submitted_by="alice")[0]
+             for i in range(5)]
+    (bob, _) = db.create_batch("bob", "wf", [{"params": {}, "graph": {}}] * 4, submitted_by="bob")
+    order = [claim(db) for _ in range(10)]
+    # One person's five batches do not get five turns to another person's one: the two people alternate, and
+    # alice's turns go round her batches.
+    assert order == [alice[0], bob, alice[1], bob, alice[2], bob, alice[3], bob, alice[4], alice[0]]
