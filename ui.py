@@ -23,11 +23,12 @@ from typing import Any
 import streamlit as st
 
 import ui_format
-from core import access, service
+from core import access, accounts, queries, service
 from core.config import Settings
-from core.errors import ComfyBatchError, ConfigError, InputError
+from core.errors import ComfyBatchError, ConfigError, Forbidden, InputError
 from core.scheduler import LEASE
 from core.store import Store
+from core.users import LOCAL, Actor
 
 log = logging.getLogger("core.ui")
 
@@ -37,7 +38,9 @@ PAGES = {
     "tasks": ("pages/tasks.py", "Tasks", ":material/list_alt:"),
     "gallery": ("pages/gallery.py", "Gallery", ":material/photo_library:"),
     "servers": ("pages/servers.py", "Servers", ":material/dns:"),
+    "account": ("pages/account.py", "Account", ":material/key:"),
 }
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 HEALTH_TTL = 10.0  # seconds a server health probe is reused across sessions
 SIDEBAR_REFRESH = 10.0
 URL_HELP = ("Set COMFYUI_URL before starting, e.g. `COMFYUI_URL=http://127.0.0.1:8188 streamlit run app.py` "
@@ -48,6 +51,7 @@ URL_HELP = ("Set COMFYUI_URL before starting, e.g. `COMFYUI_URL=http://127.0.0.1
 class Context:
     settings: Settings
     store: Store
+    actor: Actor = LOCAL  # who is looking: LOCAL without sign-in, else the signed-in person
 
 
 def page_config() -> None:
@@ -66,13 +70,32 @@ def page_path(key: str) -> str:
 
 # -- settings and the database ------------------------------------------------------------------------
 def context() -> Context:
-    """Settings and this thread's Store. Stops the page with a plain message if a setting is malformed."""
+    """Settings, this thread's Store and who is acting. Stops the page with a plain message if a setting is
+    malformed; raises Forbidden when sign-in is configured and nobody is signed in (setup() shows the sign-in
+    first, so this is met only by a callback after a sign-out elsewhere)."""
+    settings = _settings()
+    store = store_for(settings)
+    actor = current_actor(settings, store)
+    if actor is None:
+        raise Forbidden("you are not signed in (or your session ended): sign in again")
+    return Context(settings, store, actor)
+
+
+def _settings() -> Settings:
     try:
-        settings = Settings.load()
+        return Settings.load()
     except ConfigError as exc:
         st.error(f"ComfyBatch cannot start: {exc}")
         st.stop()
-    return Context(settings, store_for(settings))
+        raise  # not reached: st.stop() ends the run
+
+
+def current_actor(settings: Settings, store: Store) -> Actor | None:
+    """LOCAL without sign-in; else the OIDC user (st.user) or the local session (its cookie), else None."""
+    if not settings.sign_in:
+        return LOCAL
+    oidc_user = st.user.to_dict() if settings.oidc else None
+    return accounts.page_actor(settings, store, st.context.cookies.get(accounts.SESSION_COOKIE), oidc_user)
 
 
 _stores: dict[tuple[int, str], tuple[threading.Thread, Store]] = {}
@@ -105,14 +128,58 @@ def close_stores() -> None:
 # -- page frame ---------------------------------------------------------------------------------------
 def setup(title: str) -> Context:
     """Call first on every page: a deep link can run a page without the main script, so shared setup
-    (sidebar, server banner) lives here rather than in ui_main.py."""
+    (the sign-in gate, sidebar, server banner) lives here rather than in ui_main.py."""
     page_config()
+    settings = _settings()
+    if current_actor(settings, store_for(settings)) is None:
+        sign_in_screen(settings)
+        st.stop()
     ctx = context()
     st.title(title)
     with st.sidebar:
+        who_is_here(ctx)
         sidebar_status()
     server_banner(ctx)
     return ctx
+
+
+# -- sign-in ------------------------------------------------------------------------------------------
+def sign_in_screen(settings: Settings) -> None:
+    """What a visitor who is not signed in sees instead of any page: the ways to sign in, nothing else."""
+    st.title("ComfyBatch")
+    st.subheader("Sign in")
+    if settings.oidc:
+        st.button("Sign in with your identity provider", on_click=st.login, type="primary")
+    if settings.users_file is not None:
+        st.markdown('<a href="/signin" target="_self">Sign in with a ComfyBatch account</a>', unsafe_allow_html=True)
+
+
+def who_is_here(ctx: Context) -> None:
+    """The sidebar's first lines: who is signed in (and a way out), or that nobody needs to be."""
+    if not ctx.settings.sign_in:
+        address = str(st.get_option("server.address") or "")
+        if address not in LOOPBACK:
+            st.caption(f":orange[:material/warning:] No sign-in is configured and the app listens on "
+                       f"{address or 'every network interface'}: anyone who can reach this port can use it. Set "
+                       "COMFYBATCH_USERS_FILE or `[auth]` in .streamlit/secrets.toml.")
+        return
+    st.markdown(f"Signed in as **{md_escape(ctx.actor.name)}** ({ctx.actor.role})")
+    if ctx.settings.oidc and st.user.is_logged_in:
+        st.button("Sign out", on_click=st.logout, key="sign_out")
+    else:
+        st.markdown('<a href="/signout" target="_self">Sign out</a>', unsafe_allow_html=True)
+
+
+def person_picker(ctx: Context, key: str, **kw: Any) -> str | None:
+    """Whose work to show: everyone (None) or one person; a member starts on their own work ("mine")."""
+    people = queries.people(ctx.store)
+    if not ctx.settings.sign_in and len(people) < 2:
+        return None
+    choices: list[str | None] = [None, *dict.fromkeys([ctx.actor.name, *people])]
+    if key not in st.session_state or st.session_state[key] not in choices:
+        st.session_state[key] = None if ctx.actor.is_admin else ctx.actor.name
+    return st.selectbox("Person", choices, key=key, **kw,
+                        format_func=lambda p: "Everyone" if p is None else f"{p} (mine)" if p == ctx.actor.name else p)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """The HTTP side of ComfyBatch, served by app.py inside `streamlit run app.py`: the JSON API under /api/v1
-(api.app, api.endpoints, api.events, api.openapi) and the pages' image routes under /files/ (api.files).
+(api.app, api.endpoints, api.events, api.openapi), the pages' image routes under /files/ (api.files) and the
+local accounts' /signin and /signout (api.auth).
 It parses requests, calls core.service and shapes JSON; no engine logic, no SQL. Never imports the pages.
 
     routes   every Starlette route, for st.App(routes=...)
@@ -13,6 +14,7 @@ from typing import Any
 from starlette.routing import Mount
 
 from api.app import Api
+from api.auth import SignInRoutes
 from api.calls import PREFIX
 from api.files import FileServer
 from core.config import Settings
@@ -20,14 +22,17 @@ from core.store import Store
 
 api = Api()
 files = FileServer()
-routes: list[Any] = [Mount(PREFIX, app=api, name="api"), *files.routes]
+sign_in = SignInRoutes()
+routes: list[Any] = [Mount(PREFIX, app=api, name="api"), *files.routes, *sign_in.routes]
 
 
 def bind(settings: Settings, store: Store) -> None:
     api.bind(settings, store)
     files.bind(settings, store)
+    sign_in.bind(settings, store)
 
 
 def unbind() -> None:
     api.unbind()
     files.unbind()
+    sign_in.unbind()

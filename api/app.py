@@ -4,10 +4,12 @@ This module owns the edge every request crosses before an endpoint runs (api.end
 crosses on the way out:
 
     CORS (settings.cors_origins; preflights answered here, before the token check)
-     -> guard: API bound? bearer token or, for an image, a signed link (core.access)? body under max_upload_mb?
+     -> guard: API bound? who is it (api.auth: a bearer token, a session cookie or, for an image, a signed
+        link)? body under max_upload_mb?
      -> router: /api/v1/... -> endpoint (engine calls run in the thread pool)
      <- any failure becomes JSON {"error": sentence, "problems": [Problem fields]}, never a traceback:
-        InputError 422, NotFound 404, too large 413, no/bad token 401, the rest 500 (logged).
+        InputError 422, NotFound 404, Forbidden (role or ownership) 403, too large 413, no/bad token 401, the
+        rest 500 (logged).
 
 Settings and the store are bound once by the server's lifespan (`bind`), as api.files does for its file
 routes. Side effects: none here beyond the response; endpoints act through core.service.
@@ -20,7 +22,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.datastructures import Headers, QueryParams
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -28,13 +30,14 @@ from starlette.responses import Response
 from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import endpoints, events
-from api.calls import PREFIX, ApiError, Endpoint, json_response, parse_id
+from api import auth, endpoints, events
+from api.calls import ACTOR, PREFIX, ApiError, Endpoint, json_response, parse_id
 from api.intake import BadRequest
 from core import access
 from core.config import Settings
-from core.errors import ComfyBatchError, InputError, NotFound, Problem, ServerUnavailable, StorageError
+from core.errors import ComfyBatchError, Forbidden, InputError, NotFound, Problem, ServerUnavailable, StorageError
 from core.store import Store
+from core.users import Actor
 
 log = logging.getLogger("core.api")
 
@@ -127,7 +130,7 @@ class Api:
             if self.settings is None or self.store is None:
                 raise ApiError(503, "the API is not started: the server could not load its settings "
                                     "(the log file and the app's pages say why)")
-            check_access(self.settings, scope)
+            scope[ACTOR] = check_access(self.settings, self.store, scope)
             limit = int(self.settings.max_upload_mb * 1024 * 1024)
             length = Headers(scope=scope).get("content-length", "")
             if length.isdigit() and int(length) > limit:
@@ -159,6 +162,8 @@ class Api:
             status, message, problems = 422, exc.summary, exc.problems
         elif isinstance(exc, NotFound):
             status, message = 404, str(exc)
+        elif isinstance(exc, Forbidden):
+            status, message = 403, str(exc)
         elif isinstance(exc, HTTPException):  # raised by Starlette itself: 405, malformed multipart
             status, message, headers = exc.status_code, _http_detail(exc), dict(exc.headers or {})
         elif isinstance(exc, ServerUnavailable | StorageError):  # ComfyUI or the object store: try again later
@@ -184,25 +189,17 @@ class Api:
         return handle
 
 
-def check_access(settings: Settings, scope: Scope) -> None:
-    """Pass when no tokens are configured, the bearer token is one of them, or (image routes only) the `sig`
-    query value signs this image. Tokens are compared in constant time and never logged."""
-    if not settings.api_tokens:
-        return
-    authorization = Headers(scope=scope).get("authorization")
-    if access.token_ok(settings, authorization):
-        return
+def check_access(settings: Settings, store: Store, scope: Scope) -> Actor:
+    """The acting user of an API request (api.auth.request_actor): a bearer token, a signed-in session cookie,
+    or (image routes only) a valid `sig`; open access when no sign-in and no token is configured. 401
+    otherwise. Tokens are compared in constant time and never logged."""
     image = _IMAGE_PATH.search(scope.get("path", ""))
-    image_id = parse_id(image.group(1)) if image else None
-    sig = QueryParams(scope.get("query_string", b"")).get("sig")
-    if image_id is not None and access.signature_ok(settings, image_id, sig):
-        return
-    if access.bearer_token(authorization) is None:
-        raise ApiError(401, "this API needs a token: send the header 'Authorization: Bearer <token>' "
-                            "(the tokens are set in COMFYBATCH_API_TOKENS)",
-                       headers={"WWW-Authenticate": 'Bearer realm="ComfyBatch"'})
-    raise ApiError(401, "the API token is not valid (compare it with COMFYBATCH_API_TOKENS on the server)",
-                   headers={"WWW-Authenticate": 'Bearer realm="ComfyBatch", error="invalid_token"'})
+    actor = auth.request_actor(settings, store, scope, parse_id(image.group(1)) if image else None)
+    if actor is not None:
+        return actor
+    error = ', error="invalid_token"' if access.bearer_token(Headers(scope=scope).get("authorization")) else ""
+    raise ApiError(401, auth.denied_message(settings, scope),
+                   headers={"WWW-Authenticate": f'Bearer realm="ComfyBatch"{error}'})
 
 
 def error_body(message: str, problems: list[Problem]) -> dict[str, Any]:

@@ -20,8 +20,10 @@ from core.config import Settings
 from core.errors import NotFound, Problem, clip
 from core.models import ALL_STATUSES
 from core.store import Store
+from core.users import Actor
 
 PREFIX = "/api/v1"
+ACTOR = "comfybatch.actor"  # the scope key under which the guard leaves the acting user (core.users.Actor)
 MAX_ID = 2**63 - 1  # the largest id SQLite can hold; anything larger is simply not found
 MAX_ID_DIGITS = len(str(MAX_ID))  # checked before int(): Python refuses to parse 4,300+ digits
 
@@ -62,6 +64,11 @@ class Call:
     def base(self) -> str:
         """Absolute base of every URL in a reply: settings.public_url, else the request's own."""
         return self.settings.public_url or str(self.request.base_url).rstrip("/")
+
+    @property
+    def actor(self) -> Actor:
+        """Who is acting: set by the guard (api.app.check_access) before any endpoint runs."""
+        return self.request.scope[ACTOR]
 
     def url(self, path: str) -> str:
         return self.base + PREFIX + path

@@ -80,12 +80,12 @@ def list_batches(call: Call) -> dict[str, Any]:
 
 def submit_batch(call: Call) -> Response:
     sub = intake.json_submission(intake.parse_json(call.body))
-    return _submitted(call, service.submit(call.settings, call.store, sub), sub.dry_run)
+    return _submitted(call, service.submit(call.settings, call.store, sub, actor=call.actor), sub.dry_run)
 
 
 def submit_csv(call: Call) -> Response:
     sub = intake.form_submission(call.settings, call.form_fields, call.form_files)
-    return _submitted(call, service.submit(call.settings, call.store, sub), sub.dry_run)
+    return _submitted(call, service.submit(call.settings, call.store, sub, actor=call.actor), sub.dry_run)
 
 
 def _submitted(call: Call, result: service.Submitted, dry_run: bool) -> Response:
@@ -133,20 +133,20 @@ def batch_csv(call: Call) -> Response:
 
 def cancel_batch(call: Call) -> dict[str, Any]:
     batch_id = call.path_id("batch_id", "batch")
-    done = service.cancel_batch(call.store, batch_id)
+    done = service.cancel_batch(call.store, batch_id, actor=call.actor)
     return {**done, "batch": batch_json(call.store, batch_id, call.url)}
 
 
 def retry_batch(call: Call) -> dict[str, Any]:
     batch_id = call.path_id("batch_id", "batch")
-    requeued = service.retry_batch(call.store, batch_id)
+    requeued = service.retry_batch(call.store, batch_id, actor=call.actor)
     return {"requeued": requeued, "batch": batch_json(call.store, batch_id, call.url)}
 
 
 def batch_priority(call: Call) -> dict[str, Any]:
     batch_id = call.path_id("batch_id", "batch")
     priority = _priority(call.json_object())
-    updated = service.set_batch_priority(call.store, batch_id, priority)
+    updated = service.set_batch_priority(call.store, batch_id, priority, actor=call.actor)
     return {"updated": updated, "priority": priority, "batch": batch_json(call.store, batch_id, call.url)}
 
 
@@ -164,7 +164,7 @@ def run_batch_next(call: Call) -> dict[str, Any]:
 
 def _batch_after(call: Call, action: Any) -> dict[str, Any]:
     batch_id = call.path_id("batch_id", "batch")
-    action(call.store, batch_id)
+    action(call.store, batch_id, actor=call.actor)
     return batch_json(call.store, batch_id, call.url)
 
 
@@ -174,19 +174,19 @@ def get_queue(call: Call) -> dict[str, Any]:
 
 
 def pause_queue(call: Call) -> dict[str, Any]:
-    return service.pause_queue(call.store)
+    return service.pause_queue(call.store, actor=call.actor)
 
 
 def resume_queue(call: Call) -> dict[str, Any]:
-    return service.resume_queue(call.store)
+    return service.resume_queue(call.store, actor=call.actor)
 
 
 def drain_server(call: Call) -> dict[str, Any]:
-    return service.drain_server(call.store, _server_url(call.json_object()))
+    return service.drain_server(call.store, _server_url(call.json_object()), actor=call.actor)
 
 
 def undrain_server(call: Call) -> dict[str, Any]:
-    return service.undrain_server(call.store, _server_url(call.json_object()))
+    return service.undrain_server(call.store, _server_url(call.json_object()), actor=call.actor)
 
 
 def _server_url(data: dict[str, Any]) -> Any:
@@ -237,13 +237,13 @@ def cancel_task(call: Call) -> dict[str, Any]:
     if task["status"] not in UNFINISHED:
         raise ApiError(409, f"task {task['id']} is already {task['status']}; only queued, submitted or running "
                             "tasks can be cancelled")
-    done = service.cancel(call.store, [task["id"]])
+    done = service.cancel(call.store, [task["id"]], actor=call.actor)
     return {**done, "task": task_json(call.store.get_task(task["id"]), call.url)}
 
 
 def retry_task(call: Call) -> dict[str, Any]:
     task = call.store.get_task(call.path_id("task_id", "task"))
-    if not service.retry(call.store, [task["id"]]):
+    if not service.retry(call.store, [task["id"]], actor=call.actor):
         raise ApiError(409, f"task {task['id']} is {task['status']}; only {' or '.join(RETRYABLE)} tasks can be "
                             "retried")
     return {"requeued": [task["id"]], "task": task_json(call.store.get_task(task["id"]), call.url)}
@@ -252,7 +252,7 @@ def retry_task(call: Call) -> dict[str, Any]:
 def task_priority(call: Call) -> dict[str, Any]:
     task = call.store.get_task(call.path_id("task_id", "task"))
     priority = _priority(call.json_object())
-    service.set_priority(call.store, [task["id"]], priority)
+    service.set_priority(call.store, [task["id"]], priority, actor=call.actor)
     return {"updated": 1, "priority": priority, "task": task_json(call.store.get_task(task["id"]), call.url)}
 
 

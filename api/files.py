@@ -1,5 +1,6 @@
 """Serving result images: one function (`image_response`) behind both the pages' routes and the API's
-`/api/v1/images/{id}` endpoints, with one access check (core.access: a token, or a signed link).
+`/api/v1/images/{id}` endpoints, with one access check (api.auth.request_actor: a session cookie, a token,
+or a signed link).
 
     GET /files/thumb/{image_id}   WebP thumbnail (made once, see core.thumbs)
     GET /files/image/{image_id}   the original file, bytes unchanged
@@ -17,14 +18,14 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from api.auth import denied_message, request_actor
 from api.calls import parse_id
-from core import access, service
+from core import service
 from core.config import Settings
 from core.errors import NotFound
 from core.store import Store
 
 CACHE = "private, max-age=3600"
-DENIED = ("this file needs an API token (Authorization: Bearer ...) or a signed link from the app")
 
 
 def image_response(settings: Settings, store: Store, image_id: int, thumbnail: bool) -> Response:
@@ -68,9 +69,8 @@ class FileServer:
             return JSONResponse({"error": "the file server is not started"}, status_code=503)
         raw = str(request.path_params["image_id"])
         image_id = parse_id(raw)
-        if not access.may_read_image(self.settings, image_id or 0, request.headers.get("authorization"),
-                                     request.query_params.get("sig")):
-            return JSONResponse({"error": DENIED}, status_code=401,
+        if request_actor(self.settings, self.store, request.scope, image_id) is None:
+            return JSONResponse({"error": denied_message(self.settings, request.scope)}, status_code=401,
                                 headers={"WWW-Authenticate": 'Bearer realm="ComfyBatch"'})
         if image_id is None:
             return JSONResponse({"error": f"image {raw[:40]!r} does not exist (image ids are whole numbers)"},

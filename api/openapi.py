@@ -336,6 +336,9 @@ def schemas(settings: Settings) -> dict[str, Any]:
                        "description": f"Tasks by status ({', '.join(ALL_STATUSES)})."},
             "paused": {"type": "boolean", "description": "Nothing more of it starts until resumed."},
             "run_next": {"type": "boolean", "description": "Marked to go ahead of other batches at its priority."},
+            "submitted_by": {**nullable_str, "description": "Who submitted it: a signed-in person, the owner of the "
+                             "API token used (\"api\" for a COMFYBATCH_API_TOKENS token), \"cli\", or \"local\" "
+                             "(no sign-in configured); null for batches made before people were recorded."},
             "total": INTEGER, "done": INTEGER, "progress": fraction,
             "eta_seconds": {**nullable_num, "description": "Seconds left, from the measured run times of its workflow "
                             "on the servers that can take it now; null: unknown (no measurement yet, no server, "
@@ -360,7 +363,9 @@ def schemas(settings: Settings) -> dict[str, Any]:
                         "description": "Upload to object storage: null when storage was off as the image was made."},
             "storage_key": nullable_str}),
         "Event": _object({"id": INTEGER, "task_id": INTEGER, "batch_id": INTEGER, "status": status,
-                          "at": {"type": "number"}, "detail": nullable_str}),
+                          "at": {"type": "number"}, "detail": nullable_str,
+                          "actor": {**nullable_str, "description": "Who caused it, when a person acted on "
+                                    "someone else's batch (a cancel, a pause, a retry)."}}),
         "Workflow": _object({
             "name": STRING, "title": nullable_str, "description": nullable_str, "declared": {"type": "boolean"},
             "parameters": _list(_object({

@@ -64,7 +64,7 @@ def image_json(settings: Settings, image: dict[str, Any], url: Url) -> dict[str,
 
 def event_json(event: dict[str, Any]) -> dict[str, Any]:
     return {"id": event["id"], "task_id": event["task_id"], "batch_id": event["batch_id"],
-            "status": event["status"], "at": event["at"], "detail": event.get("detail")}
+            "status": event["status"], "at": event["at"], "detail": event.get("detail"), "actor": event.get("actor")}
 
 
 def workflow_json(wf: Workflow, url: Url) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The command line: `python -m core ...`, thin over core.service. Errors exit non-zero with one line."""
+"""The command line: `python -m core ...`, thin over core.service. Errors exit non-zero with one line.
+The CLI acts as the local admin `cli` (core.users.CLI): whoever can run it can read the database anyway."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from core import service
+from core import service, users
 from core.config import Settings
 from core.errors import ComfyBatchError, InputError, Problem
 from core.logs import setup_logging
 from core.models import RETRYABLE, UNFINISHED
 from core.scheduler import Scheduler
 from core.store import Store
+from core.users import CLI
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +89,7 @@ def cmd_submit(settings: Settings, store: Store, args: argparse.Namespace) -> in
             row["prompt"] = args.prompt
         sub = service.Submission(args.workflow, [service.Row(row)], source="cli")
     sub.count, sub.name, sub.priority, sub.dry_run = args.count, args.batch_name, args.priority, args.dry_run
-    result = service.submit(settings, store, sub)
+    result = service.submit(settings, store, sub, actor=CLI)
     if args.dry_run:
         for job in result.jobs:
             print(json.dumps(job.graph, ensure_ascii=False))
@@ -160,13 +162,13 @@ def _task_ids(store: Store, args: argparse.Namespace, statuses: tuple[str, ...])
 
 
 def cmd_cancel(settings: Settings, store: Store, args: argparse.Namespace) -> int:
-    result = service.cancel(store, _task_ids(store, args, UNFINISHED))
+    result = service.cancel(store, _task_ids(store, args, UNFINISHED), actor=CLI)
     print(f"cancelled {len(result['cancelled'])}, cancelling on server {len(result['cancelling'])}")
     return 0
 
 
 def cmd_retry(settings: Settings, store: Store, args: argparse.Namespace) -> int:
-    ids = service.retry(store, _task_ids(store, args, RETRYABLE))
+    ids = service.retry(store, _task_ids(store, args, RETRYABLE), actor=CLI)
     print(f"requeued {len(ids)} task(s)")
     return 0
 
@@ -175,22 +177,23 @@ def cmd_pause(settings: Settings, store: Store, args: argparse.Namespace) -> int
     """Pause (or resume) one batch, or with no batch the whole queue."""
     resume = args.command == "resume"
     if args.batch is None:
-        state = service.resume_queue(store) if resume else service.pause_queue(store)
+        state = service.resume_queue(store, actor=CLI) if resume else service.pause_queue(store, actor=CLI)
         print("queue " + ("paused: nothing new starts until `resume`" if state["paused"] else "resumed"))
     else:
-        batch = (service.resume_batch if resume else service.pause_batch)(store, args.batch)
+        batch = (service.resume_batch if resume else service.pause_batch)(store, args.batch, actor=CLI)
         print(f"batch {batch['id']} " + ("paused" if batch["paused"] else "resumed"))
     return 0
 
 
 def cmd_run_next(settings: Settings, store: Store, args: argparse.Namespace) -> int:
-    batch = service.run_batch_next(store, args.batch)
+    batch = service.run_batch_next(store, args.batch, actor=CLI)
     print(f"batch {batch['id']} runs next at priority {batch['priority']}")
     return 0
 
 
 def cmd_drain(settings: Settings, store: Store, args: argparse.Namespace) -> int:
-    state = (service.undrain_server if args.command == "undrain" else service.drain_server)(store, args.url)
+    state = (service.undrain_server if args.command == "undrain" else service.drain_server)(store, args.url,
+                                                                                     actor=CLI)
     print(f"{state['url']}: {state['state']}" + (f" ({state['in_flight']} task(s) still on it)"
                                                   if state["state"] == "draining" else ""))
     return 0
@@ -230,7 +233,7 @@ def cmd_storage_sync(settings: Settings, store: Store, args: argparse.Namespace)
             sys.stderr.flush()
 
     try:
-        result = service.sync_storage(settings, store, args.batch, progress)
+        result = service.sync_storage(settings, store, args.batch, progress, actor=CLI)
     finally:
         if tty:
             sys.stderr.write("\r\x1b[K")
@@ -317,7 +320,31 @@ def _parser() -> argparse.ArgumentParser:
     ss = storage.add_parser("status", help="whether the store answers and the bucket exists; uploads by state")
     ss.add_argument("--json", action="store_true")
     ss.set_defaults(func=cmd_storage_status)
+    us = sub.add_parser("users", help="local accounts (COMFYBATCH_USERS_FILE)")
+    users_sub = us.add_subparsers(dest="users_command", required=True)
+    ua = users_sub.add_parser("add", help="add a user or set their password and role; the password is read from "
+                                          "standard input (one line) or asked for without echo")
+    ua.add_argument("name")
+    ua.add_argument("--role", choices=users.ROLES, default=users.MEMBER)
+    ua.set_defaults(func=cmd_users_add)
     return p
+
+
+def cmd_users_add(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    """Write a user with an Argon2 hash of the password into the users file; nobody writes hashes by hand."""
+    if settings.users_file is None:
+        raise InputError("set COMFYBATCH_USERS_FILE (the local accounts file, e.g. users.toml) first")
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise InputError("the two passwords differ; nothing was written")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    users.save_account(settings.users_file, args.name, args.role, password)
+    print(f"{args.name} ({args.role}) saved in {settings.users_file}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -158,6 +158,7 @@ class Settings:
     lockout_seconds: float = 30.0
     user_max_queued: int = 0
     oidc: bool = False  # `[auth]` is in .streamlit/secrets.toml: sign-in through st.login (not an env setting)
+    link_secret: str = field(default="", repr=False)  # `[auth]` cookie_secret: signs image links with OIDC
     cors_origins: tuple[str, ...] = ()
     public_url: str = ""
     max_upload_mb: float = 200.0
@@ -210,7 +211,9 @@ class Settings:
             if raw is None:
                 raw = secrets.get(s.env, s.default)
             values[s.attr] = _convert(s, raw, base)
-        return cls(**values, oidc=isinstance(secrets.get("auth"), dict))
+        auth = secrets.get("auth")
+        link_secret = str(auth.get("cookie_secret", "")) if isinstance(auth, dict) else ""
+        return cls(**values, oidc=isinstance(auth, dict), link_secret=link_secret)
 
     def with_overrides(self, **changes: Any) -> Settings:
         data = {f: getattr(self, f) for f in self.__dataclass_fields__}

@@ -29,6 +29,7 @@ class TaskFilter:
     statuses: tuple[str, ...] = ()
     workflow: str | None = None
     text: str = ""
+    person: str | None = None  # only batches this person submitted
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ImageFilter:
     since: dt.date | None = None
     until: dt.date | None = None  # inclusive
     text: str = ""
+    person: str | None = None  # only batches this person submitted
 
 
 # -- tasks ------------------------------------------------------------------------------------------
@@ -169,6 +171,7 @@ def _target(workflow: Workflow | None, key: str) -> str | None:
 def _task_where(store: Store, flt: TaskFilter) -> tuple[str, list[Any]]:
     clauses, args = filter_clauses(batch_id=flt.batch_id, statuses=flt.statuses, workflow=flt.workflow,
                                    text=flt.text, fts=store.has_fts, alias="t.")
+    _person(clauses, args, flt.person, "t.")
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
@@ -183,8 +186,21 @@ def _image_where(store: Store, flt: ImageFilter) -> tuple[str, list[Any]]:
     if flt.until:
         clauses.append("i.created_at < ?")
         args.append(time.mktime((flt.until + dt.timedelta(days=1)).timetuple()))
+    _person(clauses, args, flt.person, "i.")
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
 def _needs_task_join(flt: ImageFilter) -> bool:
     return bool(flt.workflow or flt.text.strip())
+
+
+def _person(clauses: list[str], args: list[Any], person: str | None, alias: str) -> None:
+    if person is not None:
+        clauses.append(f"{alias}batch_id IN (SELECT id FROM batches WHERE submitted_by = ?)")
+        args.append(person)
+
+
+def people(store: Store) -> list[str]:
+    """Everyone who has submitted a batch, for the pages' person filter."""
+    return [r[0] for r in store.db.execute("SELECT DISTINCT submitted_by FROM batches WHERE submitted_by IS NOT "
+                                           "NULL ORDER BY submitted_by LIMIT 1000").fetchall()]

@@ -163,7 +163,7 @@ with ui.guard():
     dry: service.Submitted | None
     problems: list[Problem] = []
     try:
-        dry = service.submit(ctx.settings, ctx.store, replace(submission, dry_run=True))
+        dry = service.submit(ctx.settings, ctx.store, replace(submission, dry_run=True), actor=ctx.actor)
     except InputError as exc:
         dry, problems, summary = None, exc.problems or [Problem(exc.summary)], exc.summary
 
@@ -198,7 +198,7 @@ with ui.guard():
         if previous and previous[0] == digest:
             st.info(f"This table was already submitted as batch {', '.join(map(str, previous[1]))}.")
         if st.button("Submit batch", type="primary", disabled=bool(previous and previous[0] == digest)):
-            result = service.submit(ctx.settings, ctx.store, submission)
+            result = service.submit(ctx.settings, ctx.store, submission, actor=ctx.actor)
             st.session_state["batch_submitted"] = (digest, result.batch_ids)
             ids = ", ".join(map(str, result.batch_ids))
             ui.flash("batch", "success", f"Batch {ids}: {len(result.task_ids)} task(s) queued.")

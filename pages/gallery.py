@@ -114,7 +114,8 @@ with ui.guard():
         until = st.date_input("To", value=None, key="gallery_until")
     with c5:
         text = st.text_input("Prompt contains", key="gallery_text")
-    flt = queries.ImageFilter(batch_id, workflow, since, until, text)
+    person = ui.person_picker(ctx, "gallery_person")
+    flt = queries.ImageFilter(batch_id, workflow, since, until, text, person)
     size = st.session_state.get("gallery_page_size", PAGE_SIZES[0])
     total = queries.count_images(ctx.store, flt)
     pages = max(1, math.ceil(total / size))

@@ -231,7 +231,7 @@ def add_workflow_panel() -> None:
         upload = st.file_uploader("Workflow file", type=["json"], key="gen_add_workflow")
         if upload is not None and st.button("Add this workflow", key="gen_add_workflow_button"):
             try:
-                added = service.add_workflow(ctx.settings, upload.name, upload.getvalue())
+                added = service.add_workflow(ctx.settings, upload.name, upload.getvalue(), actor=ctx.actor)
             except InputError as exc:
                 ui.show_error(exc)
                 return
@@ -273,7 +273,7 @@ with ui.guard():
     if st.button("Generate", type="primary", disabled=form_error is not None):
         result = service.submit(ctx.settings, ctx.store, service.Submission(
             wf.name, [service.Row(row)], count=count, name=st.session_state.get("gen_batch_name") or None,
-            priority=int(st.session_state.get("gen_priority") or 0), images=images, source="page"))
+            priority=int(st.session_state.get("gen_priority") or 0), images=images, source="page"), actor=ctx.actor)
         st.session_state["gen_batch_id"] = result.batch_ids[0]
         st.success(f"Batch {result.batch_ids[0]}: {len(result.task_ids)} task(s) queued.")
 

@@ -12,20 +12,20 @@ from core.errors import ComfyBatchError
 
 
 def add(ctx: ui.Context) -> tuple[str, str]:
-    url = service.add_server(ctx.store, st.session_state.get("servers_new_url", ""))
+    url = service.add_server(ctx.store, st.session_state.get("servers_new_url", ""), actor=ctx.actor)
     ui.refresh_health()
     return ("success", f"Added {url}. The scheduler starts sending it work within a second.")
 
 
 def set_enabled(ctx: ui.Context, url: str, enabled: bool) -> tuple[str, str]:
-    service.set_server_enabled(ctx.store, url, enabled)
+    service.set_server_enabled(ctx.store, url, enabled, actor=ctx.actor)
     ui.refresh_health()
     return ("success", f"{'Enabled' if enabled else 'Disabled'} {url}."
             + ("" if enabled else " Tasks already on it finish there; no new ones are sent."))
 
 
 def set_draining(ctx: ui.Context, url: str, draining: bool) -> tuple[str, str]:
-    state = (service.drain_server if draining else service.undrain_server)(ctx.store, url)
+    state = (service.drain_server if draining else service.undrain_server)(ctx.store, url, actor=ctx.actor)
     ui.refresh_health()
     if not draining:
         return ("success", f"{url} takes work again.")
@@ -35,7 +35,7 @@ def set_draining(ctx: ui.Context, url: str, draining: bool) -> tuple[str, str]:
 
 
 def remove(ctx: ui.Context, url: str) -> tuple[str, str]:
-    service.remove_server(ctx.store, url)
+    service.remove_server(ctx.store, url, actor=ctx.actor)
     ui.refresh_health()
     return ("success", f"Removed {url}.")
 

@@ -46,7 +46,7 @@ def selected_ids() -> list[int]:
 
 def cancel(ctx: ui.Context) -> tuple[str, str]:
     ids = st.session_state.get(SELECTED, [])
-    done = service.cancel(ctx.store, ids)
+    done = service.cancel(ctx.store, ids, actor=ctx.actor)
     skipped = len(ids) - len(done["cancelled"]) - len(done["cancelling"])
     return ("success", f"Cancelled {len(done['cancelled'])} queued task(s); {len(done['cancelling'])} on a server "
             f"are being stopped" + (f"; {skipped} already finished were left alone." if skipped else "."))
@@ -54,7 +54,7 @@ def cancel(ctx: ui.Context) -> tuple[str, str]:
 
 def retry(ctx: ui.Context) -> tuple[str, str]:
     ids = st.session_state.get(SELECTED, [])
-    again = service.retry(ctx.store, ids)
+    again = service.retry(ctx.store, ids, actor=ctx.actor)
     skipped = len(ids) - len(again)
     return ("success", f"Put {len(again)} task(s) back in the queue"
             + (f"; {skipped} not failed or cancelled were left alone." if skipped else "."))
@@ -63,24 +63,24 @@ def retry(ctx: ui.Context) -> tuple[str, str]:
 def set_priority(ctx: ui.Context) -> tuple[str, str]:
     ids = st.session_state.get(SELECTED, [])
     value = int(st.session_state.get("tasks_priority", 0))
-    n = service.set_priority(ctx.store, ids, value)
+    n = service.set_priority(ctx.store, ids, value, actor=ctx.actor)
     return ("success", f"Priority of {n} task(s) set to {value}; queued tasks with a higher priority run first.")
 
 
 def set_queue_paused(ctx: ui.Context, paused: bool) -> tuple[str, str]:
-    (service.pause_queue if paused else service.resume_queue)(ctx.store)
+    (service.pause_queue if paused else service.resume_queue)(ctx.store, actor=ctx.actor)
     return ("success", "Queue paused: no new task starts; tasks already on a server finish." if paused
             else "Queue resumed.")
 
 
 def set_batch_paused(ctx: ui.Context, batch_id: int, paused: bool) -> tuple[str, str]:
-    (service.pause_batch if paused else service.resume_batch)(ctx.store, batch_id)
+    (service.pause_batch if paused else service.resume_batch)(ctx.store, batch_id, actor=ctx.actor)
     return ("success", f"Batch {batch_id} paused: none of its tasks start; those on a server finish." if paused
             else f"Batch {batch_id} resumed.")
 
 
 def run_next(ctx: ui.Context, batch_id: int) -> tuple[str, str]:
-    batch = service.run_batch_next(ctx.store, batch_id)
+    batch = service.run_batch_next(ctx.store, batch_id, actor=ctx.actor)
     return ("success", f"Batch {batch_id} runs next: ahead of every other batch at priority {batch['priority']}.")
 
 
@@ -116,8 +116,9 @@ with ui.guard():
                                 format_func=lambda w: "All" if w is None else w, on_change=clear_selection)
     with c4:
         text = st.text_input("Prompt contains", key="tasks_text", on_change=clear_selection)
+    person = ui.person_picker(ctx, "tasks_person", on_change=clear_selection)
     queue_controls(ctx, batch_id)
-    flt = queries.TaskFilter(batch_id, tuple(statuses), workflow, text)
+    flt = queries.TaskFilter(batch_id, tuple(statuses), workflow, text, person)
     busy_at_draw = queries.has_unfinished_work(ctx.store)
 
     @st.fragment(run_every=BUSY_REFRESH if busy_at_draw else IDLE_REFRESH)

@@ -47,7 +47,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = {}
     for s in SETTINGS:
         value: Any = getattr(settings, s.attr)
-        env[s.env] = ",".join(value) if isinstance(value, tuple) else str(value)
+        env[s.env] = ",".join(value) if isinstance(value, tuple) else "" if value is None else str(value)
     return env
 
 
