@@ -77,9 +77,10 @@ def export_zip(output_dir: Path, images: list[dict[str, Any]], target: Path | io
 
 
 def results_csv(tasks: list[dict[str, Any]], images_by_task: dict[int, list[dict[str, Any]]],
-                links: dict[int, str] | None = None) -> str:
+                links: dict[int, str] | None = None, submitted_by: str = "") -> str:
     """One line per task: its parameters as given, the resolved seed, status, error, image files and, for
-    images in object storage, their URLs (`links`: image id -> URL), both `;`-separated."""
+    images in object storage, their URLs (`links`: image id -> URL), both `;`-separated, and who submitted
+    the batch."""
     links = links or {}
     param_keys: list[str] = []
     for t in tasks:
@@ -89,7 +90,8 @@ def results_csv(tasks: list[dict[str, Any]], images_by_task: dict[int, list[dict
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow([spreadsheet_safe(k) for k in ["task_id", "row_number", *param_keys, "resolved_seed", "status",
-                                                   "server", "attempts", "error", "images", "image_urls"]])
+                                                   "server", "attempts", "error", "images", "image_urls",
+                                                   "submitted_by"]])
     for t in tasks:
         params = t["params"]
         writer.writerow([t["id"], t.get("row_number") or "",
@@ -97,7 +99,8 @@ def results_csv(tasks: list[dict[str, Any]], images_by_task: dict[int, list[dict
                          t.get("seed") if t.get("seed") is not None else "", t["status"],
                          spreadsheet_safe(t.get("server") or ""), t["attempts"], spreadsheet_safe(t.get("error") or ""),
                          ";".join(img["path"] for img in images_by_task.get(t["id"], [])),
-                         ";".join(links[img["id"]] for img in images_by_task.get(t["id"], []) if img["id"] in links)])
+                         ";".join(links[img["id"]] for img in images_by_task.get(t["id"], []) if img["id"] in links),
+                         spreadsheet_safe(submitted_by)])
     return out.getvalue()
 
 

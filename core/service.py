@@ -391,7 +391,7 @@ def export_batch(settings: Settings, store: Store, batch_id: int, csv_path: Path
 def results_csv_bytes(settings: Settings, store: Store, batch_id: int) -> bytes:
     """A batch's results CSV (UTF-8 with BOM, spreadsheet-safe cells), as the CLI's export writes it; images
     in object storage get their URL (presigned links expire after COMFYBATCH_S3_LINK_EXPIRY)."""
-    store.get_batch(batch_id)
+    batch = store.get_batch(batch_id)
     tasks = store.list_tasks(batch_id=batch_id, limit=10**9, newest_first=False)
     by_task: dict[int, list[dict[str, Any]]] = {}
     links: dict[int, str] = {}
@@ -399,7 +399,7 @@ def results_csv_bytes(settings: Settings, store: Store, batch_id: int) -> bytes:
         by_task.setdefault(img["task_id"], []).append(img)
         if (url := image_link(settings, img)) is not None:
             links[img["id"]] = url
-    return files.results_csv(tasks, by_task, links).encode("utf-8-sig")
+    return files.results_csv(tasks, by_task, links, batch.get("submitted_by") or "").encode("utf-8-sig")
 
 
 def zip_bytes(settings: Settings, images: list[dict[str, Any]]) -> bytes:

@@ -239,8 +239,9 @@ def inline_executor() -> Any:
 
 
 @contextlib.contextmanager
-def serve_api(api: Any) -> Iterator[str]:
-    """An api.app.Api served by uvicorn on a free loopback port in a thread; yields its base URL."""
+def serve_api(api: Any, extra_routes: list[Any] | None = None) -> Iterator[str]:
+    """An api.app.Api served by uvicorn on a free loopback port in a thread (with `extra_routes`, e.g. the file
+    and sign-in routes, at the root); yields its base URL."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.routing import Mount
@@ -248,7 +249,7 @@ def serve_api(api: Any) -> Iterator[str]:
     from api.calls import PREFIX
     from tests.comfyui_harness.server import free_port
 
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Mount(PREFIX, app=api)]), host="127.0.0.1",
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Mount(PREFIX, app=api), *(extra_routes or [])]), host="127.0.0.1",
                                            port=free_port(), log_level="warning", lifespan="off", ws="none"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
