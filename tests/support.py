@@ -249,8 +249,9 @@ def serve_api(api: Any, extra_routes: list[Any] | None = None) -> Iterator[str]:
     from api.calls import PREFIX
     from tests.comfyui_harness.server import free_port
 
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Mount(PREFIX, app=api), *(extra_routes or [])]), host="127.0.0.1",
-                                           port=free_port(), log_level="warning", lifespan="off", ws="none"))
+    app = Starlette(routes=[Mount(PREFIX, app=api), *(extra_routes or [])])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                           lifespan="off", ws="none"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

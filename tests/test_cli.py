@@ -41,8 +41,8 @@ def test_submit_worker_status_export(tmp_path, comfy):
     with zipfile.ZipFile(tmp_path / "out.zip") as zf:
         assert len(zf.namelist()) == 4 and all(n.startswith("batch-00001/") for n in zf.namelist())
     lines = (tmp_path / "out.csv").read_text(encoding="utf-8-sig").splitlines()
-    assert lines[0] == ("task_id,row_number,1.color,1.width,resolved_seed,status,server,attempts,error,images,image_urls,"
-                        "submitted_by")
+    assert lines[0] == ("task_id,row_number,1.color,1.width,resolved_seed,status,server,attempts,error,images,"
+                        "image_urls,submitted_by")
     assert lines[1].startswith(f"1,2,255,16,,succeeded,{comfy.url},1,,batch-00001/task-000001_2_00.png")
     assert lines[1].endswith(",cli")  # the CLI submits as the local admin "cli"
 

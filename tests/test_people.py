@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from core import accounts, service, sessions, users
+from core import accounts, service, users
 from core.errors import Forbidden, InputError, SignInFailed
 from core.store import Store
 from core.users import ADMIN, CLI, MEMBER, Actor
@@ -48,7 +48,8 @@ def test_batches_record_who_submitted_and_members_act_only_on_their_own(people):
     assert str(refused.value) == (f"alice may not cancel batch {theirs}: it was submitted by bob, and a member acts "
                                   "only on their own batches")
     task = store.task_ids(batch_id=theirs)[0]
-    for action in (lambda: service.cancel(store, [task], actor=ALICE), lambda: service.retry(store, [task], actor=ALICE),
+    for action in (lambda: service.cancel(store, [task], actor=ALICE),
+                   lambda: service.retry(store, [task], actor=ALICE),
                    lambda: service.set_priority(store, [task], 5, actor=ALICE),
                    lambda: service.pause_batch(store, theirs, actor=ALICE),
                    lambda: service.run_batch_next(store, theirs, actor=ALICE)):
@@ -81,7 +82,8 @@ def test_an_admin_acting_on_someone_elses_batch_is_recorded_in_its_task_events(p
     events = [(e["task_id"], e["status"], e["detail"], e["actor"]) for e in store.events()
               if e["batch_id"] == batch and e["actor"]]
     first, second = store.task_ids(batch_id=batch)
-    assert events == [(first, "queued", "batch paused by root", "root"), (second, "queued", "batch paused by root", "root"),
+    assert events == [(first, "queued", "batch paused by root", "root"),
+                      (second, "queued", "batch paused by root", "root"),
                       (first, "cancelled", "cancel requested by root", "root"),
                       (second, "cancelled", "cancel requested by root", "root")]
     assert [e for e in store.events() if e["batch_id"] != batch and e["actor"]] == []
