@@ -1,7 +1,8 @@
 """Settings: the only module that reads environment variables or `.streamlit/secrets.toml`.
 
-Precedence: environment variable, then a top-level key of the same name in `.streamlit/secrets.toml`,
-then the default written once in `SETTINGS`. The README's settings table is checked against `SETTINGS`
+Precedence: environment variable, then a top-level key of the same name in `.streamlit/secrets.toml` (or the
+file COMFYBATCH_SECRETS_FILE names), then the default written once in `SETTINGS`. An `[auth]` table there
+turns on OIDC sign-in through Streamlit's st.login. The README's settings table is checked against `SETTINGS`
 by a test, so a new knob is documented the day it is added.
 """
 
@@ -204,7 +205,9 @@ class Settings:
         """
         env = dict(os.environ) if env is None else env
         base = Path.cwd() if base_dir is None else base_dir
-        secrets = _read_secrets(secrets_path or base / ".streamlit" / "secrets.toml")
+        # COMFYBATCH_SECRETS_FILE: the secrets file Streamlit was pointed at (`--secrets.files`), if not the usual.
+        secrets = _read_secrets(secrets_path or Path(env.get("COMFYBATCH_SECRETS_FILE") or
+                                                     base / ".streamlit" / "secrets.toml"))
         values: dict[str, Any] = {}
         for s in SETTINGS:
             raw = env.get(s.env)

@@ -51,16 +51,17 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_app(home: Path, urls: list[str], **overrides: Any) -> AppServer:
+def start_app(home: Path, urls: list[str], extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None,
+              **overrides: Any) -> AppServer:
     home.mkdir(parents=True, exist_ok=True)
     settings = make_settings(home, urls, **overrides)
-    env = {**os.environ, **settings_env(settings)}
+    env = {**os.environ, **settings_env(settings), **(extra_env or {})}
     port = free_port()
     log = home / "streamlit.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
-             str(port), "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+             str(port), "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false", *extra_args],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = AppServer(f"http://127.0.0.1:{port}", settings, proc, log)
     deadline = time.monotonic() + 60
