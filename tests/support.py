@@ -211,6 +211,21 @@ def finish_next_task(settings: Settings, store: Any, data: bytes, remote_state: 
     return store.images_for_task(task["id"])[0]
 
 
+def submitted_image(settings: Settings, who: Any, data: bytes) -> dict[str, Any]:
+    """A batch of workflow empty_image submitted by `who` (a core.users.Actor) with one finished image. Call it
+    before starting an app on that database: its scheduler would requeue a task on a server it does not know."""
+    from core import service
+    from core.store import Store
+
+    store = Store(settings.db_path)
+    try:
+        sub = service.Submission("empty_image", [service.Row({"1.color": 255, "1.width": 16})], source="test")
+        service.submit(settings, store, sub, actor=who)
+        return finish_next_task(settings, store, data)
+    finally:
+        store.close()
+
+
 class NoEvents:
     """The websocket's place in a stepped ServerWorker: tests deliver events by calling `worker.on_event`."""
 

@@ -14,12 +14,10 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from core import service
-from core.store import Store
 from core.users import Actor
 from tests.appserver import AppServer, start_app
 from tests.comfyui_harness.server import free_port
-from tests.support import CHROMIUM, CHROMIUM_ARGS, finish_next_task, png, settle
+from tests.support import CHROMIUM, CHROMIUM_ARGS, make_settings, png, settle, submitted_image
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 expect.set_options(timeout=30_000)
@@ -72,9 +70,12 @@ def app(tmp_path, provider) -> Iterator[AppServer]:
         'client_id = "comfybatch"\n'
         f'client_secret = "{CLIENT_SECRET}"\n'
         f'server_metadata_url = "{provider}/.well-known/openid-configuration"\n', encoding="utf-8")
+    (tmp_path / "app").mkdir()
+    image = submitted_image(make_settings(tmp_path / "app", []), Actor("ann@example.org"), png((4, 5, 6)))
     server = start_app(tmp_path / "app", [], extra_args=("--secrets.files", str(secrets)),
                        extra_env={"COMFYBATCH_SECRETS_FILE": str(secrets), "AUTHLIB_INSECURE_TRANSPORT": "1"},
                        admins=("boss@example.org",))
+    server.image = image  # type: ignore[attr-defined]
     yield server
     server.stop()
 
@@ -89,13 +90,7 @@ def oidc_sign_in(page: Page, app: AppServer, who: str) -> None:
 
 
 def test_oidc_sign_in_roles_signed_image_links_and_sign_out(app, browser):
-    store = Store(app.settings.db_path)
-    try:
-        sub = service.Submission("empty_image", [service.Row({"1.color": 255, "1.width": 16})], source="test")
-        service.submit(app.settings, store, sub, actor=Actor("ann@example.org"))
-        image = finish_next_task(app.settings, store, png((4, 5, 6)))
-    finally:
-        store.close()
+    image = app.image
     context = browser.new_context(viewport={"width": 1300, "height": 1000})
     page = context.new_page()
     page.goto(app.url + "/")
@@ -118,6 +113,9 @@ def test_oidc_sign_in_roles_signed_image_links_and_sign_out(app, browser):
     expect(page.get_by_role("combobox", name="Person")).to_have_value("ann@example.org (mine)")
 
     page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("button", name="End session").click()  # the provider's end-session form (RP-initiated)
+    page.wait_for_url(app.url + "/**")
+    page.goto(app.url + "/tasks")
     settle(page)
     expect(page.get_by_role("button", name="Sign in with your identity provider")).to_be_visible()
 

@@ -12,11 +12,11 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from core import service, users
+from core import users
 from core.store import Store
 from core.users import Actor
 from tests.appserver import AppServer, start_app
-from tests.support import CHROMIUM, CHROMIUM_ARGS, finish_next_task, png, settle
+from tests.support import CHROMIUM, CHROMIUM_ARGS, make_settings, png, settle, submitted_image
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 expect.set_options(timeout=20_000)
@@ -38,20 +38,12 @@ def app(tmp_path) -> Iterator[AppServer]:
     users_file = tmp_path / "users.toml"
     users.save_account(users_file, "alice", users.MEMBER, ALICE_PASSWORD)
     users.save_account(users_file, "root", users.ADMIN, ROOT_PASSWORD)
-    server = start_app(tmp_path, [], users_file=users_file, lockout_after=3, lockout_seconds=300)
+    options: dict[str, Any] = {"users_file": users_file, "lockout_after": 3, "lockout_seconds": 300}
+    image = submitted_image(make_settings(tmp_path, [], **options), Actor("alice", users.MEMBER), png((9, 8, 7)))
+    server = start_app(tmp_path, [], **options)
+    server.image = image  # type: ignore[attr-defined]
     yield server
     server.stop()
-
-
-def image_of(app: AppServer, who: Actor) -> dict[str, Any]:
-    """A batch submitted by `who` with one finished image (the scheduler's part played by the test)."""
-    store = Store(app.settings.db_path)
-    try:
-        sub = service.Submission("empty_image", [service.Row({"1.color": 255, "1.width": 16})], source="test")
-        service.submit(app.settings, store, sub, actor=who)
-        return finish_next_task(app.settings, store, png((9, 8, 7)))
-    finally:
-        store.close()
 
 
 def sign_in(page: Page, app: AppServer, name: str, password: str) -> None:
@@ -62,7 +54,7 @@ def sign_in(page: Page, app: AppServer, name: str, password: str) -> None:
 
 
 def test_local_sign_in_gate_lockout_roles_images_and_sign_out(app, browser):
-    image = image_of(app, Actor("alice", users.MEMBER))
+    image = app.image
     urls = [f"{app.url}/files/image/{image['id']}", f"{app.url}/files/thumb/{image['id']}",
             f"{app.api}/images/{image['id']}", f"{app.api}/batches"]
     context = browser.new_context(viewport={"width": 1300, "height": 1000})
