@@ -7,8 +7,9 @@
     GET  /signout   end the session (deleted from the database) and clear the cookie
 
 A request is let through by `request_actor` when it carries a valid bearer token (COMFYBATCH_API_TOKENS or a
-per-user token), a signed-in session cookie, or, for an image, a signed link; with no sign-in and no token
-configured everything is open (the local admin). Passwords and tokens are never logged or echoed.
+per-user token), a signed-in session cookie (reads only: GET and HEAD), or, for an image, a signed link; with
+no sign-in and no token configured everything is open (the local admin). Passwords and tokens are never
+logged or echoed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import Scope
 
+from api.calls import Bound
 from core import access, accounts
 from core.config import Settings
 from core.errors import ConfigError, SignInFailed
@@ -43,7 +45,10 @@ def request_actor(settings: Settings, store: Store, scope: Scope, image_id: int 
     """The person behind the request (token, then session cookie); LOCAL with open access; LINK_READER for an
     image whose `sig` is valid; else None (refuse)."""
     token = access.bearer_token(Headers(scope=scope).get("authorization"))
-    actor = accounts.actor_for(settings, store, token, session_cookie(scope))
+    # The session cookie opens reads only: a page on another port of the same host is "same-site", so even a
+    # SameSite=Lax cookie would ride along on its POSTs (cross-site request forgery). Changes need a token.
+    reading = scope.get("method") in ("GET", "HEAD")
+    actor = accounts.actor_for(settings, store, token, session_cookie(scope) if reading else None)
     if actor is not None:
         return actor
     if accounts.open_access(settings):
@@ -66,18 +71,8 @@ def denied_message(settings: Settings, scope: Scope) -> str:
             "COMFYBATCH_API_TOKENS)")
 
 
-class SignInRoutes:
+class SignInRoutes(Bound):
     """The sign-in form and its session cookie, bound to the running server's settings and store."""
-
-    def __init__(self) -> None:
-        self.settings: Settings | None = None
-        self.store: Store | None = None
-
-    def bind(self, settings: Settings, store: Store) -> None:
-        self.settings, self.store = settings, store
-
-    def unbind(self) -> None:
-        self.settings, self.store = None, None
 
     @property
     def routes(self) -> list[Route]:

@@ -51,6 +51,20 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(body, status, headers, media_type="application/json")
 
 
+class Bound:
+    """Routes that serve the settings and store of the running server, bound by the app's lifespan."""
+
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.store: Store | None = None
+
+    def bind(self, settings: Settings, store: Store) -> None:
+        self.settings, self.store = settings, store
+
+    def unbind(self) -> None:
+        self.settings, self.store = None, None
+
+
 @dataclass
 class Call:
     request: Request

@@ -19,7 +19,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from api.auth import denied_message, request_actor
-from api.calls import parse_id
+from api.calls import Bound, parse_id
 from core import service
 from core.config import Settings
 from core.errors import NotFound
@@ -39,18 +39,8 @@ def image_response(settings: Settings, store: Store, image_id: int, thumbnail: b
     return FileResponse(source.path, media_type=source.media_type, headers={"Cache-Control": CACHE}, **named)
 
 
-class FileServer:
+class FileServer(Bound):
     """The pages' file routes, serving the database bound at start-up (`bind`, called by the app's lifespan)."""
-
-    def __init__(self) -> None:
-        self.settings: Settings | None = None
-        self.store: Store | None = None
-
-    def bind(self, settings: Settings, store: Store) -> None:
-        self.settings, self.store = settings, store
-
-    def unbind(self) -> None:
-        self.settings, self.store = None, None
 
     @property
     def routes(self) -> list[Route]:

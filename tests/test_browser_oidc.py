@@ -12,26 +12,18 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from core.users import Actor
 from tests.appserver import AppServer, start_app
 from tests.comfyui_harness.server import free_port
-from tests.support import CHROMIUM, CHROMIUM_ARGS, make_settings, png, settle, submitted_image
+from tests.support import make_settings, png, settle, submitted_image
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 expect.set_options(timeout=30_000)
 
 COOKIE_SECRET = "oidc-cookie-secret-for-tests-4b1f"
 CLIENT_SECRET = "client-secret-never-logged-93ad"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

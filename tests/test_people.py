@@ -253,6 +253,8 @@ def test_the_session_cookie_opens_the_api_and_image_routes_and_nothing_else_does
         assert "HttpOnly" in cookie and "SameSite=lax" in cookie
         assert [web.get(u, timeout=10).status_code for u in urls] == [200] * 4
         assert web.get(urls[0], timeout=10).content == png((1, 2, 3))
+        # The cookie opens reads only: a change needs a token (no cross-site request forgery from another port).
+        assert web.post(f"{base}/queue/pause", timeout=10).status_code == 401 and not store.queue_paused()
         web.get(f"{root}/signout", timeout=10)
         assert [requests.get(u, cookies={accounts.SESSION_COOKIE: ok.cookies[accounts.SESSION_COOKIE]},
                              timeout=10).status_code for u in urls] == [401] * 4  # the old cookie is dead
