@@ -69,7 +69,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Comma-separated bearer tokens for the HTTP API and file downloads. Empty: no token needed."),
     # Sign-in (core.users, core.accounts). With neither a users file nor `[auth]` in secrets.toml: no sign-in.
     Setting("COMFYBATCH_USERS_FILE", "users_file", "", Path,
-            "Local accounts file (TOML; `python -m core users add NAME --role admin|member` writes it). Set: the "
+            "Local accounts file (TOML; `python -m core users add NAME --role ROLE` writes it). Set: the "
             "pages need a sign-in. Empty: no local accounts."),
     Setting("COMFYBATCH_ADMINS", "admins", "", list,
             "Comma-separated OIDC identities (e-mail, else the subject) who sign in as admin; everyone else who "
