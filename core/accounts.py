@@ -60,8 +60,14 @@ def sign_out(store: Store, session_id: str | None) -> None:
     sessions.end_session(store, session_id)
 
 
-def session_actor(store: Store, session_id: str | None) -> Actor | None:
-    return sessions.session_actor(store, session_id)
+def session_actor(settings: Settings, store: Store, session_id: str | None) -> Actor | None:
+    """The person of a live local session, in the role the users file gives them now: removing someone from
+    the file (or changing their role) takes effect on their open sessions at once."""
+    actor = sessions.session_actor(store, session_id)
+    if actor is None or settings.users_file is None:
+        return None
+    account = users.load_accounts(settings.users_file).get(actor.name)
+    return Actor(account.name, account.role) if account else None
 
 
 def actor_for(settings: Settings, store: Store, token: str | None, session_id: str | None) -> Actor | None:
@@ -76,7 +82,7 @@ def actor_for(settings: Settings, store: Store, token: str | None, session_id: s
         actor = sessions.token_actor(store, token)
         if actor is not None:
             return actor
-    return sessions.session_actor(store, session_id)
+    return session_actor(settings, store, session_id)
 
 
 def page_actor(settings: Settings, store: Store, session_id: str | None,
@@ -86,9 +92,7 @@ def page_actor(settings: Settings, store: Store, session_id: str | None,
         return LOCAL
     if settings.oidc and oidc_user and oidc_user.get("is_logged_in"):
         return oidc_actor(settings, oidc_user)
-    if settings.users_file is not None:
-        return sessions.session_actor(store, session_id)
-    return None
+    return session_actor(settings, store, session_id)
 
 
 def oidc_actor(settings: Settings, user: dict[str, Any]) -> Actor:

@@ -111,9 +111,9 @@ def test_local_sign_in_wrong_password_lockout_and_sign_out(people, caplog):
     with pytest.raises(SignInFailed, match="^wrong user name or password$"):
         accounts.sign_in(settings, store, "nobody", "wrong")  # an unknown name reads the same
     session = accounts.sign_in(settings, store, "alice", PASSWORDS["alice"])
-    assert accounts.session_actor(store, session) == ALICE
+    assert accounts.session_actor(settings, store, session) == ALICE
     accounts.sign_out(store, session)
-    assert accounts.session_actor(store, session) is None  # ended on sign-out, not just forgotten by a cookie
+    assert accounts.session_actor(settings, store, session) is None  # ended on sign-out, not just forgotten by a cookie
     for _ in range(2):
         with pytest.raises(SignInFailed):
             accounts.sign_in(settings, store, "alice", "guess")
@@ -124,7 +124,9 @@ def test_local_sign_in_wrong_password_lockout_and_sign_out(people, caplog):
     with pytest.raises(SignInFailed, match="too many failed sign-ins"):
         accounts.sign_in(settings, store, "alice", PASSWORDS["alice"])  # even the right password waits it out
     root = accounts.sign_in(settings, store, "root", PASSWORDS["root"])  # the lockout is per name
-    assert accounts.session_actor(store, root) == ROOT_ADMIN
+    assert accounts.session_actor(settings, store, root) == ROOT_ADMIN
+    users.save_account(settings.users_file, "root", MEMBER, PASSWORDS["root"])  # demoted: open sessions follow
+    assert accounts.session_actor(settings, store, root) == Actor("root", MEMBER)
     secrets_seen = [PASSWORDS["alice"], PASSWORDS["root"], session, root]
     assert_nowhere(secrets_seen, store, settings, caplog.text + str(locked.value))
 
