@@ -402,7 +402,7 @@ def test_tokens_are_required_on_every_route_and_never_logged(app, web):
             assert reply.json()["error"] in (
                 "this API needs a token: send the header 'Authorization: Bearer <token>' (the tokens are set in "
                 "COMFYBATCH_API_TOKENS)", "the API token is not valid (compare it with COMFYBATCH_API_TOKENS on "
-                                          "the server)")
+                "the server, or make a token on the Account page; revoked tokens stop working at once)")
     for token in (TOKEN, OTHER_TOKEN):
         reply = requests.get(image_url, headers={"Authorization": f"bearer {token}"}, timeout=10)
         assert reply.status_code == 200 and reply.headers["content-type"] == "image/png"
