@@ -172,8 +172,8 @@ def test_a_deep_link_on_a_fresh_server_gets_the_same_frame_on_every_page(app, br
             if key == "gallery":
                 shot(page, "deep-link-gallery")
             page.close()
-        assert {k: v[0] for k, v in seen.items()} == {k: ["Generate", "Batch", "Tasks", "Gallery", "Servers"]
-                                                      for k in seen}
+        pages = ["Generate", "Batch", "Tasks", "Gallery", "Servers", "Account"]
+        assert {k: v[0] for k, v in seen.items()} == {k: pages for k in seen}
         assert {k: v[2] for k, v in seen.items()} == {k: True for k in seen}  # the wide layout of page_config
         assert all("ComfyBatch" in v[1] for v in seen.values())
     finally:
