@@ -156,7 +156,7 @@ def test_sync_uploads_bytes_unchanged_and_presigned_links_serve_them(engine, s3)
          "storage_key": rows[0]["remote_key"]}, links[0].split("?")[0])
     csv_lines = service.results_csv_bytes(settings, store, batch_id).decode("utf-8-sig").splitlines()
     assert csv_lines[0].endswith(",error,images,image_urls,submitted_by")
-    csv_links = [line.rsplit(",", 1)[1] for line in csv_lines[1:]]
+    csv_links = [line.rsplit(",", 2)[1] for line in csv_lines[1:]]  # image_urls, then submitted_by
     assert [requests.get(link, timeout=10).content for link in csv_links] == list(expected.values())
 
     summary = service.batch_summary(store, batch_id)
