@@ -231,8 +231,17 @@ class EventSocket:
 
 
 def probe(url: str, client_id: str, timeout: float) -> dict[str, Any]:
-    """Reachable, ComfyUI version, queue length, device and VRAM of one server. Never raises."""
+    """Reachable, ComfyUI version, queue length, device and VRAM of one server, on a connection of its own.
+    Never raises."""
     client = ComfyClient(url, client_id, timeout, timeout)
+    try:
+        return health(client)
+    finally:
+        client.close()
+
+
+def health(client: Any) -> dict[str, Any]:
+    """probe() through an existing client (the scheduler's, whose connections are kept alive). Never raises."""
     try:
         stats = client.system_stats()
         running, pending = client.queue()
@@ -242,5 +251,3 @@ def probe(url: str, client_id: str, timeout: float) -> dict[str, Any]:
                 "vram_total": device.get("vram_total"), "vram_free": device.get("vram_free")}
     except ComfyError as exc:
         return {"up": False, "error": str(exc)}
-    finally:
-        client.close()
