@@ -1,4 +1,5 @@
-"""Run a module under cProfile in EVERY thread (cProfile alone sees only the main thread) and write the merged
+"""Run a module under cProfile in EVERY thread (cProfile alone sees only the main thread), timing each thread's own
+CPU (time.thread_time: waiting on the GIL or a socket is not counted), and write the merged
 statistics: `python bench/profile_threads.py OUT -m core worker --until-idle` (bench/fleet.py --profile)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import pstats
 import runpy
 import sys
 import threading
+import time
 from typing import Any
 
 out, flag, module, *rest = sys.argv[1:]
@@ -18,7 +20,7 @@ thread_run = threading.Thread.run
 
 
 def profiled_run(self: threading.Thread, *args: Any) -> None:
-    profile = cProfile.Profile()
+    profile = cProfile.Profile(time.thread_time)
     profiles.append(profile)
     profile.enable()
     try:
@@ -28,7 +30,7 @@ def profiled_run(self: threading.Thread, *args: Any) -> None:
 
 
 threading.Thread.run = profiled_run  # type: ignore[method-assign]
-main = cProfile.Profile()
+main = cProfile.Profile(time.thread_time)
 profiles.append(main)
 main.enable()
 try:

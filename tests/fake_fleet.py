@@ -90,6 +90,7 @@ class Server:
         self.received: list[str] = []
         self.runs: list[tuple[str, float, float]] = []  # (prompt_id, start, finish) wall times
         self.sockets: dict[str, list[Socket]] = {}
+        self.writers: set[asyncio.StreamWriter] = set()
         self.wake = asyncio.Event()
 
     @property
@@ -139,6 +140,7 @@ class Server:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         half = self.fleet.rtt / 2
+        self.writers.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -158,9 +160,10 @@ class Server:
                 writer.write(f"HTTP/1.1 {status} OK\r\nContent-Type: {kind}\r\nContent-Length: {len(reply)}\r\n"
                              "Connection: keep-alive\r\n\r\n".encode() + reply)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.CancelledError):
+            pass  # the client went away, or the fleet is stopping
         finally:
+            self.writers.discard(writer)
             writer.close()
 
     async def _websocket(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -226,6 +229,7 @@ class Fleet:
         self.png = small_png()
         self.count = servers
         self.servers: list[Server] = []
+        self.listeners: list[asyncio.Server] = []
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fake-fleet", daemon=True)
@@ -249,6 +253,7 @@ class Fleet:
             server = Server(self, i)
             listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, backlog=128)
             server.port = listener.sockets[0].getsockname()[1]
+            self.listeners.append(listener)
             self.servers.append(server)
             self.loop.create_task(server.run())
         self._ready.set()
@@ -264,9 +269,22 @@ class Fleet:
             raise RuntimeError("the fake fleet did not start")
         return self
 
+    async def _shutdown(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+        for server in self.servers:
+            for writer in list(server.writers):
+                writer.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        self.loop.close()
 
     def __enter__(self) -> Fleet:
         return self.start()
