@@ -53,7 +53,7 @@ class ComfyClient:
     def __init__(self, url: str, client_id: str, connect_timeout: float = 10.0, read_timeout: float = 60.0):
         self.url = url.rstrip("/")
         self.client_id = client_id
-        self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self.timeout = (connect_timeout, read_timeout)
         self._shared: urllib3.PoolManager | None = None
         self._lock = threading.Lock()
 
@@ -65,7 +65,8 @@ class ComfyClient:
                     proxies = requests.utils.get_environ_proxies(self.url)
                     proxy = proxies.get(urlsplit(self.url).scheme) or proxies.get("all")
                     ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-                    options: dict[str, Any] = {"maxsize": POOL_SIZE, "retries": False, "timeout": self.timeout,
+                    timeout = urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1])
+                    options: dict[str, Any] = {"maxsize": POOL_SIZE, "retries": False, "timeout": timeout,
                                                **({"ca_certs": ca} if ca else {})}
                     self._shared = urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
                 pool = self._shared

@@ -1,8 +1,9 @@
 """The scheduler: the only module that starts threads.
 
-`Scheduler` holds the database's scheduler lease (one per database, renewed by a heartbeat), and runs one
-`ServerWorker` per enabled server. A worker keeps at most `in_flight` of our prompts queued or running on its
-server, so the GPU never waits on us while the rest of the work can still go to other servers. Events come
+`Scheduler` leases servers one by one (several schedulers split a fleet; see its docstring) and runs one
+`ServerWorker` per server it holds. A worker keeps a window of our prompts queued or running on its server
+(`in_flight`, more when a round trip is long against a run: `ServerWorker.window`), so the GPU never waits on
+us while the rest of the work can still go to other servers. Events come
 over one websocket per server (a stable client_id per server, kept in the database, so a restarted scheduler
 receives the events of prompts its predecessor posted); after any gap, or a quiet spell, the worker
 reconciles its in-flight tasks through `/queue` and `/history/{prompt_id}`. Finished prompts are collected
@@ -15,7 +16,12 @@ is injected: `ServerWorker(..., client=, events=, probe_health=)` default to the
 stand-in and an executor that runs collection inline. Every pause waits on a stop event (the worker's or
 the scheduler's), never in `time.sleep`, so `Scheduler.stop()` returns promptly.
 
-With object storage on (COMFYBATCH_S3_BUCKET), the leader also runs one uploader thread (core.uploads):
+Writes per run: the claim and the completion (which also records a short run's start and `running` event);
+a run longer than PROGRESS_INTERVAL also gets `running` with its progress in one write, then its progress
+whenever the whole percent changes, at most every PROGRESS_INTERVAL (`_show_progress`).
+
+With object storage on (COMFYBATCH_S3_BUCKET), the leader (the holder of the database-wide lease) also runs one
+uploader thread (core.uploads):
 saved images are recorded as `pending` and uploaded off the dispatch path; a collection wakes it. It stops
 with the lease, and a new leader resumes the pending uploads from the database.
 
