@@ -82,6 +82,7 @@ DISPATCH_SLACK = 0.15  # seconds of our own delay the in-flight window covers be
 MAX_WINDOW = 16  # the most prompts the adaptive window queues on one server
 COLLECT_THREADS = 256  # the collection pool's ceiling (its threads start on demand)
 QUIET_RECONCILE = 3.0  # reconcile in-flight prompts after this long without any websocket message
+RECOUNT_INTERVAL = 10.0  # seconds between checks that the database's in-flight tasks here are all tracked
 DOWN_GRACE = 10.0  # after this long unreachable, a server's in-flight tasks go back to the queue
 HEALTH_INTERVAL = 5.0  # seconds between health snapshots published for the pages
 # /history can lag the terminal event by a moment: ask again after these pauses before leaving it to reconcile.
@@ -145,6 +146,7 @@ class ServerWorker:
         self.rtt: float | None = None  # and a post to it
         self.reconciling: set[str] | None = None  # prompts dropped while reconcile() waits on the server
         self.cancels_checked = float("-inf")
+        self.recounted = time.monotonic()
         self.activity: dict[str, float] = {}  # prompt_id -> monotonic time of the latest sign of life (watchdog)
         self.limits: dict[str, tuple[float, watchdog.StallLimit]] = {}  # workflow -> (read at, stall limit)
         self.healthy = False
@@ -196,6 +198,12 @@ class ServerWorker:
             self.scheduler.pool.submit(self._publish_health)
         if not self.healthy and not self._check_health():
             return
+        if now - self.recounted >= RECOUNT_INTERVAL:
+            # A safety net: a task the database has in flight here that this worker tracks neither in flight
+            # nor in collection (say, taken over from another scheduler mid-post) gets a reconcile.
+            self.recounted = now
+            if self.store.in_flight_count(self.url) > len(self.inflight) + len(self.collecting):
+                self.needs_reconcile = True
         if self.needs_reconcile or (self.inflight and now - self.last_message > QUIET_RECONCILE):
             self.needs_reconcile = False
             self.reconcile()
@@ -578,8 +586,10 @@ class ServerWorker:
                     self.collect(pid, task["id"])
                 elif pid in known:
                     attached[pid] = task["id"]
-                elif pid in self.inflight and time.time() - (task["submitted_at"] or 0) < 1.0:
-                    attached[pid] = task["id"]  # posted a moment ago; the queue read may predate it
+                elif time.time() - (task["submitted_at"] or 0) < max(1.0, self.settings.lease_seconds):
+                    # Claimed a moment ago, here or by a scheduler that fed this server until its lease ran out
+                    # (its post may still be on the way): the queue read may predate it. Watched; decided later.
+                    attached[pid] = task["id"]
                 elif self.client.history(pid) is not None:
                     self.collect(pid, task["id"])
                 elif task["cancel_requested"]:

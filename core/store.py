@@ -532,6 +532,10 @@ class Store:
         args = [*IN_FLIGHT, server] if server else list(IN_FLIGHT)
         return [self.get_task(r[0]) for r in self.db.execute(sql, args).fetchall()]
 
+    def in_flight_count(self, server: str) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM tasks WHERE server = ? AND status IN (?, ?)",
+                                   (server, *IN_FLIGHT)).fetchone()[0])
+
     def cancel_requested_ids(self, server: str) -> list[int]:
         return [r[0] for r in self.db.execute(
             "SELECT id FROM tasks WHERE cancel_requested = 1 AND server = ? AND status IN (?, ?)",

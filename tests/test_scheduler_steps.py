@@ -419,7 +419,13 @@ def test_reconcile_requeues_a_prompt_the_server_forgot_then_fails_at_max_attempt
     for _ in (1, 2):
         pid = new_worker().submit_next_task()["prompt_id"]
         server.forget_everything()  # ComfyUI restarted
-        new_worker().reconcile()  # and so did we: a new worker knows the task only from the database
+        restarted = new_worker()  # and so did we: a new worker knows the task only from the database
+        restarted.reconcile()
+        # Claimed within the lease time: the previous owner's post may still be on the way, so it is watched...
+        assert restarted.inflight == {pid: task_id} and fields(store, task_id)["status"] == "submitted"
+        with store.write() as conn:  # ... and decided once that time has passed
+            conn.execute("UPDATE tasks SET submitted_at = submitted_at - 60 WHERE id = ?", (task_id,))
+        restarted.reconcile()
         reasons.append(f"ComfyUI at {URL} no longer knows prompt {pid} (server restarted?)")
         if len(reasons) == 1:
             assert fields(store, task_id) == {"status": "queued", "server": None, "attempts": 1,
@@ -465,6 +471,23 @@ def test_a_prompt_finishing_while_reconcile_waits_on_the_server_does_not_keep_it
     assert store.counts() == {"succeeded": 1, "submitted": 1, "queued": 1}
     assert worker.inflight == {pids[1]: ids[1]}  # not the finished prompt, from the snapshot before the calls
     assert worker.submit_next_task()["id"] == ids[2]  # its slot is free at once
+
+
+def test_a_task_in_flight_here_that_the_worker_lost_track_of_is_reconciled_within_ten_seconds(worker, store, server):
+    [task_id] = enqueue(store)
+    pid = worker.submit_next_task()["prompt_id"]
+    server.files = {"ComfyBatch_00001_.png": BLUE}
+    server.finish(pid, {"2": image_output("ComfyBatch_00001_.png")})
+    worker.loop_once(now=worker.recounted + 1)  # the first pass reconciles; the prompt is collected
+    assert store.counts() == {"succeeded": 1}
+    [other] = enqueue(store)
+    pid = worker.submit_next_task()["prompt_id"]
+    worker.inflight.clear()  # tracking lost (say, its terminal event went to another scheduler's socket)
+    server.finish(pid, {"2": image_output("ComfyBatch_00001_.png")})
+    worker.loop_once(now=worker.recounted + 5)
+    assert store.counts() == {"succeeded": 1, "submitted": 1}
+    worker.loop_once(now=worker.recounted + 10)  # the recount sees one in flight here, none tracked
+    assert store.counts() == {"succeeded": 2}
 
 
 def test_reconcile_collects_a_prompt_found_finished_in_history(worker, store, server, settings):
