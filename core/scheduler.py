@@ -280,6 +280,14 @@ class ServerWorker:
         except ComfyError as exc:
             self._finish(task, TaskStatus.FAILED, str(exc))
             return
+        if self.lease_owner is not None and time.time() - (task["submitted_at"] or 0) > self.settings.lease_seconds / 2:
+            # This thread was held up between the claim and the post for half a lease: another scheduler may
+            # have taken the server over and judged the prompt forgotten. Not posted; back in the queue.
+            reason = f"not posted to {self.url}: held up for more than half the lease time after its claim"
+            log.warning("task %s: %s", task["id"], reason)
+            self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=reason, run=prompt_id,
+                                  attempts=max(task["attempts"] - 1, 0), error=task.get("error"))
+            return
         with self.slot_free:
             self.inflight[prompt_id] = task["id"]
             self.activity[prompt_id] = time.monotonic()
