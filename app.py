@@ -1,7 +1,7 @@
 """`streamlit run app.py` brings up everything in one process: the pages (ui_main.py and pages/), the HTTP API
 and image routes (the `api` package), and the scheduler, which the lifespan starts once per server process and
-stops on shutdown. If another scheduler already holds the database's lease, this one waits in standby and
-takes over if that one dies.
+stops on shutdown. With other schedulers on the same database (`python -m core worker`), the servers are split
+between them, one scheduler per server (leases per server, see core.scheduler.Scheduler).
 """
 
 from __future__ import annotations

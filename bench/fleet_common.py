@@ -48,7 +48,7 @@ def run_until_idle(settings: Any, store: Store, stop_when: Any = None, timeout: 
             time.sleep(0.05)
             if stop_when is not None and stop_when():
                 break
-            if sched.is_leader and not sched.busy():
+            if sched.ticked.is_set() and not sched.busy():
                 break
         return time.perf_counter() - start
     finally:

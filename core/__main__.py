@@ -111,13 +111,13 @@ def cmd_worker(settings: Settings, store: Store, args: argparse.Namespace) -> in
 
     def progress_line(final: bool = False) -> str:
         counts = "  ".join(f"{k} {v}" for k, v in store.counts().items()) or "no tasks"
-        role = "" if final else ("  (leader)" if scheduler.is_leader else "  (standby: another scheduler runs)")
+        role = "" if final else f"  (feeding {len(scheduler.workers)} server(s))"
         return f"\r{counts}{role}\x1b[K"
 
     try:
         while not scheduler.stop_event.is_set():
             time.sleep(0.05)
-            if args.until_idle and scheduler.is_leader and not scheduler.busy():
+            if args.until_idle and scheduler.ticked.is_set() and not scheduler.busy():
                 break
             if tty:
                 sys.stderr.write(progress_line())

@@ -40,7 +40,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("COMFYBATCH_WORKFLOWS_DIR", "workflows_dir", "workflows", Path, "Folder of workflow templates."),
     Setting("COMFYBATCH_LOG_DIR", "log_dir", "logs", Path, "Folder of the rotating log file."),
     Setting("COMFYBATCH_IN_FLIGHT", "in_flight", "2", int,
-            "Prompts kept queued or running on each ComfyUI server at once."),
+            "Prompts kept queued or running on each ComfyUI server at once, at least (more for a server "
+            "far away or with short jobs: the window follows its round trip and run time)."),
     Setting("COMFYBATCH_CONNECT_TIMEOUT", "connect_timeout", "10", float, "Seconds to connect to ComfyUI."),
     Setting("COMFYBATCH_READ_TIMEOUT", "read_timeout", "60", float, "Seconds to wait for a ComfyUI reply."),
     Setting("COMFYBATCH_MAX_ATTEMPTS", "max_attempts", "3", int,

@@ -1,8 +1,9 @@
 """The scheduler: the only module that starts threads.
 
-`Scheduler` holds the database's scheduler lease (one per database, renewed by a heartbeat), and runs one
-`ServerWorker` per enabled server. A worker keeps at most `in_flight` of our prompts queued or running on its
-server, so the GPU never waits on us while the rest of the work can still go to other servers. Events come
+`Scheduler` leases servers one by one (several schedulers split a fleet; see its docstring) and runs one
+`ServerWorker` per server it holds. A worker keeps a window of our prompts queued or running on its server
+(`in_flight`, more when a round trip is long against a run: `ServerWorker.window`), so the GPU never waits on
+us while the rest of the work can still go to other servers. Events come
 over one websocket per server (a stable client_id per server, kept in the database, so a restarted scheduler
 receives the events of prompts its predecessor posted); after any gap, or a quiet spell, the worker
 reconciles its in-flight tasks through `/queue` and `/history/{prompt_id}`. Finished prompts are collected
@@ -15,7 +16,12 @@ is injected: `ServerWorker(..., client=, events=, probe_health=)` default to the
 stand-in and an executor that runs collection inline. Every pause waits on a stop event (the worker's or
 the scheduler's), never in `time.sleep`, so `Scheduler.stop()` returns promptly.
 
-With object storage on (COMFYBATCH_S3_BUCKET), the leader also runs one uploader thread (core.uploads):
+Writes per run: the claim and the completion (which also records a short run's start and `running` event);
+a run longer than PROGRESS_INTERVAL also gets `running` with its progress in one write, then its progress
+whenever the whole percent changes, at most every PROGRESS_INTERVAL (`_show_progress`).
+
+With object storage on (COMFYBATCH_S3_BUCKET), the leader (the holder of the database-wide lease) also runs one
+uploader thread (core.uploads):
 saved images are recorded as `pending` and uploaded off the dispatch path; a collection wakes it. It stops
 with the lease, and a new leader resumes the pending uploads from the database.
 
@@ -51,6 +57,7 @@ execution error or foreign interrupt -> requeued until `max_attempts`, then fail
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -61,16 +68,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from core import files, storage, uploads, watchdog
-from core.comfy import TERMINAL_EVENTS, ComfyClient, EventSocket, outcome, output_images, probe
+from core.comfy import TERMINAL_EVENTS, ComfyClient, EventSocket, health, outcome, output_images
 from core.config import Settings
 from core.errors import ComfyError, ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
 from core.models import TaskStatus
-from core.store import IN_FLIGHT, Store
+from core.store import IN_FLIGHT, SERVER_LEASE, Store
 
 log = logging.getLogger(__name__)
 LEASE = "scheduler"
-PROGRESS_INTERVAL = 0.5  # seconds between progress writes for one task
+PROGRESS_INTERVAL = 0.5  # a task's running/progress is written at most this often, and not before it ran this long
+CANCEL_INTERVAL = 0.5  # seconds between a worker's reads of the cancels users asked for
+DISPATCH_SLACK = 0.15  # seconds of our own delay the in-flight window covers besides the round trip
+MAX_WINDOW = 16  # the most prompts the adaptive window queues on one server
+COLLECT_THREADS = 256  # the collection pool's ceiling (its threads start on demand)
 QUIET_RECONCILE = 3.0  # reconcile in-flight prompts after this long without any websocket message
+RECOUNT_INTERVAL = 10.0  # seconds between checks that the database's in-flight tasks here are all tracked
 DOWN_GRACE = 10.0  # after this long unreachable, a server's in-flight tasks go back to the queue
 HEALTH_INTERVAL = 5.0  # seconds between health snapshots published for the pages
 # /history can lag the terminal event by a moment: ask again after these pauses before leaving it to reconcile.
@@ -102,11 +114,14 @@ class ServerWorker:
     """Feeds one ComfyUI server. Two threads: the websocket reader and the dispatch loop.
 
     `client`, `events` and `probe_health` replace the real ComfyUI edge (HTTP client, websocket, health
-    probe); left out, they are built for `url` from the settings."""
+    probe); left out, they are built for `url` from the settings. `lease_owner`: claim only while that
+    scheduler holds the server's lease (the Scheduler always passes it; a step test may leave it out)."""
 
     def __init__(self, scheduler: Scheduler, url: str, client_id: str, *, client: ComfyApi | None = None,
-                 events: EventSource | None = None, probe_health: Callable[[], dict[str, Any]] | None = None):
+                 events: EventSource | None = None, probe_health: Callable[[], dict[str, Any]] | None = None,
+                 lease_owner: str | None = None):
         self.scheduler = scheduler
+        self.lease_owner = lease_owner
         self.settings = scheduler.settings
         self.store = scheduler.store
         self.url = url
@@ -116,14 +131,22 @@ class ServerWorker:
                                  else ComfyClient(url, client_id, timeout, self.settings.read_timeout))
         self.socket: EventSource = (events if events is not None
                                     else EventSocket(url, client_id, self.on_event, self.on_connect, timeout))
-        self.probe_health = probe_health if probe_health is not None else (lambda: probe(url, client_id, timeout))
+        # The health snapshot goes through this worker's client: its connections are kept alive.
+        self.probe_health = probe_health if probe_health is not None else (lambda: health(self.client))
         self.stop_event = threading.Event()
         self.slot_free = threading.Condition()
         self.inflight: dict[str, int] = {}  # prompt_id -> task_id
         self.outputs: dict[str, dict[str, Any]] = {}  # prompt_id -> outputs reported by `executed` events
         self.started: set[str] = set()  # prompts whose execution_start this connection saw (all events seen)
         self.collecting: set[str] = set()
-        self.progress_written: dict[str, float] = {}
+        self.began: dict[str, tuple[float, float]] = {}  # prompt_id -> (wall, monotonic) time of execution_start
+        self.progress: dict[str, tuple[int, int]] = {}  # prompt_id -> its latest (value, max)
+        self.progress_written: dict[str, tuple[float, int]] = {}  # prompt_id -> (monotonic, percent) last written
+        self.job_time: float | None = None  # moving averages for the in-flight window: a run on this server,
+        self.rtt: float | None = None  # and a post to it
+        self.reconciling: set[str] | None = None  # prompts dropped while reconcile() waits on the server
+        self.cancels_checked = float("-inf")
+        self.recounted = time.monotonic()
         self.activity: dict[str, float] = {}  # prompt_id -> monotonic time of the latest sign of life (watchdog)
         self.limits: dict[str, tuple[float, watchdog.StallLimit]] = {}  # workflow -> (read at, stall limit)
         self.healthy = False
@@ -131,6 +154,7 @@ class ServerWorker:
         self.needs_reconcile = True
         self.last_message = time.monotonic()
         self.health_published = 0.0
+        self.health_running = False
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -140,10 +164,17 @@ class ServerWorker:
             self.threads.append(t)
 
     def stop(self, timeout: float = 5.0) -> None:
+        self.begin_stop()
+        self.join(timeout)
+
+    def begin_stop(self) -> None:
+        """Tell both threads to stop, without waiting (stopping many workers: signal all, then join all)."""
         self.stop_event.set()
         self.socket.close()
         with self.slot_free:
             self.slot_free.notify_all()
+
+    def join(self, timeout: float = 5.0) -> None:
         for t in self.threads:
             t.join(timeout)
         self.client.close()
@@ -161,17 +192,29 @@ class ServerWorker:
         """One unit of work: check health, reconcile if needed, handle cancels, submit at most one task.
         `now` (time.monotonic() by default) lets a test step the timers without sleeping."""
         now = time.monotonic() if now is None else now
-        if now - self.health_published > HEALTH_INTERVAL:
-            self._publish_health(now)
+        if now - self.health_published > HEALTH_INTERVAL and not self.health_running:
+            # Off the dispatch path: a slow or remote server's probe never delays the next post.
+            self.health_published, self.health_running = now, True
+            self.scheduler.pool.submit(self._publish_health)
         if not self.healthy and not self._check_health():
             return
+        if now - self.recounted >= RECOUNT_INTERVAL:
+            # A safety net: a task the database has in flight here that this worker tracks neither in flight
+            # nor in collection (say, taken over from another scheduler mid-post) gets a reconcile.
+            self.recounted = now
+            if self.store.in_flight_count(self.url) > len(self.inflight) + len(self.collecting):
+                self.needs_reconcile = True
         if self.needs_reconcile or (self.inflight and now - self.last_message > QUIET_RECONCILE):
             self.needs_reconcile = False
             self.reconcile()
-        self.handle_cancels()
+        if now - self.cancels_checked >= CANCEL_INTERVAL:
+            self.cancels_checked = now
+            self.handle_cancels()
+        for prompt_id, task_id in list(self.inflight.items()):
+            self._show_progress(prompt_id, task_id, now)
         self.check_stalls(now)
         with self.slot_free:
-            if len(self.inflight) >= self.settings.in_flight:
+            if len(self.inflight) >= self.window():
                 self.slot_free.wait(0.5)
                 return
         if self.submit_next_task() is None:
@@ -182,15 +225,26 @@ class ServerWorker:
         post it. Returns the claimed task as it was claimed, or None when nothing is queued for this server."""
         # A draining or quarantined server gets nothing: the claim itself checks, in its transaction.
         task = self.store.claim_next_task(self.url, str(uuid.uuid4()), self.settings.policy,
-                                          self.settings.affinity_patience if self.settings.affinity else 0)
+                                          self.settings.affinity_patience if self.settings.affinity else 0,
+                                          lease_owner=self.lease_owner)
         if task is not None:
             self.submit(task)
         return task
 
-    def _publish_health(self, now: float) -> None:
-        """Write this server's health for the pages (they then need not probe it themselves)."""
-        self.health_published = now
-        self.store.set_server_health(self.url, self.probe_health())
+    def window(self) -> int:
+        """How many of our prompts to keep on this server: COMFYBATCH_IN_FLIGHT, or more when a round trip
+        (plus our own delay) is long against a run, so the next prompt is always there when one finishes."""
+        if self.job_time is None or self.rtt is None:
+            return self.settings.in_flight
+        need = 1 + math.ceil((self.rtt + DISPATCH_SLACK) / max(self.job_time, 0.01))
+        return max(self.settings.in_flight, min(need, MAX_WINDOW))
+
+    def _publish_health(self) -> None:
+        """Write this server's health for the pages (they then need not probe it themselves). Runs in the pool."""
+        try:
+            self.store.set_server_health(self.url, self.probe_health())
+        finally:
+            self.health_running = False
 
     def _check_health(self) -> bool:
         try:
@@ -226,11 +280,21 @@ class ServerWorker:
         except ComfyError as exc:
             self._finish(task, TaskStatus.FAILED, str(exc))
             return
+        if self.lease_owner is not None and time.time() - (task["submitted_at"] or 0) > self.settings.lease_seconds / 2:
+            # This thread was held up between the claim and the post for half a lease: another scheduler may
+            # have taken the server over and judged the prompt forgotten. Not posted; back in the queue.
+            reason = f"not posted to {self.url}: held up for more than half the lease time after its claim"
+            log.warning("task %s: %s", task["id"], reason)
+            self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=reason, run=prompt_id,
+                                  attempts=max(task["attempts"] - 1, 0), error=task.get("error"))
+            return
         with self.slot_free:
             self.inflight[prompt_id] = task["id"]
             self.activity[prompt_id] = time.monotonic()
         try:
+            posted = time.monotonic()
             self.client.submit(graph, prompt_id)
+            self.rtt = _average(self.rtt, time.monotonic() - posted)
             log.info("task %s submitted to %s as %s (attempt %s)", task["id"], self.url, prompt_id, task["attempts"])
         except PromptRejected as exc:
             self._drop(prompt_id)
@@ -266,7 +330,7 @@ class ServerWorker:
         """The prompt never reached ComfyUI: back in the queue for any server, attempt not spent."""
         self._mark_down(exc)
         self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=str(exc)[:500],
-                              attempts=max(task["attempts"] - 1, 0), error=str(exc))
+                              run=task["prompt_id"], attempts=max(task["attempts"] - 1, 0), error=str(exc))
 
     def _drop(self, prompt_id: str) -> None:
         with self.slot_free:
@@ -275,8 +339,12 @@ class ServerWorker:
                 self.activity.update({p: max(t, now) for p, t in self.activity.items()})
             self.inflight.pop(prompt_id, None)
             self.progress_written.pop(prompt_id, None)
+            self.progress.pop(prompt_id, None)
+            self.began.pop(prompt_id, None)
             self.outputs.pop(prompt_id, None)
             self.started.discard(prompt_id)
+            if self.reconciling is not None:
+                self.reconciling.add(prompt_id)
             self.slot_free.notify_all()
 
     # -- events -----------------------------------------------------------------------------------
@@ -298,10 +366,12 @@ class ServerWorker:
             return
         self.activity[prompt_id] = now
         if kind == "execution_start":
+            # Written with its first progress, or by its completion if it finishes first (_show_progress).
             self.started.add(prompt_id)
-            self.store.transition(task_id, TaskStatus.RUNNING, [TaskStatus.SUBMITTED])
+            self.began[prompt_id] = (time.time(), now)
         elif kind == "progress":
-            self._record_progress(prompt_id, task_id, data, now)
+            self.progress[prompt_id] = (int(data.get("value", 0)), int(data.get("max", 0)))
+            self._show_progress(prompt_id, task_id, now)
         elif kind == "executed" and isinstance(data.get("output"), dict):
             self.outputs.setdefault(prompt_id, {})[str(data.get("node"))] = data["output"]
         elif kind in TERMINAL_EVENTS or (kind == "executing" and data.get("node") is None):
@@ -314,27 +384,44 @@ class ServerWorker:
             elif kind == "execution_interrupted":
                 result = Interrupted(f"the prompt was interrupted on {self.url} at node {data.get('node_id')} "
                                      f"({data.get('node_type')})", self.url)
+            began = self.began.get(prompt_id)
+            if began is not None:
+                self.job_time = _average(self.job_time, now - began[1])
+            written = prompt_id in self.progress_written
             self._drop(prompt_id)
-            self.collect(prompt_id, task_id, result)
+            self.collect(prompt_id, task_id, result, None if began is None or written else began[0])
 
-    def _record_progress(self, prompt_id: str, task_id: int, data: dict[str, Any], now: float) -> None:
-        value, maximum = int(data.get("value", 0)), int(data.get("max", 0))
-        if value >= maximum or now - self.progress_written.get(prompt_id, 0.0) >= PROGRESS_INTERVAL:
-            self.progress_written[prompt_id] = now
-            self.store.transition(task_id, TaskStatus.RUNNING, [TaskStatus.SUBMITTED])
-            self.store.set_progress(task_id, value, maximum)
+    def _show_progress(self, prompt_id: str, task_id: int, now: float) -> None:
+        """Write what a page shows of a running prompt when it changed: `running` (with its start time and
+        first progress, one transaction) once it has run PROGRESS_INTERVAL, then its progress when the whole
+        percent changed, at most every PROGRESS_INTERVAL. A shorter run is recorded by its completion alone."""
+        began = self.began.get(prompt_id)
+        value, maximum = self.progress.get(prompt_id, (None, None))
+        if began is None and value is None:
+            return  # not started yet (or its start was missed and no progress came yet)
+        if began is not None and now - began[1] < PROGRESS_INTERVAL:
+            return
+        percent = 100 * value // maximum if value is not None and maximum else -1
+        last = self.progress_written.get(prompt_id)
+        if last is not None and (percent == last[1] or now - last[0] < PROGRESS_INTERVAL):
+            return
+        self.progress_written[prompt_id] = (now, percent)
+        self.store.record_running(task_id, began[0] if began else time.time(), value, maximum)
 
     # -- collection -------------------------------------------------------------------------------
-    def collect(self, prompt_id: str, task_id: int, result: dict[str, Any] | ComfyError | None = None) -> None:
+    def collect(self, prompt_id: str, task_id: int, result: dict[str, Any] | ComfyError | None = None,
+                started_at: float | None = None) -> None:
         """Finish a prompt in the pool: `result` is the outputs or the error its events reported, or None
-        to read the outcome from /history (after a gap, or for prompts of a previous process)."""
+        to read the outcome from /history (after a gap, or for prompts of a previous process). `started_at`:
+        its execution start, when its `running` was not written yet."""
         with self.slot_free:
             if prompt_id in self.collecting:
                 return
             self.collecting.add(prompt_id)
-        self.scheduler.pool.submit(self._collect, prompt_id, task_id, result)
+        self.scheduler.pool.submit(self._collect, prompt_id, task_id, result, started_at)
 
-    def _collect(self, prompt_id: str, task_id: int, result: dict[str, Any] | ComfyError | None) -> None:
+    def _collect(self, prompt_id: str, task_id: int, result: dict[str, Any] | ComfyError | None,
+                 started_at: float | None = None) -> None:
         try:
             task = self.store.get_task(task_id)
             if task["status"] not in IN_FLIGHT or task["prompt_id"] != prompt_id:
@@ -351,9 +438,12 @@ class ServerWorker:
                 except (ExecutionFailed, Interrupted) as exc:
                     result = exc
             if isinstance(result, ComfyError):
+                if started_at is not None:  # a failed run keeps its `running` event (rare: a write of its own)
+                    self.store.record_running(task_id, started_at)
+                    task = self.store.get_task(task_id)
                 self._failed_run(task, result)
                 return
-            self._save_outputs(task, result)
+            self._save_outputs(task, result, started_at)
         except ServerUnavailable as exc:
             self._mark_down(exc)
             self.needs_reconcile = True
@@ -374,7 +464,7 @@ class ServerWorker:
             entry = self.client.history(prompt_id)
         return entry
 
-    def _save_outputs(self, task: dict[str, Any], outputs: dict[str, Any]) -> None:
+    def _save_outputs(self, task: dict[str, Any], outputs: dict[str, Any], started_at: float | None = None) -> None:
         out_dir = self.settings.output_dir
         folder = files.batch_dir(out_dir, task["batch_id"])
         records = []
@@ -389,7 +479,7 @@ class ServerWorker:
                             "subfolder": img.get("subfolder", ""), "type": img.get("type", "output"),
                             "size_bytes": len(data), **files.describe_image(data),
                             "remote_state": "pending" if self.settings.storage_enabled else None})
-        if self.store.complete_task(task["id"], records):
+        if self.store.complete_task(task["id"], records, started_at):
             self.store.record_server_run(self.url, None, self.settings.quarantine_after,
                                          self.settings.quarantine_seconds)
             log.info("task %s succeeded on %s: %d image(s)", task["id"], self.url, len(records))
@@ -417,7 +507,7 @@ class ServerWorker:
         elif task["attempts"] < self.settings.max_attempts:
             log.info("task %s: attempt %s failed on %s, retrying: %s", task["id"], task["attempts"], self.url, error)
             self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=error[:500], error=error,
-                                  failed_on=self.url, failure_sig=signature)
+                                  run=task["prompt_id"], failed_on=self.url, failure_sig=signature)
         else:
             log.warning("task %s failed after %s attempts: %s", task["id"], task["attempts"], error)
             self._finish(task, TaskStatus.FAILED, error)
@@ -440,7 +530,7 @@ class ServerWorker:
                 pass
             self._drop(pid)
             self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, attempts=max(task["attempts"] - 1, 0),
-                                  detail=f"{self.url} was quarantined", error=task["error"])
+                                  detail=f"{self.url} was quarantined", error=task["error"], run=pid)
 
     # -- the watchdog ------------------------------------------------------------------------------
     def stall_limit(self, workflow: str) -> watchdog.StallLimit:
@@ -459,8 +549,11 @@ class ServerWorker:
             quiet = [(p, self.inflight[p], now - t) for p, t in self.activity.items()
                      if p in self.inflight and p not in self.collecting]
         # ComfyUI runs one prompt at a time: only the longest-silent of ours can be stalled; the others' clocks
-        # start again when it is dropped.
+        # start again when it is dropped. No limit is below the floor or the ceiling: no read before that.
+        lowest = min(self.settings.stall_floor, self.settings.stall_ceiling)
         for prompt_id, task_id, silent in sorted(quiet, key=lambda q: -q[2])[:1]:
+            if silent <= lowest:
+                continue
             task = self.store.get_task(task_id)
             limit = self.stall_limit(task["workflow"])
             if silent <= limit.seconds or task["prompt_id"] != prompt_id:
@@ -478,11 +571,16 @@ class ServerWorker:
             self._count_failure(reason)
 
     def _finish(self, task: dict[str, Any], status: TaskStatus, error: str) -> None:
-        self.store.transition(task["id"], status, IN_FLIGHT, detail=error[:500], error=error)
+        self.store.transition(task["id"], status, IN_FLIGHT, detail=error[:500], error=error, run=task["prompt_id"])
 
     # -- reconciliation ---------------------------------------------------------------------------
     def reconcile(self) -> None:
-        """Match every task the database believes is on this server with what the server knows."""
+        """Match every task the database believes is on this server with what the server knows.
+
+        A prompt that finishes (its terminal event is handled) while this waits on the server is never put
+        back in the in-flight map from the snapshot taken before: `_drop` notes it in `reconciling`."""
+        with self.slot_free:
+            self.reconciling = set()
         try:
             running, pending = self.client.queue()
             known = set(running) | set(pending)
@@ -496,8 +594,10 @@ class ServerWorker:
                     self.collect(pid, task["id"])
                 elif pid in known:
                     attached[pid] = task["id"]
-                elif pid in self.inflight and time.time() - (task["submitted_at"] or 0) < 1.0:
-                    attached[pid] = task["id"]  # posted a moment ago; the queue read may predate it
+                elif time.time() - (task["submitted_at"] or 0) < max(1.0, self.settings.lease_seconds):
+                    # Claimed a moment ago, here or by a scheduler that fed this server until its lease ran out
+                    # (its post may still be on the way): the queue read may predate it. Watched; decided later.
+                    attached[pid] = task["id"]
                 elif self.client.history(pid) is not None:
                     self.collect(pid, task["id"])
                 elif task["cancel_requested"]:
@@ -505,21 +605,26 @@ class ServerWorker:
                 else:
                     self._lost(task, f"ComfyUI at {self.url} no longer knows prompt {pid} (server restarted?)")
             with self.slot_free:
-                self.inflight = attached
+                gone = self.reconciling or set()
+                self.inflight = {p: t for p, t in attached.items() if p not in gone and p not in self.collecting}
                 now = time.monotonic()
-                self.activity = {p: self.activity.get(p, now) for p in attached}
+                self.activity = {p: self.activity.get(p, now) for p in self.inflight}
                 self.slot_free.notify_all()
             self.last_message = time.monotonic()
         except ServerUnavailable as exc:
             self._mark_down(exc)
             self.needs_reconcile = True
+        finally:
+            with self.slot_free:
+                self.reconciling = None
 
     def _lost(self, task: dict[str, Any], reason: str) -> None:
         if task["attempts"] >= self.settings.max_attempts:
             self._finish(task, TaskStatus.FAILED, reason)
         else:
             log.warning("task %s: %s; requeued", task["id"], reason)
-            self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=reason, error=reason)
+            self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=reason, error=reason,
+                                  run=task["prompt_id"])
 
     def _release_in_flight(self, reason: str) -> None:
         for task in self.store.in_flight_tasks(self.url):
@@ -548,7 +653,19 @@ class ServerWorker:
 
 
 class Scheduler:
-    """Holds the lease and runs one ServerWorker per enabled server. `start()` returns at once."""
+    """Runs one ServerWorker per server whose lease it holds, and, while it holds the database-wide lease,
+    the singleton jobs. `start()` returns at once.
+
+    Several schedulers (the app, any number of `python -m core worker`) share a database: each server is
+    leased to one of them at a time (`server:<url>` in the leases table, renewed every tick), and every live
+    scheduler (a `member:<owner>` row) takes at most its share, ceil(servers / schedulers); one above its
+    share (another scheduler started) stops its extra workers and releases their leases, which the newcomer
+    then takes. A scheduler that dies stops renewing: its servers are taken over once their leases run out
+    (COMFYBATCH_LEASE_SECONDS), and the new owner's worker reconciles their in-flight prompts from the
+    database and the server (nothing lost, nothing posted twice). The claim itself checks the lease, in its
+    transaction, so a scheduler whose lease ran out (a long pause) cannot post to a server another one feeds.
+    The database-wide lease (`LEASE`) guards what must run once per database: the object-storage uploader
+    and the requeue of tasks left on disabled or removed servers (`is_leader`)."""
 
     def __init__(self, settings: Settings, store: Store | None = None, owner: str | None = None,
                  pool: Executor | None = None):
@@ -556,11 +673,14 @@ class Scheduler:
         self.store = store or Store(settings.db_path)
         self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.workers: dict[str, ServerWorker] = {}
-        # Collection runs here; a test may pass an executor that runs it inline, on the caller's thread.
-        self.pool: Executor = (pool if pool is not None
-                               else ThreadPoolExecutor(max_workers=4, thread_name_prefix="comfybatch-collect"))
+        # Collection (and each worker's health snapshot) runs here; a test may pass an executor that runs it
+        # inline, on the caller's thread. Threads are started on demand, so the pool grows with the work in
+        # hand (about one thread per server finishing at the same moment), up to COLLECT_THREADS.
+        self.pool: Executor = (pool if pool is not None else ThreadPoolExecutor(
+            max_workers=COLLECT_THREADS, thread_name_prefix="comfybatch-collect"))
         self.stop_event = threading.Event()
         self.is_leader = False
+        self.ticked = threading.Event()  # set after the first lease round: `busy()` is meaningful from then
         self._thread: threading.Thread | None = None
         # Object storage: one uploader thread while this scheduler leads (see core.uploads).
         self.upload_wake = threading.Event()
@@ -580,9 +700,9 @@ class Scheduler:
         self._stop_workers()
         self._stop_uploader()
         self.pool.shutdown(wait=True)
-        if self.is_leader:
-            self.store.release_lease(LEASE, self.owner)
-            self.is_leader = False
+        # Given back at once, so another scheduler takes the servers over now, not when the leases run out.
+        self.store.release_leases(self.owner)
+        self.is_leader = False
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -593,36 +713,40 @@ class Scheduler:
             self.stop_event.wait(min(1.0, self.settings.lease_seconds / 3))
 
     def tick(self) -> None:
-        """Renew (or try to take) the lease, then start/stop workers to match the enabled servers."""
+        """Renew (or try to take) the leases, then start/stop workers to match the servers leased to us."""
         leader = self.store.acquire_lease(LEASE, self.owner, self.settings.lease_seconds)
         if leader != self.is_leader:
             log.info("scheduler %s %s the lease", self.owner, "took" if leader else "lost")
             self.is_leader = leader
-        if not leader:
-            self._stop_workers()
-            self._stop_uploader()
-            return
-        if self.settings.storage_enabled:
+        if leader and self.settings.storage_enabled:
             self._start_uploader()
+        elif not leader:
+            self._stop_uploader()
         wanted = {s["url"]: s["client_id"] for s in self.store.servers(enabled_only=True)}
-        for url in list(self.workers):
-            if url not in wanted:
-                self.workers.pop(url).stop()
-        self._requeue_orphans(wanted)
-        for url, client_id in wanted.items():
-            if url not in self.workers:
-                worker = ServerWorker(self, url, client_id)
+        held, share = self.store.hold_server_leases(self.owner, self.settings.lease_seconds, list(wanted))
+        mine = [url for url in held if url in wanted]
+        # Above our share (another scheduler joined): give back the servers with the least in flight.
+        extra = sorted(mine, key=lambda u: len(self.workers[u].inflight) if u in self.workers else -1)
+        extra = extra[:max(len(mine) - share, 0)]
+        gone = [url for url in self.workers if url not in mine or url in extra]
+        self._stop_workers(gone)
+        for url in [*extra, *(u for u in held if u not in wanted)]:
+            self.store.release_lease(SERVER_LEASE + url, self.owner)
+        if leader:
+            self._requeue_orphans()
+        for url in mine:
+            if url not in self.workers and url not in extra:
+                worker = ServerWorker(self, url, wanted[url], lease_owner=self.owner)
                 self.workers[url] = worker
                 worker.start()
+        self.ticked.set()
 
-    def _requeue_orphans(self, wanted: dict[str, str]) -> None:
+    def _requeue_orphans(self) -> None:
         """Tasks left in flight on a server that was disabled or removed go back to the queue (no attempt
         spent): nothing watches that server any more. A pending prompt there is deleted if it still answers."""
-        for task in self.store.in_flight_tasks():
-            if task["server"] in wanted:
-                continue
+        for task in self.store.orphaned_tasks():
             reason = f"server {task['server']} was disabled or removed"
-            if self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=reason,
+            if self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=reason, run=task["prompt_id"],
                                      attempts=max(task["attempts"] - 1, 0), error=reason):
                 log.info("task %s requeued: %s", task["id"], reason)
                 client = ComfyClient(task["server"], "comfybatch-cleanup", 2.0, 5.0)
@@ -633,9 +757,13 @@ class Scheduler:
                 finally:
                     client.close()
 
-    def _stop_workers(self) -> None:
-        while self.workers:
-            self.workers.popitem()[1].stop()
+    def _stop_workers(self, urls: list[str] | None = None) -> None:
+        """Stop the given workers (all by default): every one told first, then each joined."""
+        stopping = [self.workers.pop(url) for url in (list(self.workers) if urls is None else urls)]
+        for worker in stopping:
+            worker.begin_stop()
+        for worker in stopping:
+            worker.join()
 
     def _start_uploader(self) -> None:
         if self._upload_thread is not None and self._upload_thread.is_alive():
@@ -662,3 +790,8 @@ class Scheduler:
         # Uploads count until the uploader finds the store unreachable (or before it has started at all).
         return (self.settings.storage_enabled and self.store.has_upload_queue()
                 and (self.uploader is None or self.uploader.failures == 0))
+
+
+def _average(previous: float | None, sample: float, weight: float = 0.2) -> float:
+    """An exponential moving average (the first sample alone to begin with)."""
+    return sample if previous is None else previous + weight * (sample - previous)

@@ -110,6 +110,14 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE servers ADD COLUMN models TEXT;
     CREATE INDEX tasks_workflow_finished ON tasks(workflow, status, finished_at);
     """,
+    # v5: scale-out (issue 10). The claim visits only batches with queued tasks (a skip-scan of this partial
+    # index, instead of every batch ever made), and the fair-share clock reads MAX(turn) from an index.
+    # Leases are per server now ('server:<url>', plus 'member:<owner>' rows that count the live schedulers);
+    # they live in the existing leases table.
+    5: """
+    CREATE INDEX tasks_queued_batch ON tasks(batch_id) WHERE status = 'queued';
+    CREATE INDEX batches_turn ON batches(turn);
+    """,
     # v6: people (core.users, core.sessions). batches.submitted_by: the person, token owner or "cli" who
     # submitted; events.actor: who caused the event when a person did (a cancel, a pause of another's batch).
     # sessions/api_tokens keep only SHA-256 hashes of the random ids handed out; sign_in_failures drives the
@@ -130,6 +138,12 @@ _MIGRATIONS: dict[int, str] = {
     """,
 }
 POLICIES = ("fair", "fifo")  # COMFYBATCH_POLICY: batches take turns at equal priority, or oldest first
+# The batches with queued tasks, one index probe each (a skip-scan of tasks_queued_batch).
+_OPEN_BATCHES = ("WITH RECURSIVE open(id) AS (SELECT (SELECT MIN(batch_id) FROM tasks WHERE status = 'queued') "
+                 "UNION ALL SELECT (SELECT MIN(batch_id) FROM tasks WHERE status = 'queued' AND batch_id > open.id) "
+                 "FROM open WHERE open.id IS NOT NULL) ")
+SERVER_LEASE = "server:"  # + url: the scheduler feeding that server
+MEMBER_LEASE = "member:"  # + owner: a live scheduler (counted to split the servers)
 _ELIGIBLE = ("t.status = 'queued' AND t.cancel_requested = 0 "
              "AND (t.servers IS NULL OR instr(',' || t.servers || ',', ',' || :server || ',') > 0)")
 
@@ -146,6 +160,7 @@ class Store:
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()
         self._has_fts: bool | None = None
+        self._columns: dict[str, list[str]] = {}
         self.migrate()
 
     # -- connections and transactions -------------------------------------------------------------
@@ -240,7 +255,7 @@ class Store:
         return batch_id, [r[0] for r in rows]
 
     def claim_next_task(self, server: str, prompt_id: str, policy: str = "fair",
-                        affinity_patience: int = 0) -> dict[str, Any] | None:
+                        affinity_patience: int = 0, lease_owner: str | None = None) -> dict[str, Any] | None:
         """Atomically move the next queued task for `server` to `submitted` (None when there is none, the
         queue is paused, every waiting batch is paused, or the server is draining or quarantined).
 
@@ -254,11 +269,20 @@ class Store:
         has already waited `affinity_patience` claims since its turn (or is marked "run next"): fairness then
         requires the switch.
         The prompt_id is stored before anything is posted, so a crash after the post can be reconciled.
+        With `lease_owner`, nothing is claimed unless that scheduler holds the server's lease (checked in the
+        claim's transaction: a scheduler whose lease ran out can never feed a server another one now feeds).
         """
         now = time.time()
         args = {"server": server}
+        # Most empty claims (an idle fleet polling) end here, on a read, without taking the write lock.
+        if self.db.execute("SELECT 1 FROM tasks WHERE status = 'queued' LIMIT 1").fetchone() is None:
+            return None
         with self.write() as conn:
             if self._queue_paused(conn):
+                return None
+            if lease_owner is not None and conn.execute(
+                    "SELECT 1 FROM leases WHERE name = ? AND owner = ? AND expires_at > ?",
+                    (SERVER_LEASE + server, lease_owner, now)).fetchone() is None:
                 return None
             # Checked in the claim's own transaction: a drain or a quarantine that lands a moment before a
             # claim is always seen by it (a check before the claim could race the collector's quarantine).
@@ -274,10 +298,10 @@ class Store:
             fairness = ("(SELECT MAX(p.turn) FROM batches p WHERE p.submitted_by IS b.submitted_by), b.turn, b.id"
                         if policy == "fair" else "b.id")
             # One probe of the (batch_id, status) index per batch, instead of sorting every queued task.
-            pick = ("SELECT b.id, (SELECT t.id FROM tasks t WHERE t.batch_id = b.id AND {eligible} AND t.priority = "
-                    ":priority {match} ORDER BY t.id LIMIT 1) AS task, b.turn, b.run_next FROM batches b WHERE "
-                    "b.paused = 0 AND task IS NOT NULL ORDER BY b.run_next IS NULL, b.run_next DESC, {fairness} "
-                    "LIMIT 1")
+            pick = (_OPEN_BATCHES + "SELECT b.id, (SELECT t.id FROM tasks t WHERE t.batch_id = b.id AND "
+                    "{eligible} AND t.priority = :priority {match} ORDER BY t.id LIMIT 1) AS task, b.turn, b.run_next "
+                    "FROM batches b WHERE b.id IN (SELECT id FROM open) AND b.paused = 0 AND task IS NOT NULL "
+                    "ORDER BY b.run_next IS NULL, b.run_next DESC, {fairness} LIMIT 1")
             params = {**args, "priority": top[0]}
             row = conn.execute(pick.format(eligible=_ELIGIBLE, match="", fairness=fairness), params).fetchone()
             if row is None:
@@ -391,8 +415,9 @@ class Store:
         return bool(row and row[0])
 
     def transition(self, task_id: int, status: TaskStatus, from_statuses: Iterable[str],
-                   detail: str | None = None, **fields: Any) -> bool:
-        """Set a task's status if it is currently in one of `from_statuses`; record the event."""
+                   detail: str | None = None, *, run: str | None = None, **fields: Any) -> bool:
+        """Set a task's status if it is currently in one of `from_statuses` (and, with `run`, still on the run
+        with that prompt_id: a late decision about an earlier run never touches the next); record the event."""
         now = time.time()
         fields = {**fields, "status": status.value, "updated_at": now}
         if status == TaskStatus.RUNNING:
@@ -405,13 +430,32 @@ class Store:
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self.write() as conn:
             cur = conn.execute(
-                f"UPDATE tasks SET {sets} WHERE id = ? AND status IN ({','.join('?' * len(froms))})",
-                [*fields.values(), task_id, *froms])
+                f"UPDATE tasks SET {sets} WHERE id = ? AND status IN ({','.join('?' * len(froms))})"
+                + (" AND prompt_id = ?" if run is not None else ""),
+                [*fields.values(), task_id, *froms, *([run] if run is not None else [])])
             if cur.rowcount != 1:
                 return False
             conn.execute(
                 "INSERT INTO events (task_id, batch_id, status, at, detail) "
                 "SELECT id, batch_id, ?, ?, ? FROM tasks WHERE id = ?", (status.value, now, detail, task_id))
+        return True
+
+    def record_running(self, task_id: int, started_at: float, value: int | None = None,
+                       maximum: int | None = None) -> bool:
+        """One write for what a page shows of a running task: `submitted` -> `running` (its start time and
+        event) merged with its latest progress; for a task already running, just the progress. False when the
+        task is no longer in flight."""
+        now = time.time()
+        with self.write() as conn:
+            row = conn.execute("SELECT status, batch_id FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None or row[0] not in IN_FLIGHT:
+                return False
+            conn.execute("UPDATE tasks SET status = 'running', started_at = COALESCE(started_at, ?), "
+                         "progress_value = COALESCE(?, progress_value), progress_max = COALESCE(?, progress_max), "
+                         "updated_at = ? WHERE id = ?", (started_at, value, maximum, now, task_id))
+            if row[0] == TaskStatus.SUBMITTED.value:
+                conn.execute("INSERT INTO events (task_id, batch_id, status, at) VALUES (?, ?, 'running', ?)",
+                             (task_id, row[1], started_at))
         return True
 
     def set_progress(self, task_id: int, value: int, maximum: int) -> None:
@@ -423,14 +467,21 @@ class Store:
         with self.write() as conn:
             conn.execute("UPDATE tasks SET graph = ? WHERE id = ?", (json.dumps(graph, ensure_ascii=False), task_id))
 
-    def complete_task(self, task_id: int, images: list[dict[str, Any]]) -> bool:
+    def complete_task(self, task_id: int, images: list[dict[str, Any]], started_at: float | None = None) -> bool:
         """Record the images and mark the task succeeded, in one transaction. Images already recorded
-        (same task, node, index) are kept as they are, so collecting a task twice never duplicates."""
+        (same task, node, index) are kept as they are, so collecting a task twice never duplicates.
+        `started_at`: when its execution started, for a task that finished before its `running` was written
+        (record_running): the start time and the `running` event are written here, in the same transaction."""
         now = time.time()
         with self.write() as conn:
             status = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
             if status is None or status[0] not in IN_FLIGHT:
                 return False
+            if status[0] == TaskStatus.SUBMITTED.value and started_at is not None:
+                conn.execute("UPDATE tasks SET started_at = COALESCE(started_at, ?) WHERE id = ?",
+                             (started_at, task_id))
+                conn.execute("INSERT INTO events (task_id, batch_id, status, at) SELECT id, batch_id, 'running', ? "
+                             "FROM tasks WHERE id = ?", (started_at, task_id))
             conn.executemany(
                 "INSERT OR IGNORE INTO images (task_id, batch_id, node_id, idx, path, filename, subfolder, type, "
                 "width, height, mode, size_bytes, created_at, remote_state) VALUES (:task_id, :batch_id, :node_id, "
@@ -479,16 +530,33 @@ class Store:
         row = self.db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         if row is None:
             raise NotFound(f"task {task_id} does not exist")
-        return _decode(dict(zip(_columns(self.db, "tasks"), row, strict=True)))
+        return _decode(dict(zip(self.columns("tasks"), row, strict=True)))
 
     def task_by_prompt_id(self, prompt_id: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT id FROM tasks WHERE prompt_id = ?", (prompt_id,)).fetchone()
         return self.get_task(row[0]) if row else None
 
+    def columns(self, table: str) -> list[str]:
+        """A table's column names, read once (the schema only changes in migrate(), before any read)."""
+        names = self._columns.get(table)
+        if names is None:
+            names = self._columns[table] = [c.name for c in self.db[table].columns]  # type: ignore[union-attr]
+        return names
+
+    def orphaned_tasks(self) -> list[dict[str, Any]]:
+        """In-flight tasks on a server that is disabled or no longer configured."""
+        sql = ("SELECT id FROM tasks WHERE status IN (?, ?) AND server NOT IN (SELECT url FROM servers WHERE "
+               "enabled = 1) ORDER BY id")
+        return [self.get_task(r[0]) for r in self.db.execute(sql, IN_FLIGHT).fetchall()]
+
     def in_flight_tasks(self, server: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT id FROM tasks WHERE status IN (?, ?)" + (" AND server = ?" if server else "") + " ORDER BY id"
         args = [*IN_FLIGHT, server] if server else list(IN_FLIGHT)
         return [self.get_task(r[0]) for r in self.db.execute(sql, args).fetchall()]
+
+    def in_flight_count(self, server: str) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM tasks WHERE server = ? AND status IN (?, ?)",
+                                   (server, *IN_FLIGHT)).fetchone()[0])
 
     def cancel_requested_ids(self, server: str) -> list[int]:
         return [r[0] for r in self.db.execute(
@@ -508,7 +576,7 @@ class Store:
         row = self.db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
         if row is None:
             raise NotFound(f"batch {batch_id} does not exist")
-        return dict(zip(_columns(self.db, "batches"), row, strict=True))
+        return dict(zip(self.columns("batches"), row, strict=True))
 
     def list_batches(self, limit: int = 100) -> list[dict[str, Any]]:
         return list(self.db.query("SELECT * FROM batches ORDER BY id DESC LIMIT ?", [limit]))
@@ -674,17 +742,54 @@ class Store:
                          (name, owner, now + seconds, os.getpid(), socket.gethostname()))
         return True
 
+    def hold_server_leases(self, owner: str, seconds: float, urls: list[str]) -> tuple[list[str], int]:
+        """One scheduler's lease round, in one transaction: renew its membership and the server leases it
+        holds, then take free (absent or expired) leases of `urls` up to its share of them, ceil(servers /
+        live schedulers). Returns (the urls whose leases it now holds, its share). A scheduler holding more
+        than its share (another one started) releases the rest itself (release_lease), after stopping them."""
+        now = time.time()
+        until = now + seconds
+        me = (os.getpid(), socket.gethostname())
+        with self.write() as conn:
+            conn.execute("DELETE FROM leases WHERE name LIKE ? AND expires_at <= ?", (MEMBER_LEASE + "%", now))
+            conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?)",
+                         (MEMBER_LEASE + owner, owner, until, *me))
+            held = {r[0][len(SERVER_LEASE):] for r in conn.execute(
+                "UPDATE leases SET expires_at = ? WHERE owner = ? AND name LIKE ? RETURNING name",
+                (until, owner, SERVER_LEASE + "%"))}
+            members = conn.execute("SELECT COUNT(*) FROM leases WHERE name LIKE ? AND expires_at > ?",
+                                   (MEMBER_LEASE + "%", now)).fetchone()[0]
+            share = -(-len(urls) // max(members, 1))
+            busy = {r[0][len(SERVER_LEASE):] for r in conn.execute(
+                "SELECT name FROM leases WHERE name LIKE ? AND expires_at > ?", (SERVER_LEASE + "%", now))}
+            for url in urls:
+                if len(held & set(urls)) >= share:
+                    break
+                if url not in busy and url not in held:
+                    conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?)",
+                                 (SERVER_LEASE + url, owner, until, *me))
+                    held.add(url)
+        return [u for u in urls if u in held] + sorted(held - set(urls)), share
+
+    def server_lease_owners(self) -> dict[str, str]:
+        """url -> owner of every live server lease."""
+        return {r[0][len(SERVER_LEASE):]: r[1] for r in self.db.execute(
+            "SELECT name, owner FROM leases WHERE name LIKE ? AND expires_at > ?", (SERVER_LEASE + "%", time.time()))}
+
     def release_lease(self, name: str, owner: str) -> None:
         with self.write() as conn:
             conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
+
+    def release_leases(self, owner: str) -> None:
+        """Every lease of `owner` (a scheduler stopping)."""
+        with self.write() as conn:
+            conn.execute("DELETE FROM leases WHERE owner = ?", (owner,))
 
     def lease_holder(self, name: str) -> dict[str, Any] | None:
         rows = list(self.db.query("SELECT * FROM leases WHERE name = ? AND expires_at > ?", [name, time.time()]))
         return rows[0] if rows else None
 
 
-def _columns(db: sqlite_utils.Database, table: str) -> list[str]:
-    return [c.name for c in db[table].columns]  # type: ignore[union-attr]
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:

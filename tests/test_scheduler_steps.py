@@ -218,10 +218,13 @@ def test_loop_once_publishes_health_reconciles_and_submits_up_to_in_flight(worke
 
 
 # -- events ---------------------------------------------------------------------------------------
-def test_execution_start_marks_the_task_running(worker, store):
+def test_a_run_is_marked_running_once_it_has_run_half_a_second_even_without_progress(worker, store):
     [task_id] = enqueue(store)
     pid = worker.submit_next_task()["prompt_id"]
-    worker.on_event("execution_start", {"prompt_id": pid, "timestamp": 1795461085862})
+    worker.on_event("execution_start", {"prompt_id": pid, "timestamp": 1795461085862}, now=100.0)
+    worker.loop_once(now=100.3)  # not yet: a shorter run is recorded by its completion alone
+    assert store.counts() == {"submitted": 1}
+    worker.loop_once(now=100.6)
     assert store.counts() == {"running": 1}
     assert store.get_task(task_id)["started_at"] is not None
     assert history_of(store, task_id) == [("queued", None), ("submitted", URL), ("running", None)]
@@ -235,17 +238,56 @@ def test_events_of_other_clients_prompts_are_ignored(worker, store):
     assert fields(store, task_id)["status"] == "submitted"
 
 
-def test_progress_is_written_at_most_every_half_second_and_always_at_the_end(worker, store):
+def test_progress_is_written_with_running_then_when_the_percent_changes_at_most_every_half_second(
+        worker, store, server):
     [task_id] = enqueue(store)
     pid = worker.submit_next_task()["prompt_id"]
     worker.on_event("execution_start", {"prompt_id": pid}, now=100.0)
     seen = []
-    for value, at in ((1, 100.0), (2, 100.2), (3, 100.4), (4, 100.6), (5, 100.7), (30, 100.8)):
+    for value, at in ((1, 100.0), (2, 100.2), (3, 100.5), (4, 100.7), (5, 101.0), (30, 101.2)):
         worker.on_event("progress", {"value": value, "max": 30, "prompt_id": pid, "node": "3"}, now=at)
         row = store.get_task(task_id)
-        seen.append((row["progress_value"], row["progress_max"]))
-    assert seen == [(1, 30), (1, 30), (1, 30), (4, 30), (4, 30), (30, 30)]
+        seen.append((row["status"], row["progress_value"]))
+    # Nothing for the first half second; then `running` and its progress in one write; then a new whole percent
+    # at most every half second (4/30 at 100.7 and 30/30 at 101.2 came too soon).
+    assert seen == [("submitted", None), ("submitted", None), ("running", 3), ("running", 3), ("running", 5),
+                    ("running", 5)]
+    worker.loop_once(now=101.3)
+    assert fields(store, task_id)["progress_value"] == 5
+    worker.loop_once(now=101.6)  # the dispatch loop writes the latest progress once it is due
+    assert fields(store, task_id)["progress_value"] == 30
+    written = store.get_task(task_id)["updated_at"]
+    worker.on_event("progress", {"value": 30, "max": 30, "prompt_id": pid, "node": "3"}, now=103.0)
+    worker.loop_once(now=104.0)
+    assert store.get_task(task_id)["updated_at"] == written  # the same percent: nothing a page shows changed
     assert history_of(store, task_id) == [("queued", None), ("submitted", URL), ("running", None)]
+
+
+def test_a_short_run_costs_two_write_transactions_and_keeps_its_running_event(worker, store, server, monkeypatch):
+    [task_id] = enqueue(store)
+    writes = []
+    write = store.write
+
+    def counted() -> Any:
+        writes.append(1)
+        return write()
+
+    monkeypatch.setattr(store, "write", counted)
+    pid = worker.submit_next_task()["prompt_id"]
+    server.files = {"ComfyBatch_00001_.png": RED}
+    worker.on_event("execution_start", {"prompt_id": pid}, now=100.0)
+    for step in (1, 2, 3, 4):
+        worker.on_event("progress", {"value": step, "max": 4, "prompt_id": pid, "node": "3"}, now=100.0 + step / 20)
+    worker.on_event("executed", {"node": "2", "prompt_id": pid, "output": image_output("ComfyBatch_00001_.png")},
+                    now=100.2)
+    worker.on_event("execution_success", {"prompt_id": pid}, now=100.2)
+    assert len(writes) == 2  # the claim and the completion (with its start time and `running` event)
+    row = store.get_task(task_id)
+    assert (row["status"], row["progress_value"], row["progress_max"]) == ("succeeded", None, None)
+    assert row["started_at"] is not None and row["finished_at"] >= row["started_at"]
+    assert history_of(store, task_id) == [("queued", None), ("submitted", URL), ("running", None),
+                                          ("succeeded", None)]
+    assert store.run_durations("empty_image.json") == [row["finished_at"] - row["started_at"]]
 
 
 def test_execution_success_saves_the_images_and_records_them(worker, store, server, settings):
@@ -377,7 +419,13 @@ def test_reconcile_requeues_a_prompt_the_server_forgot_then_fails_at_max_attempt
     for _ in (1, 2):
         pid = new_worker().submit_next_task()["prompt_id"]
         server.forget_everything()  # ComfyUI restarted
-        new_worker().reconcile()  # and so did we: a new worker knows the task only from the database
+        restarted = new_worker()  # and so did we: a new worker knows the task only from the database
+        restarted.reconcile()
+        # Claimed within the lease time: the previous owner's post may still be on the way, so it is watched...
+        assert restarted.inflight == {pid: task_id} and fields(store, task_id)["status"] == "submitted"
+        with store.write() as conn:  # ... and decided once that time has passed
+            conn.execute("UPDATE tasks SET submitted_at = submitted_at - 60 WHERE id = ?", (task_id,))
+        restarted.reconcile()
         reasons.append(f"ComfyUI at {URL} no longer knows prompt {pid} (server restarted?)")
         if len(reasons) == 1:
             assert fields(store, task_id) == {"status": "queued", "server": None, "attempts": 1,
@@ -398,6 +446,48 @@ def test_reconcile_keeps_prompts_the_server_still_queues(new_worker, store, serv
     restarted.reconcile()
     assert restarted.inflight == dict(zip(pids, ids, strict=True))
     assert store.counts() == {"submitted": 2}
+
+
+def test_a_prompt_finishing_while_reconcile_waits_on_the_server_does_not_keep_its_slot(worker, store, server):
+    ids = enqueue(store, 3)
+    pids = [worker.submit_next_task()["prompt_id"] for _ in ids[:2]]
+    server.start_running(pids[0])
+    server.files = {"ComfyBatch_00001_.png": RED}
+    worker.on_event("execution_start", {"prompt_id": pids[0]})
+    asked = server.history
+
+    def history_meanwhile(prompt_id: str) -> dict[str, Any] | None:
+        if prompt_id == pids[1]:
+            # reconcile() has read the queue (both ours were in it) and is asking about the second prompt when
+            # the first one's success arrives on the websocket thread.
+            server.finish(pids[0], {"2": image_output("ComfyBatch_00001_.png")})
+            worker.on_event("executed", {"node": "2", "prompt_id": pids[0],
+                                         "output": image_output("ComfyBatch_00001_.png")})
+            worker.on_event("execution_success", {"prompt_id": pids[0]})
+        return asked(prompt_id)
+
+    server.history = history_meanwhile  # type: ignore[method-assign]
+    worker.reconcile()
+    assert store.counts() == {"succeeded": 1, "submitted": 1, "queued": 1}
+    assert worker.inflight == {pids[1]: ids[1]}  # not the finished prompt, from the snapshot before the calls
+    assert worker.submit_next_task()["id"] == ids[2]  # its slot is free at once
+
+
+def test_a_task_in_flight_here_that_the_worker_lost_track_of_is_reconciled_within_ten_seconds(worker, store, server):
+    [task_id] = enqueue(store)
+    pid = worker.submit_next_task()["prompt_id"]
+    server.files = {"ComfyBatch_00001_.png": BLUE}
+    server.finish(pid, {"2": image_output("ComfyBatch_00001_.png")})
+    worker.loop_once(now=worker.recounted + 1)  # the first pass reconciles; the prompt is collected
+    assert store.counts() == {"succeeded": 1}
+    [other] = enqueue(store)
+    pid = worker.submit_next_task()["prompt_id"]
+    worker.inflight.clear()  # tracking lost (say, its terminal event went to another scheduler's socket)
+    server.finish(pid, {"2": image_output("ComfyBatch_00001_.png")})
+    worker.loop_once(now=worker.recounted + 5)
+    assert store.counts() == {"succeeded": 1, "submitted": 1}
+    worker.loop_once(now=worker.recounted + 10)  # the recount sees one in flight here, none tracked
+    assert store.counts() == {"succeeded": 2}
 
 
 def test_reconcile_collects_a_prompt_found_finished_in_history(worker, store, server, settings):
@@ -436,7 +526,8 @@ def test_cancelling_a_running_prompt_interrupts_it(worker, store, server):
     store.request_cancel([task_id])
     worker.handle_cancels()
     assert server.calls == [("submit", pid, "submitted"), ("queue",), ("interrupt", pid)]
-    assert fields(store, task_id)["status"] == "running"  # until the server says it stopped
+    # In flight until the server says it stopped (`running` is written once a run has lasted half a second).
+    assert fields(store, task_id)["status"] == "submitted"
     worker.on_event("execution_interrupted", {"prompt_id": pid, "node_id": "3", "node_type": "KSampler"})
     assert fields(store, task_id) == {"status": "cancelled", "server": URL, "attempts": 1,
                                       "error": "cancelled by user", "progress_value": None, "progress_max": None,

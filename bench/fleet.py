@@ -1,0 +1,134 @@
+"""Scale-out benchmark: `python -m core worker --until-idle` (one or several processes) feeding a simulated
+fleet (tests/fake_fleet.py, run in a process of its own) of N servers with fixed job times.
+
+For each scenario it prints the ratio of ideal (servers / job time) in two ways: **steady** = the fraction of
+server time spent running prompts between the moment the last server started its first prompt and the moment
+the first server ran out of work (start-up and the final drain left out), and **end-to-end** = ideal time /
+the worker's wall time from process start to exit. Also: collection lag (a task's `finished_at` in SQLite
+minus the moment its server finished it; p50 and p95), how long the worker took to exit after the last
+result, the scheduler's CPU (user+sys of the worker processes) per job, and, with several workers, how the
+fleet's servers were split between them (sampled from the leases table).
+
+    .venv/bin/python bench/fleet.py                       # the issue 10 table
+    .venv/bin/python bench/fleet.py --only 64x0.2 --profile prof.out   # one scenario, worker under cProfile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.store import Store  # noqa: E402
+from tests.support import make_settings, worker_env  # noqa: E402
+
+# (servers, job seconds, rtt seconds, worker processes)
+SCENARIOS = {"1x0.2": (1, 0.2, 0.0, 1), "8x0.2": (8, 0.2, 0.0, 1), "32x0.2": (32, 0.2, 0.0, 1),
+             "64x0.2": (64, 0.2, 0.0, 1), "32x0.1": (32, 0.1, 0.0, 1), "32x0.2-rtt80": (32, 0.2, 0.08, 1),
+             "64x0.2-2workers": (64, 0.2, 0.0, 2)}
+GRAPH = {"9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "fleet"}}}
+
+
+def start_fleet(servers: int, job: float, rtt: float) -> tuple[subprocess.Popen[str], list[str]]:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fake_fleet", "--servers", str(servers), "--job", str(job),
+                             "--rtt", str(rtt)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    urls = [proc.stdout.readline().strip() for _ in range(servers)]
+    return proc, urls
+
+
+def run(name: str, seconds: float, in_flight: int | None, profile: str | None) -> dict[str, Any]:
+    servers, job, rtt, workers = SCENARIOS[name]
+    tasks = max(20, int(servers / job * seconds))
+    fleet, urls = start_fleet(servers, job, rtt)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = make_settings(Path(tmp), urls)
+            store = Store(settings.db_path)
+            store.create_batch("fleet", "fleet", [{"params": {}, "graph": GRAPH} for _ in range(tasks)])
+            env = {**worker_env(settings), "COMFYBATCH_LEASE_SECONDS": "5"}
+            if in_flight:
+                env["COMFYBATCH_IN_FLIGHT"] = str(in_flight)
+            wrap = [str(ROOT / "bench" / "profile_threads.py"), profile] if profile else []
+            cmd = [sys.executable, *wrap, "-m", "core", "worker", "--until-idle", "--quiet"]
+            start = time.time()
+            procs = [subprocess.Popen(cmd, cwd=tmp, env=env) for _ in range(workers)]
+            cpu, exits, splits = 0.0, [], []
+            left = {p.pid for p in procs}
+            while left:
+                # Reap as they exit (wait4 gives each child's own CPU); sample the lease split meanwhile.
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+                if pid:
+                    left.discard(pid)
+                    cpu += usage.ru_utime + usage.ru_stime
+                    exits.append(time.time())
+                    continue
+                owners = Counter(r[0] for r in store.db.execute(
+                    "SELECT owner FROM leases WHERE name LIKE 'server:%' AND expires_at > ?", (time.time(),)))
+                if owners:
+                    splits.append(tuple(sorted(owners.values(), reverse=True)))
+                time.sleep(0.2)
+            wall = max(exits) - start
+            counts = store.counts()
+            finished = {r[0]: r[1] for r in store.db.execute(
+                "SELECT prompt_id, finished_at FROM tasks WHERE status = 'succeeded'")}
+            store.close()
+        with urllib.request.urlopen(urls[0] + "/_stats", timeout=30) as reply:
+            stats = json.loads(reply.read())
+    finally:
+        fleet.terminate()
+        fleet.wait()
+    runs = [r for s in stats["servers"] for r in s["runs"]]
+    received = [p for s in stats["servers"] for p in s["received"]]
+    first_all = max(min(r[1] for r in s["runs"]) for s in stats["servers"])
+    last_all = min(max(r[2] for r in s["runs"]) for s in stats["servers"])
+    window = last_all - first_all
+    busy = sum(max(0.0, min(f, last_all) - max(b, first_all)) for _, b, f in runs)
+    lags = sorted(finished[p] - f for p, _, f in runs if p in finished)
+    return {
+        "scenario": name, "servers": servers, "job": job, "rtt": rtt, "workers": workers, "tasks": tasks,
+        "counts": counts, "prompts_received": len(received), "duplicates": len(received) - len(set(received)),
+        "steady": busy / (servers * window) if window > 0 else float("nan"), "window_s": window,
+        "end_to_end": tasks * job / servers / wall, "wall_s": wall,
+        "lag_p50": statistics.median(lags), "lag_p95": lags[int(0.95 * (len(lags) - 1))],
+        "exit_after_last_s": max(exits) - max(finished.values()), "cpu_ms_per_job": 1000 * cpu / tasks,
+        "split": Counter(splits).most_common(1)[0][0] if splits else (), "load": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", choices=sorted(SCENARIOS), help="scenario(s) to run")
+    parser.add_argument("--seconds", type=float, default=15.0, help="ideal duration of each scenario's queue")
+    parser.add_argument("--in-flight", type=int, help="COMFYBATCH_IN_FLIGHT for the worker")
+    parser.add_argument("--profile", help="run the (single) worker under cProfile, writing this file")
+    parser.add_argument("--json", action="store_true", help="also print each result as JSON")
+    args = parser.parse_args()
+    print("| scenario | tasks | steady | end-to-end | wall s | lag p50 s | lag p95 s | exit after last s | "
+          "CPU ms/job | split | ok | load avg (1/5 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.only or list(SCENARIOS):
+        r = run(name, args.seconds, args.in_flight, args.profile)
+        ok = r["counts"] == {"succeeded": r["tasks"]} and r["prompts_received"] == r["tasks"] and not r["duplicates"]
+        print(f"| {name} | {r['tasks']} | **{r['steady']:.3f}** | {r['end_to_end']:.3f} | {r['wall_s']:.2f} | "
+              f"{r['lag_p50']:.3f} | {r['lag_p95']:.3f} | {r['exit_after_last_s']:.2f} | {r['cpu_ms_per_job']:.2f} | "
+              f"{'/'.join(map(str, r['split']))} | {'yes' if ok else 'NO ' + str(r['counts'])} | "
+              f"{r['load'][0]:.2f} / {r['load'][1]:.2f} |", flush=True)
+        if args.json:
+            print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()
