@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from core.scheduler import LEASE, Scheduler
 from core.store import Store
 from tests.appserver import AppServer, start_app
-from tests.support import CHROMIUM, CHROMIUM_ARGS, make_settings, settle
+from tests.support import make_settings, settle
 
 pytestmark = pytest.mark.browser
 expect.set_options(timeout=20_000)
@@ -31,14 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "test-artifacts" / "screenshots"
 GOOD_CSV = "1.color,width,height,count\n16711680,32,32,1\n65280,48,32,2\n"
 BAD_CSV = "1.color,width,heigth\n255,abc,32\n7,32,count\n"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
