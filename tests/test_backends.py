@@ -182,10 +182,10 @@ def test_one_backend_per_gpu_or_one_on_cpu(tmp_path):
 
 
 def test_with_comfyui_url_set_there_is_no_demo_and_no_backend(tmp_path):
-    assert backends.plan(make_settings(tmp_path, ["http://127.0.0.1:8188"])) == backends.Plan("off")
+    assert backends.plan(make_settings(tmp_path, ["http://127.0.0.1:8188"], demo="auto")) == backends.Plan("off")
     assert backends.plan(make_settings(tmp_path, [], demo="off")) == backends.Plan("off")
     assert not backends.demo_wanted(make_settings(tmp_path, [], backend_command="python3"))
-    assert backends.demo_wanted(make_settings(tmp_path, []))
+    assert backends.demo_wanted(make_settings(tmp_path, [], demo="auto"))
 
 
 # -- process handling with a stand-in command -------------------------------------------------------------------
@@ -260,3 +260,40 @@ def test_the_log_is_capped_on_disk(tmp_path, monkeypatch):
         supervisor.stop()
         store.close()
     assert not alive(pid)
+
+
+@pytest.mark.slow
+def test_the_servers_page_shows_each_backend_with_its_log(tmp_path, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    import ui
+
+    port = harness.free_port()
+    settings = make_settings(tmp_path, [], backend_command=CHATTY, backend_gpus="cpu", backend_ports=str(port))
+    for name, value in (("COMFYUI_URL", ""), ("COMFYBATCH_DB", settings.db_path), ("COMFYBATCH_LOG_DIR",
+                        settings.log_dir), ("COMFYBATCH_WORKFLOWS_DIR", settings.workflows_dir),
+                        ("COMFYBATCH_OUTPUT_DIR", settings.output_dir), ("COMFYBATCH_BACKEND_COMMAND", CHATTY),
+                        ("COMFYBATCH_BACKEND_GPUS", "cpu"), ("COMFYBATCH_BACKEND_PORTS", str(port))):
+        monkeypatch.setenv(name, str(value))
+    store = Store(settings.db_path)
+    supervisor = service.start_local_backends(settings, store)
+    assert supervisor is not None
+    st.cache_data.clear()
+    try:
+        wait_until(lambda: "x" * 2000 in backends.tail(settings.log_dir / "backends" / "cpu.log", 2), 60,
+                   message="the backend's output in its log")
+        pid = supervisor.backends[0].proc.pid
+        at = AppTest.from_file("../ui_main.py", default_timeout=30)
+        at.switch_page("pages/servers.py")
+        at.run()
+        assert not at.exception
+        assert f"cpu (http://127.0.0.1:{port}): starting, pid {pid}, 0 restart(s)" in [t.value for t in at.text]
+        assert at.code[0].value.splitlines()[-1] == "x" * 2000
+        assert [s["source"] for s in store.servers()] == ["local"]
+    finally:
+        supervisor.stop()
+        store.close()
+        ui.close_stores()
+        st.cache_data.clear()
+        st.cache_resource.clear()

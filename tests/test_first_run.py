@@ -32,7 +32,7 @@ def test_with_nothing_configured_the_generate_page_makes_an_image_with_the_demo(
     for sub in ("input", "output", "temp", "user"):  # keep the shared install's own folders untouched
         (home / sub).mkdir(parents=True)
     port = harness.free_port()
-    app = start_app(tmp_path / "app", [], backend_ports=f"{port}-{port}", backend_args=" ".join(
+    app = start_app(tmp_path / "app", [], demo="auto", backend_ports=f"{port}-{port}", backend_args=" ".join(
         f"--{sub}-directory {home / sub}" for sub in ("input", "output", "temp", "user")))
     state_file = app.settings.log_dir / "backends" / "cpu.json"
     store = Store(app.settings.db_path)
@@ -68,7 +68,7 @@ def test_with_nothing_configured_the_generate_page_makes_an_image_with_the_demo(
 
 
 def test_with_comfyui_url_set_no_backend_is_started(tmp_path: Path, comfy: harness.ComfyServer):
-    app = start_app(tmp_path, [comfy.url])
+    app = start_app(tmp_path, [comfy.url], demo="auto")
     try:
         health = requests.get(app.api + "/health", timeout=30).json()
         assert [(s["url"], s["source"]) for s in health["servers"]] == [(comfy.url, "config")]
