@@ -47,9 +47,13 @@ def test_with_nothing_configured_the_generate_page_makes_an_image_with_the_demo(
         settle(page)
         expect(page.get_by_text("its images are coloured noise").first).to_be_visible()
         expect(page.get_by_test_id("stSidebar")).to_contain_text("Demo ComfyUI")
-        expect(page.get_by_test_id("stSelectbox").filter(has_text="Workflow")).to_contain_text(
-            "Demo: noise images (random-weight SD1.5)")
-        page.get_by_role("button", name="Generate", exact=True).click()
+        # The demo's workflow is the one selected, and its form is drawn (server choices come from the backend).
+        expect(page.get_by_role("combobox", name="Workflow")).to_have_value(
+            "Demo: noise images (random-weight SD1.5) (demo_noise_sd15)", timeout=120_000)
+        generate = page.get_by_role("button", name="Generate", exact=True)
+        expect(generate).to_be_enabled(timeout=120_000)
+        settle(page)
+        generate.click()
         settle(page)
         wait_until(lambda: store.counts() == {"succeeded": 1}, 600, interval=1.0,
                    message=f"the demo image (counts {store.counts()})")
