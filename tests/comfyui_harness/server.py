@@ -74,7 +74,7 @@ class ComfyServer:
         for sub in ("input", "output", "temp", "user"):
             (home / sub).mkdir(parents=True, exist_ok=True)
 
-    def start(self, timeout: float = 120.0) -> ComfyServer:
+    def start(self, timeout: float = 300.0) -> ComfyServer:  # generous: the shared machine is often loaded
         log = open(self.home / "comfyui.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [str(PYTHON), str(ROOT / "scripts" / "comfyui_launch.py"), str(COMFY_DIR), "--cpu",
