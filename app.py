@@ -16,8 +16,9 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 import api
+from core import service
 from core.config import Settings
-from core.errors import ConfigError
+from core.errors import ConfigError, InputError
 from core.logs import setup_logging
 from core.scheduler import Scheduler
 from core.store import Store
@@ -42,6 +43,11 @@ async def lifespan(app: st.App) -> AsyncIterator[dict[str, Any]]:
         return
     setup_logging(settings.log_dir)
     store = Store(settings.db_path)
+    try:  # local ComfyUI backends first, so the scheduler finds their servers registered
+        backends = service.start_local_backends(settings, store)
+    except InputError as exc:  # the Servers page shows the same problems
+        log.error("not starting local backends: %s", exc)
+        backends = None
     scheduler = Scheduler(settings, store)
     scheduler.start()
     api.bind(settings, store)
@@ -52,6 +58,8 @@ async def lifespan(app: st.App) -> AsyncIterator[dict[str, Any]]:
     finally:
         api.unbind()
         await asyncio.to_thread(scheduler.stop)
+        if backends is not None:
+            await asyncio.to_thread(backends.stop)
         store.close()
         log.info("scheduler %s stopped", scheduler.owner)
 

@@ -284,6 +284,9 @@ def sidebar_status() -> None:
     except ComfyBatchError as exc:
         show_error(exc)
         return
+    if service.local_backends(ctx.settings)["mode"] == "demo":
+        st.caption(":orange[:material/science:] **Demo ComfyUI** on CPU: a random-weight checkpoint, so images "
+                   "are noise. Set COMFYUI_URL for real models.")
     enabled = [s for s in servers if s["enabled"]]
     up = sum(1 for s in enabled if s["up"])
     st.markdown(f"**Servers:** {up} up, {len(enabled) - up} down"

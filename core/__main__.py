@@ -102,6 +102,7 @@ def cmd_submit(settings: Settings, store: Store, args: argparse.Namespace) -> in
 
 
 def cmd_worker(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    backends = service.start_local_backends(settings, store) if args.backends else None
     if not settings.comfyui_urls and not store.servers(enabled_only=True):
         raise InputError("no ComfyUI server configured: set COMFYUI_URL, e.g. COMFYUI_URL=http://127.0.0.1:8188")
     scheduler = Scheduler(settings, store)
@@ -126,6 +127,8 @@ def cmd_worker(settings: Settings, store: Store, args: argparse.Namespace) -> in
         pass
     finally:
         scheduler.stop()
+        if backends is not None:
+            backends.stop()
         if tty:
             sys.stderr.write(progress_line(final=True) + "\n")
     return 0
@@ -279,6 +282,8 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run the scheduler")
     w.add_argument("--until-idle", action="store_true", help="exit once nothing is queued or in flight")
     w.add_argument("--quiet", action="store_true", help="no log lines on stderr")
+    w.add_argument("--backends", action="store_true",
+                   help="also start and supervise the local ComfyUI backends (COMFYBATCH_BACKEND_*), as the app does")
     w.set_defaults(func=cmd_worker)
     st = sub.add_parser("status", help="task counts by status")
     st.add_argument("batch", nargs="?", type=int)

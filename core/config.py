@@ -126,6 +126,26 @@ SETTINGS: tuple[Setting, ...] = (
             "when `COMFYBATCH_S3_LINKS` is `public`."),
     Setting("COMFYBATCH_S3_DELETE_LOCAL", "s3_delete_local", "false", bool,
             "`true`: delete the local copy once its upload is verified (ETag = MD5, or the size); thumbnails stay."),
+    # Local backends (core/backends.py): ComfyUI processes that ComfyBatch starts and supervises itself.
+    Setting("COMFYBATCH_BACKEND_DIR", "backend_dir", "", str,
+            "A ComfyUI folder (the one holding `main.py`) that ComfyBatch starts, one process per GPU, registers "
+            "as servers, restarts if they die and stops on shutdown. Empty: none."),
+    Setting("COMFYBATCH_BACKEND_COMMAND", "backend_command", "", str,
+            "Instead of a folder, the command that starts ComfyUI (e.g. `/opt/comfy/venv/bin/python "
+            "/opt/comfy/main.py`); `--listen 127.0.0.1 --port N` and the arguments below are appended."),
+    Setting("COMFYBATCH_BACKEND_PYTHON", "backend_python", "", str,
+            "The Python that runs the folder's `main.py`. Empty: a `venv/` or `.venv/` in or beside the folder, "
+            "else `python3`."),
+    Setting("COMFYBATCH_BACKEND_GPUS", "backend_gpus", "auto", str,
+            "GPUs for local backends, one process each with `CUDA_VISIBLE_DEVICES` (e.g. `0,1,2,3`); `cpu`: one "
+            "process with `--cpu`; `auto`: every GPU `nvidia-smi -L` lists, else `cpu`."),
+    Setting("COMFYBATCH_BACKEND_PORTS", "backend_ports", "8188-8199", str,
+            "Port range of local backends on 127.0.0.1: backend i listens on the i-th port."),
+    Setting("COMFYBATCH_BACKEND_ARGS", "backend_args", "", str,
+            "Extra ComfyUI arguments for every local backend (e.g. `--highvram --preview-method none`)."),
+    Setting("COMFYBATCH_DEMO", "demo", "auto", str,
+            "`auto`: with no `COMFYUI_URL` and no local backend set, run the demo ComfyUI that `scripts/setup.sh` "
+            "installed (CPU, a random-weight checkpoint: noise images); `off`: never.", choices=("auto", "off")),
 )
 
 MAX_LINK_EXPIRY = 604_800  # SigV4 presigned URLs are valid for at most 7 days
@@ -179,6 +199,13 @@ class Settings:
     s3_link_expiry: int = 3600
     s3_public_url: str = ""
     s3_delete_local: bool = False
+    backend_dir: str = ""
+    backend_command: str = ""
+    backend_python: str = ""
+    backend_gpus: str = "auto"
+    backend_ports: str = "8188-8199"
+    backend_args: str = ""
+    demo: str = "auto"
 
     def __post_init__(self) -> None:
         check_storage(self)

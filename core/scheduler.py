@@ -619,17 +619,11 @@ class ServerWorker:
                 self.reconciling = None
 
     def _lost(self, task: dict[str, Any], reason: str) -> None:
-        if task["attempts"] >= self.settings.max_attempts:
-            self._finish(task, TaskStatus.FAILED, reason)
-        else:
+        if self.store.requeue_lost(task, reason, self.settings.max_attempts) == TaskStatus.QUEUED:
             log.warning("task %s: %s; requeued", task["id"], reason)
-            self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=reason, error=reason,
-                                  run=task["prompt_id"])
 
     def _release_in_flight(self, reason: str) -> None:
-        for task in self.store.in_flight_tasks(self.url):
-            if task["prompt_id"] not in self.collecting:
-                self._lost(task, f"{self.url}: {reason}")
+        self.store.release_in_flight(self.url, reason, self.settings.max_attempts, keep=self.collecting)
         with self.slot_free:
             self.inflight.clear()
 

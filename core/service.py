@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from core import acting, csvin, files, preflight, queries, sessions, storage, thumbs, uploads, workflows
+from core import (acting, backends, csvin, files, preflight, queries, sessions, storage, thumbs, uploads,
+                  workflows)
 from core.comfy import ComfyClient, probe
 from core.config import Settings, parse_urls
 from core.errors import ConfigError, InputError, NotFound, Problem, StorageError, sort_key
@@ -564,6 +565,33 @@ def set_server_enabled(store: Store, url: str, enabled: bool, *, actor: Actor = 
 def remove_server(store: Store, url: str, *, actor: Actor = LOCAL) -> None:
     require_admin(actor, "remove a server")
     store.remove_server(url)
+
+
+def start_local_backends(settings: Settings, store: Store) -> backends.Supervisor | None:
+    """Start the local ComfyUI backends the settings ask for (core.backends), each registered as a server
+    (source 'local'), and return their supervisor (stop it on shutdown); None when none are asked for.
+    InputError naming the setting when the folder, command, GPUs, ports or arguments are wrong."""
+    plan = backends.plan(settings)
+    if not plan.specs:
+        return None
+    for spec in plan.specs:
+        store.add_local_server(spec.url, client_id=uuid.uuid4().hex)
+    supervisor = backends.Supervisor(settings, store, plan)
+    supervisor.start()
+    return supervisor
+
+
+def local_backends(settings: Settings) -> dict[str, Any]:
+    """The local backends for the pages: `mode` (off, configured, demo, or invalid with `problems`), a `note`
+    to show (the demo's noise images, or how to get a ComfyUI), the demo workflow's name, and each backend's
+    last state with its log tail, as written by whichever ComfyBatch process supervises it."""
+    try:
+        plan = backends.plan(settings)
+        mode, note, problems = plan.mode, plan.note, []
+    except InputError as exc:
+        mode, note, problems = "invalid", exc.summary, exc.problems
+    return {"mode": mode, "note": note, "problems": problems, "demo_workflow": backends.DEMO_WORKFLOW,
+            "backends": backends.read_status(settings)}
 
 
 def check_server(url: str, timeout: float = 3.0) -> dict[str, Any]:

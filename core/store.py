@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -558,6 +558,27 @@ class Store:
         return int(self.db.execute("SELECT COUNT(*) FROM tasks WHERE server = ? AND status IN (?, ?)",
                                    (server, *IN_FLIGHT)).fetchone()[0])
 
+    def requeue_lost(self, task: dict[str, Any], reason: str, max_attempts: int, spend_attempt: bool = True
+                     ) -> TaskStatus | None:
+        """A task whose prompt its server lost (restart, outage, a local backend that died): back to the queue,
+        or failed once its attempts are used up. `spend_attempt=False` gives the attempt back (the prompt was
+        stopped by us, not by its own doing). Returns the new status, or None if the task was no longer in flight."""
+        if spend_attempt and task["attempts"] >= max_attempts:
+            status, fields = TaskStatus.FAILED, {"error": reason}
+        else:
+            status, fields = TaskStatus.QUEUED, {"error": reason}
+            if not spend_attempt:
+                fields["attempts"] = max(task["attempts"] - 1, 0)
+        return status if self.transition(task["id"], status, IN_FLIGHT, detail=reason[:500],
+                                         run=task["prompt_id"], **fields) else None
+
+    def release_in_flight(self, server: str, reason: str, max_attempts: int, keep: Container[str] = (),
+                          spend_attempt: bool = True) -> int:
+        """`requeue_lost` for every task in flight on `server` except the prompts in `keep` (being collected).
+        Returns how many were requeued or failed."""
+        return sum(self.requeue_lost(task, f"{server}: {reason}", max_attempts, spend_attempt) is not None
+                   for task in self.in_flight_tasks(server) if task["prompt_id"] not in keep)
+
     def cancel_requested_ids(self, server: str) -> list[int]:
         return [r[0] for r in self.db.execute(
             "SELECT id FROM tasks WHERE cancel_requested = 1 AND server = ? AND status IN (?, ?)",
@@ -703,6 +724,12 @@ class Store:
         with self.write() as conn:
             conn.execute("INSERT INTO servers (url, enabled, source, client_id, added_at) VALUES (?, 1, 'runtime', "
                          "?, ?) ON CONFLICT(url) DO UPDATE SET enabled = 1", (url, client_id, time.time()))
+
+    def add_local_server(self, url: str, client_id: str) -> None:
+        """A local backend's server (source 'local'); a user's enabled/disabled choice for it is kept."""
+        with self.write() as conn:
+            conn.execute("INSERT INTO servers (url, enabled, source, client_id, added_at) VALUES (?, 1, 'local', "
+                         "?, ?) ON CONFLICT(url) DO UPDATE SET source = 'local'", (url, client_id, time.time()))
 
     def set_server_enabled(self, url: str, enabled: bool) -> None:
         with self.write() as conn:

@@ -254,6 +254,11 @@ with ui.guard():
                 "(in ComfyUI: Workflow > Export (API)), or add one here.")
         add_workflow_panel()
         st.stop()
+    local = service.local_backends(ctx.settings)
+    if local["mode"] == "demo":  # the first run: say plainly what these images are, start on the demo's workflow
+        st.info(local["note"], icon=":material/science:")
+        if local["demo_workflow"] in names:
+            default_state("gen_workflow", local["demo_workflow"])
     apply_prefill(names)
     by_name = {w.name: w for w in found}
     name = st.selectbox("Workflow", names, key="gen_workflow",

@@ -8,7 +8,7 @@ import streamlit as st
 import ui
 import ui_format
 from core import service
-from core.errors import ComfyBatchError
+from core.errors import ComfyBatchError, InputError
 
 
 def add(ctx: ui.Context) -> tuple[str, str]:
@@ -54,6 +54,25 @@ def health_table(servers: list[dict]) -> pd.DataFrame:
         })
     return pd.DataFrame(rows, columns=["server", "enabled", "from", "status", "work", "model", "running", "pending",
                                        "device", "VRAM free / total", "ComfyUI", "problem"])
+
+
+def local_backends_section(ctx: ui.Context) -> None:
+    """ComfyUI processes ComfyBatch runs itself (COMFYBATCH_BACKEND_*, or the demo): state, pid, restarts, log."""
+    local = service.local_backends(ctx.settings)
+    if local["mode"] == "off" and not local["backends"] and not local["note"]:
+        return
+    st.subheader("Local backends")
+    if local["problems"]:
+        ui.show_error(InputError(local["note"], local["problems"]))
+    elif local["note"]:
+        st.caption(local["note"])
+    for b in local["backends"]:
+        st.text(f"{b['name']} ({b['url']}): {b['state']}" + (f", pid {b['pid']}" if b.get("pid") else "")
+                + f", {b['restarts']} restart(s)"
+                + (f", last exit code {b['last_exit']}" if b.get("last_exit") is not None else "")
+                + (f" - {b['message']}" if b.get("message") else ""))
+        with st.expander(f"Log of {b['name']} (last lines; logs/backends/{b['name']}.log)"):
+            st.code(b["log"] or "(empty)", language=None)
 
 
 def storage_lines(status: dict) -> list[str]:
@@ -109,8 +128,13 @@ with ui.guard():
         if server["source"] == "config":
             row.caption("This server comes from COMFYUI_URL and is added back at every start: disable it instead, "
                        "or change COMFYUI_URL.")
+        elif server["source"] == "local":
+            row.caption("A local backend ComfyBatch runs itself (see below): disable it, or change the "
+                        "COMFYBATCH_BACKEND_* settings.")
         else:
             row.button("Remove", on_click=ui.safe_callback("servers", lambda c: remove(c, url)))
+
+    local_backends_section(ctx)
 
     st.subheader("Object storage")
     storage = ui.storage_status(ctx)

@@ -9,7 +9,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium >/dev/null
 fi
-bash tests/comfyui_harness/install.sh
+bash scripts/install_comfyui.sh
 .venv/bin/python -m ruff check .
 .venv/bin/python -m mypy core api
 exec .venv/bin/python -m pytest "$@"

@@ -38,7 +38,8 @@ def make_settings(tmp_path: Path, urls: list[str], **overrides: Any) -> Settings
             "v1-5-pruned-emaonly.safetensors", "random_sd15.safetensors"), encoding="utf-8")
     values: dict[str, Any] = dict(
         comfyui_urls=tuple(urls), db_path=tmp_path / "tasks.db", output_dir=tmp_path / "generated_images",
-        workflows_dir=wf, log_dir=tmp_path / "logs", lease_seconds=3.0, connect_timeout=3.0, read_timeout=30.0)
+        workflows_dir=wf, log_dir=tmp_path / "logs", lease_seconds=3.0, connect_timeout=3.0, read_timeout=30.0,
+        demo="off")  # a test that wants the first run's demo backend asks for it
     values.update(overrides)
     return Settings(**values)
 

