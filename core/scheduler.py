@@ -60,7 +60,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from core import files, storage, uploads, watchdog
+from core import files, storage, uploads, watchdog, webhooks
 from core.comfy import TERMINAL_EVENTS, ComfyClient, EventSocket, outcome, output_images, probe
 from core.config import Settings
 from core.errors import ComfyError, ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
@@ -567,6 +567,7 @@ class Scheduler:
         self.uploader: uploads.Uploader | None = None
         self._upload_stop = threading.Event()
         self._upload_thread: threading.Thread | None = None
+        self.webhooks = webhooks.WebhookThread(settings, self.store)  # calls finished batches' webhooks while leading
 
     def start(self) -> None:
         self.store.sync_servers(self.settings.comfyui_urls, lambda: uuid.uuid4().hex)
@@ -579,6 +580,7 @@ class Scheduler:
             self._thread.join(timeout)
         self._stop_workers()
         self._stop_uploader()
+        self.webhooks.stop()
         self.pool.shutdown(wait=True)
         if self.is_leader:
             self.store.release_lease(LEASE, self.owner)
@@ -601,9 +603,11 @@ class Scheduler:
         if not leader:
             self._stop_workers()
             self._stop_uploader()
+            self.webhooks.stop()
             return
         if self.settings.storage_enabled:
             self._start_uploader()
+        self.webhooks.start()
         wanted = {s["url"]: s["client_id"] for s in self.store.servers(enabled_only=True)}
         for url in list(self.workers):
             if url not in wanted:

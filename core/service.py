@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from core import csvin, files, preflight, queries, storage, thumbs, uploads, workflows
+from core import csvin, files, preflight, queries, storage, thumbs, uploads, webhooks, workflows
 from core.comfy import ComfyClient, probe
 from core.config import Settings, parse_urls
 from core.errors import ConfigError, InputError, NotFound, Problem, StorageError, sort_key
@@ -101,6 +101,7 @@ def submit(settings: Settings, store: Store, sub: Submission, rng: random.Random
     if sub.dry_run:
         return Submitted([], [], jobs, reports, servers)
     result = enqueue(store, workflow, jobs, sub.name, sub.priority, source=sub.source, servers=servers)
+    webhooks.register(store, result.batch_ids, sub.webhook)
     result.reports, result.servers = reports, servers
     return result
 
@@ -228,7 +229,7 @@ def batch_summary(store: Store, batch_id: int) -> dict[str, Any]:
             "progress": (done / total) if total else 1.0, "eta_seconds": eta,
             "eta_at": None if eta is None else time.time() + eta,
             "images": sum(uploaded.values()), "stored_remotely": stored, "upload_pending": pending,
-            "upload_failed": failed}
+            "upload_failed": failed, "webhook": webhooks.status(store, batch_id)}
 
 
 def _upload_states(counts: dict[str, int]) -> tuple[int, int, int]:
