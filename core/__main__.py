@@ -142,6 +142,10 @@ def cmd_status(settings: Settings, store: Store, args: argparse.Namespace) -> in
             print("no tasks")
         if summary is not None and summary["done"] < summary["total"]:
             print(f"{'eta':10} {_eta(summary)}")
+        if summary is not None and summary["webhook"]:
+            hook = summary["webhook"]
+            print(f"{'webhook':10} {hook['state']} after {hook['attempts']} call(s)"
+                  + (f"; last error: {hook['last_error']}" if hook["last_error"] else ""))
         if store.queue_paused():
             print(f"{'queue':10} paused (python -m core resume)")
     return 0

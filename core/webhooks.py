@@ -52,8 +52,8 @@ def register(store: Store, batch_ids: list[int], url: str | None) -> None:
         return
     now = time.time()
     with store.write() as conn:
-        conn.executemany("INSERT OR IGNORE INTO webhooks (batch_id, url, state, created_at) VALUES (?, ?, 'waiting', ?)",
-                         [(b, url.strip(), now) for b in batch_ids])
+        conn.executemany("INSERT OR IGNORE INTO webhooks (batch_id, url, state, created_at) "
+                         "VALUES (?, ?, 'waiting', ?)", [(b, url.strip(), now) for b in batch_ids])
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -175,8 +175,8 @@ class Deliverer:
         with self.store.write() as conn:
             conn.execute("INSERT INTO webhook_attempts (webhook_id, attempt, at, status_code, error, seconds) "
                          "VALUES (?, ?, ?, ?, ?, ?)", (webhook_id, attempt, now, code, error, round(seconds, 3)))
-            conn.execute("UPDATE webhooks SET state = ?, next_at = ?, last_error = ?, claim = NULL, claim_until = NULL, "
-                         "finished_at = ? WHERE id = ? AND claim = ?",
+            conn.execute("UPDATE webhooks SET state = ?, next_at = ?, last_error = ?, claim = NULL, "
+                         "claim_until = NULL, finished_at = ? WHERE id = ? AND claim = ?",
                          (state, next_at, error, now if next_at is None else None, webhook_id, claim))
         level = logging.INFO if error is None else logging.WARNING
         log.log(level, "webhook of batch %s, attempt %s: %s%s", batch_id, attempt, error or f"delivered (HTTP {code})",
