@@ -345,8 +345,11 @@ def schemas(settings: Settings) -> dict[str, Any]:
                             "or paused)."},
             "eta_at": {**nullable_num, "description": "The estimated finish time (Unix seconds); null: unknown."},
             "images": INTEGER, "stored_remotely": {**INTEGER, "description": "Images uploaded to object storage."},
-            "upload_pending": INTEGER, "upload_failed": INTEGER, "url": URL,
-            "tasks_url": URL, "images_url": URL, "zip_url": URL, "csv_url": URL, "events_url": URL}),
+            "upload_pending": INTEGER, "upload_failed": INTEGER,
+            "webhook": {"type": "object", "nullable": True, "description": "The batch's webhook (null: none): url, "
+                        "state (waiting, pending, sending, delivered, failed), attempts, next_at, last_error and "
+                        "calls (attempt, at, status_code, error, seconds)."},
+            "url": URL, "tasks_url": URL, "images_url": URL, "zip_url": URL, "csv_url": URL, "events_url": URL}),
         "Task": task,
         "TaskDetail": {"allOf": [task, _object({
             "params": {"type": "object", "description": "The parameters as submitted."},

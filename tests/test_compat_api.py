@@ -179,7 +179,8 @@ def test_bad_requests_get_the_old_error_shape_with_clear_messages(app, client):
     assert "'width'" in refused(422, "POST", "/generate", json={"prompt": "x", "width": "wide"})
     assert "no uploaded image named 'nope.png'" in refused(422, "POST", "/generate",
                                                            json={"prompt": "x", "input_image": "nope.png"})
-    assert "not valid JSON" in refused(400, "POST", "/generate", data=b"{", headers={"Content-Type": "application/json"})
+    assert "not valid JSON" in refused(400, "POST", "/generate", data=b"{",
+                                       headers={"Content-Type": "application/json"})
     assert "requests" in refused(422, "POST", "/batch", json={"requests": "a fox"})
     # One good text request and one bad edit request: two workflows, and nothing of either is enqueued.
     detail = refused(422, "POST", "/batch", json={"requests": [{"prompt": "ok", "width": 64, "height": 64},

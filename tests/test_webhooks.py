@@ -118,3 +118,18 @@ def test_a_bad_backoff_schedule_is_a_config_error():
     with pytest.raises(ConfigError, match="COMFYBATCH_WEBHOOK_BACKOFF"):
         Settings.load(env={"COMFYBATCH_WEBHOOK_BACKOFF": "10,soon"})
     assert Settings.load(env={}).webhook_delays[0] == 10 and sum(Settings.load(env={}).webhook_delays) >= 3600
+
+
+def test_the_batch_line_shows_the_webhook(offline_engine):
+    import ui_format
+
+    settings, store = offline_engine
+    with Receiver([500]) as receiver:
+        batch_id = finished_batch(settings.with_overrides(webhook_backoff=("600",)), store, receiver.url)
+        assert ui_format.webhook_text(service.batch_summary(store, batch_id)) == \
+            " - webhook waits for the batch to finish"
+        deliverer = webhooks.Deliverer(settings.with_overrides(webhook_backoff=("600",)), store)
+        deliverer.promote()
+        deliverer.deliver_next()
+    line = ui_format.batch_status_line(service.batch_summary(store, batch_id))
+    assert " - webhook retrying (1 call; the receiver answered HTTP 500), next try in " in line
