@@ -128,7 +128,8 @@ def _row(settings: Settings, data: dict[str, Any], workflow: Workflow | None, su
                                             parameter="input_image", code="not_found"))
                 continue
             assert sub.images is not None
-            sub.images[ref] = path.read_bytes()
+            if ref not in sub.images:  # many requests may name one upload: read it once
+                sub.images[ref] = path.read_bytes()
             row.params[target] = ref
         elif key in params:
             row.params[key] = value
