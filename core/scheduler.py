@@ -663,6 +663,8 @@ class Scheduler:
         store accepts now (pending uploads wait for the next start while it is unreachable)."""
         if self.store.has_pending_work() or any(w.collecting for w in self.workers.values()):
             return True
+        if webhooks.first_calls_due(self.store):  # a finished batch's webhook gets its first call before exit
+            return True
         # Uploads count until the uploader finds the store unreachable (or before it has started at all).
         return (self.settings.storage_enabled and self.store.has_upload_queue()
                 and (self.uploader is None or self.uploader.failures == 0))

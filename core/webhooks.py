@@ -56,6 +56,16 @@ def register(store: Store, batch_ids: list[int], url: str | None) -> None:
                          "VALUES (?, ?, 'waiting', ?)", [(b, url.strip(), now) for b in batch_ids])
 
 
+def first_calls_due(store: Store) -> bool:
+    """Whether a finished batch's webhook has not been called even once yet (`worker --until-idle` waits for
+    those; later retries wait for the next scheduler run)."""
+    marks = ",".join("?" * len(UNFINISHED))
+    return store.db.execute(
+        f"SELECT 1 FROM webhooks w WHERE (w.state = 'pending' AND w.attempts = 0) OR (w.state = 'waiting' AND NOT "
+        f"EXISTS (SELECT 1 FROM tasks t WHERE t.batch_id = w.batch_id AND t.status IN ({marks}))) LIMIT 1",
+        list(UNFINISHED)).fetchone() is not None
+
+
 def signature(secret: str, body: bytes) -> str:
     """The value of the signature header: 'sha256=' + hex HMAC-SHA256 of the body keyed by the secret."""
     return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()

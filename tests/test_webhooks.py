@@ -133,3 +133,16 @@ def test_the_batch_line_shows_the_webhook(offline_engine):
         deliverer.deliver_next()
     line = ui_format.batch_status_line(service.batch_summary(store, batch_id))
     assert " - webhook retrying (1 call; the receiver answered HTTP 500), next try in " in line
+
+
+def test_a_cli_worker_makes_the_first_call_before_it_exits_idle(tmp_path):
+    env = cli_env(tmp_path, ["http://127.0.0.1:9"])  # a worker needs a server; nothing runs on it here
+    with Receiver([204]) as receiver:
+        submitted = run_cli(env, "submit", "--workflow", "empty_image", "--param", "1.color=5", "--webhook",
+                            receiver.url)
+        batch_id = submitted.stdout.split()[0]
+        assert run_cli(env, "cancel", "--batch", batch_id).returncode == 0
+        worker = run_cli(env, "worker", "--until-idle", "--quiet", timeout=120)
+        assert worker.returncode == 0, worker.stderr
+        assert len(receiver.calls) == 1 and json.loads(receiver.calls[0][1])["batch"]["id"] == int(batch_id)
+    assert "webhook    delivered after 1 call(s)" in run_cli(env, "status", batch_id).stdout
