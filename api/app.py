@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, Router, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from api import endpoints, events, ws
 from api.calls import PREFIX, ApiError, Endpoint, Socket, json_response, parse_id
@@ -130,6 +130,8 @@ class Api:
                 raise ApiError(503, "the API is not started")
             check_access(self.settings, scope)
             await self.router({k: v for k, v in scope.items() if k != "starlette.exception_handlers"}, receive, send)
+        except WebSocketDisconnect:
+            return  # the client left (during the handshake or a send): nothing to answer
         except Exception as exc:
             if not isinstance(exc, ApiError):
                 log.error("websocket %s failed", scope.get("path"), exc_info=exc)

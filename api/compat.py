@@ -122,9 +122,10 @@ def image(call: Call) -> Response:
 async def updates(websocket: WebSocket, settings: Settings, store: Store) -> None:
     """Every task's status changes (from the events table) and, while it runs, its progress steps, as the old
     server's {"type": "task_update", "data": TaskStatus}. Starts from now (the old /ws replayed nothing)."""
+    # Read where "now" is before accepting: a client that submits right after connecting misses nothing.
+    latest = (await run_in_threadpool(store.db.execute, "SELECT COALESCE(MAX(id), 0) FROM events")).fetchone()[0]
     await websocket.accept()
     base = settings.public_url or _ws_base(websocket)
-    latest = (await run_in_threadpool(store.db.execute, "SELECT COALESCE(MAX(id), 0) FROM events")).fetchone()[0]
     running: dict[int, tuple[Any, Any]] = {}  # task id -> the progress last sent
 
     async def send(task_id: int) -> None:

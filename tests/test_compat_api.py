@@ -239,15 +239,21 @@ def test_a_webhook_survives_an_app_restart_between_attempts(comfy, tmp_path):
                 timeout=60)
             assert reply.status_code == 201, reply.text
             batch_id = reply.json()["batch_ids"][0]
-            wait_until(lambda: len(receiver.calls) == 1, timeout=180, message="the first webhook call")
+            wait_until(lambda: len(receiver.calls) == 1, timeout=300, message="the first webhook call")
         finally:
             assert app.stop() in (0, -15)
         assert len(receiver.calls) == 1  # the next try is 20 s away: this app stopped before making it
         app = appserver.start_app(home, [comfy.url], **settings)
         try:
-            wait_until(lambda: len(receiver.calls) == 3, timeout=120, message="two more webhook calls")
-            batch = requests.get(f"{app.api}/batches/{batch_id}", headers={"Authorization": f"Bearer {TOKEN}"},
-                                 timeout=30).json()
+            wait_until(lambda: len(receiver.calls) == 3, timeout=180, message="two more webhook calls")
+
+            def batch_now() -> dict[str, Any]:
+                return requests.get(f"{app.api}/batches/{batch_id}", headers={"Authorization": f"Bearer {TOKEN}"},
+                                    timeout=30).json()
+
+            # The receiver sees a call before the app records its answer: wait for the record.
+            wait_until(lambda: batch_now()["webhook"]["state"] == "delivered", timeout=60, message="the record")
+            batch = batch_now()
             link = json.loads(receiver.calls[-1][1])["images"][0]["url"]
             assert "?sig=" in link  # tokens are on: the link is signed, so the receiver needs no token
             assert requests.get(app.url + link, timeout=30).status_code == 200
