@@ -210,6 +210,7 @@ def test_the_events_websocket_resumes_like_the_sse_stream(app, client):
             code, reason = int.from_bytes(data[:2], "big"), data[2:].decode()
             break
         got.append(json.loads(data))
+    ws.close()
     assert got[:len(listed)] == listed and got  # the same events, in the same order
     assert code == 1000 and reason == f"timeout; resume with ?after={got[-1]['id']}"
     middle = got[len(got) // 2]["id"]
@@ -221,9 +222,11 @@ def test_the_events_websocket_resumes_like_the_sse_stream(app, client):
         if opcode == websocket.ABNF.OPCODE_CLOSE:
             break
         resumed.append(json.loads(data))
+    ws.close()
     assert resumed == [e for e in got if e["id"] > middle and e["task_id"] == int(task_id)]
     ws = websocket.create_connection(ws_url(app, "/api/v1/events/ws?after=soon"), header=header, timeout=60)
     assert "query parameter 'after'" in json.loads(ws.recv())["error"]
+    ws.close()
     with pytest.raises(websocket.WebSocketBadStatusException):
         websocket.create_connection(ws_url(app, "/api/v1/events/ws"), timeout=30)  # no token
 
