@@ -64,7 +64,24 @@ def batch_status_line(summary: dict[str, Any]) -> str:
         line += " - runs next"
     if summary["done"] < summary["total"]:
         line += " - " + eta_text(summary)
-    return line + storage_text(summary)
+    return line + storage_text(summary) + webhook_text(summary)
+
+
+def webhook_text(summary: dict[str, Any]) -> str:
+    """' - webhook delivered (2 calls)', ' - webhook retrying (1 call; HTTP 500), next in 25 s', or ''."""
+    hook = summary.get("webhook")
+    if not hook:
+        return ""
+    calls = f"{hook['attempts']} call{'s' if hook['attempts'] != 1 else ''}"
+    words = {"waiting": "webhook waits for the batch to finish", "pending": f"webhook retrying ({calls}",
+             "sending": f"webhook sending ({calls}", "delivered": f"webhook delivered ({calls})",
+             "failed": f"webhook failed ({calls}"}
+    text = " - " + words.get(hook["state"], f"webhook {hook['state']}")
+    if hook["state"] in ("pending", "sending", "failed"):
+        text += f"; {clip(hook['last_error'] or '', 80)})" if hook["last_error"] else ")"
+    if hook["state"] == "pending" and hook.get("next_at"):
+        text += f", next try in {format_duration(max(0.0, hook['next_at'] - time.time()))}"
+    return text
 
 
 def eta_text(summary: dict[str, Any]) -> str:

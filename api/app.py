@@ -17,6 +17,7 @@ routes. Side effects: none here beyond the response; endpoints act through core.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -27,11 +28,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, Router
+from starlette.routing import Route, Router, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from api import auth, endpoints, events
-from api.calls import ACTOR, PREFIX, ApiError, Endpoint, json_response, parse_id
+from api import auth, endpoints, events, ws
+from api.calls import ACTOR, PREFIX, ApiError, Endpoint, Socket, json_response, parse_id
 from api.intake import BadRequest
 from core import access
 from core.config import Settings
@@ -81,6 +83,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/events", events.list_events),
     Endpoint("GET", "/events/stream", events.stream_events),
 )
+SOCKETS: tuple[Socket, ...] = (Socket("/events/ws", ws.events_socket),)
 
 
 class BodyTooLarge(Exception):
@@ -88,15 +91,19 @@ class BodyTooLarge(Exception):
 
 
 class Api:
-    """The ASGI app behind `PREFIX`. `bind` hands it the settings and store of the running server."""
+    """The ASGI app behind `PREFIX`. `bind` hands it the settings and store of the running server. Another
+    route table (api.compat's) gets the same guard with its own `endpoints`, `sockets` and error shape."""
 
-    def __init__(self) -> None:
+    def __init__(self, endpoints: tuple[Endpoint, ...] = ENDPOINTS, sockets: tuple[Socket, ...] = SOCKETS,
+                 prefix: str = PREFIX) -> None:
         self.settings: Settings | None = None
         self.store: Store | None = None
-        self.endpoints = ENDPOINTS
-        self.router = Router(routes=[Route(e.path, self._wrap(e), methods=[e.method], name=e.name)
-                                     for e in self.endpoints], default=self._no_such_endpoint,
-                             redirect_slashes=False)
+        self.endpoints = endpoints
+        self.prefix = prefix
+        self.router = Router(routes=[*(Route(e.path, self._wrap(e), methods=[e.method], name=e.name)
+                                       for e in self.endpoints),
+                                     *(WebSocketRoute(w.path, self._wrap_socket(w), name=w.name) for w in sockets)],
+                             default=self._no_such_endpoint, redirect_slashes=False)
         self._entry: ASGIApp = self._guarded
 
     def bind(self, settings: Settings, store: Store) -> None:
@@ -113,9 +120,26 @@ class Api:
         self._entry = self._guarded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return  # a websocket here is refused by the server when the app returns without accepting
-        await self._entry(scope, receive, send)
+        if scope["type"] == "websocket":
+            await self._guarded_socket(scope, receive, send)
+        elif scope["type"] == "http":
+            await self._entry(scope, receive, send)
+
+    async def _guarded_socket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket passes the same token check as a request (its handshake's Authorization header); one
+        refused, or to no such path, is closed before it is accepted (the client sees HTTP 403)."""
+        try:
+            if self.settings is None or self.store is None:
+                raise ApiError(503, "the API is not started")
+            scope[ACTOR] = check_access(self.settings, self.store, scope)
+            await self.router({k: v for k, v in scope.items() if k != "starlette.exception_handlers"}, receive, send)
+        except WebSocketDisconnect:
+            return  # the client left (during the handshake or a send): nothing to answer
+        except Exception as exc:
+            if not isinstance(exc, ApiError):
+                log.error("websocket %s failed", scope.get("path"), exc_info=exc)
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": 1008 if isinstance(exc, ApiError) else 1011})
 
     # -- the guard ----------------------------------------------------------------------------------
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -147,6 +171,10 @@ class Api:
             response = self.error_response(exc, scope)
             await response(scope, receive, send)
 
+    def body(self, message: str, problems: list[Problem]) -> dict[str, Any]:
+        """The JSON of a failure (api.compat answers in the old tool's shape instead)."""
+        return error_body(message, problems)
+
     def error_response(self, exc: Exception, scope: Scope) -> Response:
         headers: dict[str, str] = {}
         problems: list[Problem] = []
@@ -175,11 +203,19 @@ class Api:
             log.error("%s %s: unexpected error", scope["method"], scope["path"], exc_info=exc)
             status, message = 500, (f"internal error while handling {scope['method']} {scope['path']}; "
                                     "the details are in the server's log")
-        return json_response(error_body(message, problems), status, headers)
+        return json_response(self.body(message, problems), status, headers)
 
     async def _no_such_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raise ApiError(404, f"no such API endpoint: {scope['method']} {scope['path']} "
-                            f"(every endpoint is listed in {PREFIX}/openapi.json)")
+        listed = f"every endpoint is listed in {PREFIX}/openapi.json" if self.prefix == PREFIX else \
+            "the README lists the endpoints"
+        raise ApiError(404, f"no such API endpoint: {scope.get('method', 'WEBSOCKET')} {scope['path']} ({listed})")
+
+    def _wrap_socket(self, socket: Socket) -> Callable[[WebSocket], Awaitable[None]]:
+        async def handle(websocket: WebSocket) -> None:
+            assert self.settings is not None and self.store is not None
+            await socket.handler(websocket, self.settings, self.store)
+
+        return handle
 
     def _wrap(self, endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         async def handle(request: Request) -> Response:

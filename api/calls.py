@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.websockets import WebSocket
 
 from api import intake
 from core.config import Settings
@@ -33,6 +35,21 @@ def parse_id(raw: str) -> int | None:
     if not raw.isascii() or not raw.isdigit() or len(raw) > MAX_ID_DIGITS or int(raw) > MAX_ID:
         return None
     return int(raw)
+
+
+def query_int(query: QueryParams, name: str, default: int | None, low: int = 0, high: int = MAX_ID) -> int | None:
+    """A whole-number query parameter from `low` to `high` (`default` when absent or empty); ApiError 400
+    naming it otherwise."""
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    text = raw.strip()
+    digits = text.removeprefix("-")
+    if (not digits.isascii() or not digits.isdecimal() or len(digits) > MAX_ID_DIGITS
+            or not low <= int(text) <= high):
+        raise ApiError(400, f"query parameter '{name}': expected a whole number from {low} to {high}, "
+                            f"got {clip(raw)!r}")
+    return int(text)
 
 
 class ApiError(Exception):
@@ -95,16 +112,7 @@ class Call:
         return value
 
     def query_int(self, name: str, default: int | None, low: int = 0, high: int = MAX_ID) -> int | None:
-        raw = self.request.query_params.get(name)
-        if raw is None or raw == "":
-            return default
-        text = raw.strip()
-        digits = text.removeprefix("-")
-        if (not digits.isascii() or not digits.isdecimal() or len(digits) > MAX_ID_DIGITS
-                or not low <= int(text) <= high):
-            raise ApiError(400, f"query parameter '{name}': expected a whole number from {low} to {high}, "
-                                f"got {clip(raw)!r}")
-        return int(text)
+        return query_int(self.request.query_params, name, default, low, high)
 
     def statuses(self) -> list[str]:
         """The `status` filter as api.openapi documents it: each value one or more statuses, comma-separated
@@ -163,3 +171,15 @@ async def _read_form(request: Request, call: Call) -> None:
                 call.form_fields.setdefault(key, []).append(value)
             else:
                 call.form_files.setdefault(key, []).append((value.filename or "", await value.read()))
+
+
+@dataclass(frozen=True)
+class Socket:
+    """A WebSocket route: `handler(websocket, settings, store)` runs once the guard let the handshake in."""
+
+    path: str
+    handler: Callable[[WebSocket, Settings, Store], Awaitable[None]]
+
+    @property
+    def name(self) -> str:
+        return self.handler.__name__

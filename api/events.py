@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, QueryParams
 from starlette.responses import Response, StreamingResponse
 
-from api.calls import ApiError, Call, parse_id
+from api.calls import ApiError, Call, parse_id, query_int
 from api.shapes import event_json
 from core.store import Store
 
@@ -39,39 +41,66 @@ def list_events(call: Call) -> dict[str, Any]:
             "next": call.url(f"/events?after={last}" + (f"&{query}" if query else ""))}
 
 
-async def stream_events(call: Call) -> Response:
-    """Server-sent events from the events table, oldest first, each with its id: a client that reconnects
-    with Last-Event-ID (as EventSource does) or ?after= misses nothing and sees nothing twice."""
-    header = call.request.headers.get("last-event-id", "").strip()
+@dataclass(frozen=True)
+class Follow:
+    """Where a live stream starts and what it shows: the same for the SSE stream and the WebSocket."""
+
+    after: int
+    batch_id: int | None
+    task_id: int | None
+    seconds: int
+
+
+def follow_params(headers: Headers, query: QueryParams) -> Follow:
+    """A live stream's parameters: resume after the Last-Event-ID header (as EventSource sends it) or ?after=,
+    filter by ?batch_id= / ?task_id=, end after ?timeout= seconds. ApiError 400 naming a bad value."""
+    header = headers.get("last-event-id", "").strip()
     resumed = parse_id(header) if header else None
     if header and resumed is None:
         raise ApiError(400, f"header Last-Event-ID: expected an event id (a whole number), got {header[:40]!r}")
-    after = resumed if resumed is not None else (call.query_int("after", 0) or 0)
-    batch_id, task_id = call.query_int("batch_id", None, 1), call.query_int("task_id", None, 1)
-    seconds = call.query_int("timeout", STREAM_SECONDS, 1, STREAM_MAX_SECONDS) or STREAM_SECONDS
+    after = resumed if resumed is not None else (query_int(query, "after", 0) or 0)
+    return Follow(after, query_int(query, "batch_id", None, 1), query_int(query, "task_id", None, 1),
+                  query_int(query, "timeout", STREAM_SECONDS, 1, STREAM_MAX_SECONDS) or STREAM_SECONDS)
+
+
+async def follow(store: Store, where: Follow) -> AsyncIterator[dict[str, Any] | None]:
+    """The one live source of events: every event after `where.after` matching its filters, oldest first, as
+    they are written; None after each look that found nothing new (a consumer's chance to do its own
+    housekeeping); ends after `where.seconds`."""
+    after = where.after
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + where.seconds
+    while True:
+        events, scanned = await run_in_threadpool(_events_after, store, after, where.batch_id, where.task_id, 500)
+        progressed, after = scanned != after, scanned
+        for event in events:
+            yield event
+        if loop.time() >= deadline:
+            return
+        if progressed:
+            continue  # there may be more right away
+        yield None
+        await asyncio.sleep(STREAM_POLL)
+
+
+async def stream_events(call: Call) -> Response:
+    """Server-sent events from the events table, oldest first, each with its id: a client that reconnects
+    with Last-Event-ID (as EventSource does) or ?after= misses nothing and sees nothing twice."""
+    where = follow_params(call.request.headers, call.request.query_params)
     store = call.store
 
     async def lines() -> AsyncIterator[str]:
-        nonlocal after
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
         last_write = loop.time()
         yield "retry: 2000\n\n"
-        while True:
-            events, scanned = await run_in_threadpool(_events_after, store, after, batch_id, task_id, 500)
-            progressed, after = scanned != after, scanned
-            for event in events:
-                yield f"id: {event['id']}\ndata: {json.dumps(event_json(event), separators=(',', ':'))}\n\n"
-                last_write = loop.time()
+        async for event in follow(store, where):
             now = loop.time()
-            if now >= deadline:
-                return
-            if progressed:
-                continue  # there may be more right away
-            if now - last_write >= STREAM_KEEPALIVE:
+            if event is not None:
+                yield f"id: {event['id']}\ndata: {json.dumps(event_json(event), separators=(',', ':'))}\n\n"
+                last_write = now
+            elif now - last_write >= STREAM_KEEPALIVE:
                 yield ": keep-alive\n\n"
                 last_write = now
-            await asyncio.sleep(STREAM_POLL)
 
     return StreamingResponse(lines(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -23,8 +23,8 @@ from core.errors import InputError, Problem, clip
 from core.intake import Row, Submission
 from core.workflows import show
 
-JSON_FIELDS = ("workflow", "rows", "prompt", "params", "count", "name", "priority", "images", "dry_run")
-FORM_FIELDS = ("workflow", "count", "name", "priority", "dry_run")
+JSON_FIELDS = ("workflow", "rows", "prompt", "params", "count", "name", "priority", "images", "dry_run", "webhook")
+FORM_FIELDS = ("workflow", "count", "name", "priority", "dry_run", "webhook")
 FILE_FIELDS = ("csv", "images")
 
 
@@ -70,7 +70,7 @@ def json_submission(data: Any) -> Submission:
         name = name.strip() or None
     return Submission(workflow or "", _rows(data, problems), count=data.get("count", 1), name=name,
                       priority=data.get("priority", 0), images=_json_images(data.get("images"), problems),
-                      source="api", dry_run=dry_run is True, problems=problems)
+                      source="api", dry_run=dry_run is True, problems=problems, webhook=data.get("webhook"))
 
 
 def form_submission(settings: Settings, fields: dict[str, list[str]], files: dict[str, list[tuple[str, bytes]]]
@@ -94,7 +94,8 @@ def form_submission(settings: Settings, fields: dict[str, list[str]], files: dic
         problems.append(Problem(f"expected true or false, got {clip(dry_run)!r}", field="dry_run"))
     sub = Submission(value.get("workflow", "").strip(), [], count=_form_int(value.get("count", "1")),
                      name=value.get("name", "").strip() or None, priority=_form_int(value.get("priority", "0")),
-                     images=images, dry_run=dry_run in ("true", "1", "yes"), problems=problems)
+                     images=images, dry_run=dry_run in ("true", "1", "yes"), problems=problems,
+                     webhook=value.get("webhook", "").strip() or None)
     csv_files = files.get("csv", [])
     if len(csv_files) != 1:
         problems.append(Problem(f"send exactly one CSV file (got {len(csv_files)})", field="csv"))

@@ -18,7 +18,7 @@ from api.calls import MAX_ID, PREFIX
 from core import thumbs
 from core.config import Settings
 from core.errors import Problem
-from core.intake import MAX_IMAGES, MAX_NAME, MAX_PRIORITY
+from core.intake import MAX_IMAGES, MAX_NAME, MAX_PRIORITY, MAX_WEBHOOK_URL
 from core.models import ALL_STATUSES
 from core.workflows import KINDS
 
@@ -92,6 +92,8 @@ def _event_filters() -> list[dict[str, Any]]:
 
 
 PRIORITY = {"type": "integer", "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY, "description": "Higher runs first."}
+WEBHOOK = {"type": "string", "format": "uri", "maxLength": MAX_WEBHOOK_URL, "nullable": True,
+           "description": "An http(s) URL POSTed a signed JSON summary once every task of the batch is final."}
 PRIORITY_BODY = {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["priority"], "additionalProperties": False,
     "properties": {"priority": PRIORITY}}}}}
@@ -176,7 +178,7 @@ def paths(settings: Settings) -> dict[str, dict[str, Any]]:
                                "description": "Files the CSV's image column names (by file name)."},
                     "name": {"type": "string", "maxLength": MAX_NAME}, "priority": PRIORITY,
                     "count": {"type": "integer", "minimum": 1, "maximum": settings.max_count},
-                    "dry_run": {"type": "boolean"}}}}},
+                    "dry_run": {"type": "boolean"}, "webhook": WEBHOOK}}}},
                 "description": f"At most {settings.max_csv_mb:g} MB of CSV and {settings.max_rows:,} rows."})},
         "/batches/{batch_id}": {"get": _op("A batch: counts by status, progress, ETA, links", {
             "200": _json(_ref("Batch"), "The batch."), **_errors(404)}, [batch_id])},
@@ -319,7 +321,8 @@ def schemas(settings: Settings) -> dict[str, Any]:
                            "maxProperties": MAX_IMAGES,
                            "description": "Input images: file name -> base64; image parameters name them."},
                 "dry_run": {"type": "boolean", "default": False,
-                            "description": "Check and resolve only; enqueue nothing (200)."}}},
+                            "description": "Check and resolve only; enqueue nothing (200)."},
+                "webhook": WEBHOOK}},
         "Preflight": _object({
             "servers": {**_list(STRING), "nullable": True, "description": "Where the tasks go; null: any server."},
             "preflight": _list(_object({"url": STRING, "reachable": {"type": "boolean"}, "ok": {"type": "boolean"},
@@ -345,8 +348,11 @@ def schemas(settings: Settings) -> dict[str, Any]:
                             "or paused)."},
             "eta_at": {**nullable_num, "description": "The estimated finish time (Unix seconds); null: unknown."},
             "images": INTEGER, "stored_remotely": {**INTEGER, "description": "Images uploaded to object storage."},
-            "upload_pending": INTEGER, "upload_failed": INTEGER, "url": URL,
-            "tasks_url": URL, "images_url": URL, "zip_url": URL, "csv_url": URL, "events_url": URL}),
+            "upload_pending": INTEGER, "upload_failed": INTEGER,
+            "webhook": {"type": "object", "nullable": True, "description": "The batch's webhook (null: none): url, "
+                        "state (waiting, pending, sending, delivered, failed), attempts, next_at, last_error and "
+                        "calls (attempt, at, status_code, error, seconds)."},
+            "url": URL, "tasks_url": URL, "images_url": URL, "zip_url": URL, "csv_url": URL, "events_url": URL}),
         "Task": task,
         "TaskDetail": {"allOf": [task, _object({
             "params": {"type": "object", "description": "The parameters as submitted."},

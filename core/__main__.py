@@ -89,6 +89,7 @@ def cmd_submit(settings: Settings, store: Store, args: argparse.Namespace) -> in
             row["prompt"] = args.prompt
         sub = service.Submission(args.workflow, [service.Row(row)], source="cli")
     sub.count, sub.name, sub.priority, sub.dry_run = args.count, args.batch_name, args.priority, args.dry_run
+    sub.webhook = args.webhook
     result = service.submit(settings, store, sub, actor=CLI)
     if args.dry_run:
         for job in result.jobs:
@@ -146,6 +147,10 @@ def cmd_status(settings: Settings, store: Store, args: argparse.Namespace) -> in
             print("no tasks")
         if summary is not None and summary["done"] < summary["total"]:
             print(f"{'eta':10} {_eta(summary)}")
+        if summary is not None and summary["webhook"]:
+            hook = summary["webhook"]
+            print(f"{'webhook':10} {hook['state']} after {hook['attempts']} call(s)"
+                  + (f"; last error: {hook['last_error']}" if hook["last_error"] else ""))
         if store.queue_paused():
             print(f"{'queue':10} paused (python -m core resume)")
     return 0
@@ -275,6 +280,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", help="a single prompt instead of a CSV file")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="parameter (repeatable)")
     s.add_argument("--batch-name")
+    s.add_argument("--webhook", metavar="URL", help="http(s) URL called (POST, JSON) when the batch is final")
     s.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     s.add_argument("--count", type=int, default=1, help="images per row (a CSV 'count' column wins)")
     s.add_argument("--dry-run", action="store_true", help="print the graphs, one JSON per line; enqueue nothing")

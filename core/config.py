@@ -146,6 +146,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("COMFYBATCH_DEMO", "demo", "auto", str,
             "`auto`: with no `COMFYUI_URL` and no local backend set, run the demo ComfyUI that `scripts/setup.sh` "
             "installed (CPU, a random-weight checkpoint: noise images); `off`: never.", choices=("auto", "off")),
+    Setting("COMFYBATCH_COMPAT_WORKFLOW", "compat_workflow", "qwen_image_t2i", str,
+            "Workflow the old tool's API (`/compat`) runs for a request without `input_image`."),
+    Setting("COMFYBATCH_COMPAT_EDIT_WORKFLOW", "compat_edit_workflow", "qwen_edit_i2i", str,
+            "Workflow the old tool's API (`/compat`) runs for a request with `input_image`."),
+    Setting("COMFYBATCH_WEBHOOK_SECRET", "webhook_secret", "", str,
+            "Key of the HMAC-SHA256 signature of webhook calls (header `X-ComfyBatch-Signature-256`; never "
+            "logged). Empty: calls are sent unsigned."),
+    Setting("COMFYBATCH_WEBHOOK_BACKOFF", "webhook_backoff", "10,30,60,120,300,600,900,1800,1800", list,
+            "Seconds to wait before each retry of a failed webhook call, comma-separated (one entry per retry; "
+            "the default retries 9 times over about 94 minutes)."),
 )
 
 MAX_LINK_EXPIRY = 604_800  # SigV4 presigned URLs are valid for at most 7 days
@@ -206,9 +216,14 @@ class Settings:
     backend_ports: str = "8188-8199"
     backend_args: str = ""
     demo: str = "auto"
+    compat_workflow: str = "qwen_image_t2i"
+    compat_edit_workflow: str = "qwen_edit_i2i"
+    webhook_secret: str = field(default="", repr=False)
+    webhook_backoff: tuple[str, ...] = ("10", "30", "60", "120", "300", "600", "900", "1800", "1800")
 
     def __post_init__(self) -> None:
         check_storage(self)
+        self.webhook_delays  # noqa: B018 - checked at load: a bad schedule is a ConfigError, not a stuck delivery
 
     @property
     def storage_enabled(self) -> bool:
@@ -219,6 +234,23 @@ class Settings:
     def sign_in(self) -> bool:
         """Whether the pages need a sign-in: local accounts or an OIDC provider is configured."""
         return self.users_file is not None or self.oidc
+
+    @property
+    def webhook_delays(self) -> tuple[float, ...]:
+        """COMFYBATCH_WEBHOOK_BACKOFF as seconds (ConfigError when an entry is not a positive number)."""
+        delays = []
+        for item in self.webhook_backoff:
+            try:
+                value = float(item)
+            except (TypeError, ValueError):
+                value = -1.0
+            if not 0 < value <= 86_400:
+                raise ConfigError(f"COMFYBATCH_WEBHOOK_BACKOFF: {str(item)[:40]!r} is not a number of seconds "
+                                  "greater than 0 and at most 86400")
+            delays.append(value)
+        if len(delays) > 50:
+            raise ConfigError("COMFYBATCH_WEBHOOK_BACKOFF: at most 50 retries")
+        return tuple(delays)
 
     @property
     def max_csv_bytes(self) -> int:

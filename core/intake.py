@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from core import files, workflows
 from core.config import Settings
@@ -26,6 +27,7 @@ from core.workflows import Workflow
 MAX_PRIORITY = 1_000_000
 MAX_NAME = 200
 MAX_IMAGES = 1000  # input image files sent with one submission
+MAX_WEBHOOK_URL = 2000
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Submission:
     file: str | None = None  # the file the row numbers refer to, named in problems
     dry_run: bool = False
     problems: list[Problem] = field(default_factory=list)  # found by the face while reading the request
+    webhook: str | None = None  # an http(s) URL called once each batch of the submission is final
 
 
 @dataclass
@@ -86,6 +89,8 @@ def check_request(settings: Settings, sub: Submission) -> list[Problem]:
     if sub.name is not None and (not isinstance(sub.name, str) or len(sub.name) > MAX_NAME or "\x00" in sub.name):
         problems.append(Problem(f"expected text of at most {MAX_NAME} characters (no NUL), got "
                                 f"{workflows.show(sub.name)}", field="name", code="invalid"))
+    if sub.webhook is not None:
+        problems.extend(check_webhook(sub.webhook))
     if not sub.rows and not sub.problems:
         problems.append(Problem("nothing to submit: no rows", field="rows", code="required"))
     elif len(sub.rows) > settings.max_rows:
@@ -101,6 +106,21 @@ def check_request(settings: Settings, sub: Submission) -> list[Problem]:
                                 f"{settings.max_tasks:,} in one submission (COMFYBATCH_MAX_TASKS): split it",
                                 field="count" if len(sub.rows) == 1 else "rows", code="too_large"))
     return problems
+
+
+def check_webhook(url: Any) -> list[Problem]:
+    """A webhook URL: http or https, with a host, no spaces or control characters, at most MAX_WEBHOOK_URL."""
+    if not isinstance(url, str) or not url.strip():
+        return [Problem(f"expected an http(s) URL, got {workflows.show(url)}", field="webhook", code="invalid")]
+    if len(url) > MAX_WEBHOOK_URL:
+        return [Problem(f"{len(url):,} characters; a webhook URL may have at most {MAX_WEBHOOK_URL:,}",
+                        field="webhook", code="too_large")]
+    parts = urlsplit(url.strip())
+    if (parts.scheme.lower() not in ("http", "https") or not parts.hostname
+            or any(c.isspace() or ord(c) < 32 for c in url.strip())):
+        return [Problem(f"expected an http:// or https:// URL with a host name, got {workflows.show(url)}",
+                        field="webhook", code="invalid")]
+    return []
 
 
 def build_jobs(settings: Settings, workflow: Workflow, sub: Submission, rng: random.Random | None = None

@@ -67,7 +67,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from core import files, storage, uploads, watchdog
+from core import files, storage, uploads, watchdog, webhooks
 from core.comfy import TERMINAL_EVENTS, ComfyClient, EventSocket, health, outcome, output_images
 from core.config import Settings
 from core.errors import ComfyError, ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
@@ -681,6 +681,7 @@ class Scheduler:
         self.uploader: uploads.Uploader | None = None
         self._upload_stop = threading.Event()
         self._upload_thread: threading.Thread | None = None
+        self.webhooks = webhooks.WebhookThread(settings, self.store)  # calls finished batches' webhooks while leading
 
     def start(self) -> None:
         self.store.sync_servers(self.settings.comfyui_urls, lambda: uuid.uuid4().hex)
@@ -693,6 +694,7 @@ class Scheduler:
             self._thread.join(timeout)
         self._stop_workers()
         self._stop_uploader()
+        self.webhooks.stop()
         self.pool.shutdown(wait=True)
         # Given back at once, so another scheduler takes the servers over now, not when the leases run out.
         self.store.release_leases(self.owner)
@@ -716,6 +718,10 @@ class Scheduler:
             self._start_uploader()
         elif not leader:
             self._stop_uploader()
+        if leader:
+            self.webhooks.start()
+        else:
+            self.webhooks.stop()
         wanted = {s["url"]: s["client_id"] for s in self.store.servers(enabled_only=True)}
         held, share = self.store.hold_server_leases(self.owner, self.settings.lease_seconds, list(wanted))
         mine = [url for url in held if url in wanted]
@@ -780,6 +786,8 @@ class Scheduler:
         """Anything still to do: queued or in-flight tasks, results being collected, or uploads the object
         store accepts now (pending uploads wait for the next start while it is unreachable)."""
         if self.store.has_pending_work() or any(w.collecting for w in self.workers.values()):
+            return True
+        if webhooks.first_calls_due(self.store):  # a finished batch's webhook gets its first call before exit
             return True
         # Uploads count until the uploader finds the store unreachable (or before it has started at all).
         return (self.settings.storage_enabled and self.store.has_upload_queue()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from core import (acting, backends, csvin, files, preflight, queries, sessions, storage, thumbs, uploads,
-                  workflows)
+                  webhooks, workflows)
 from core.comfy import ComfyClient, probe
 from core.config import Settings, parse_urls
 from core.errors import ConfigError, InputError, NotFound, Problem, StorageError, sort_key
@@ -113,6 +113,7 @@ def submit(settings: Settings, store: Store, sub: Submission, rng: random.Random
         return Submitted([], [], jobs, reports, servers)
     result = enqueue(store, workflow, jobs, sub.name, sub.priority, source=sub.source, servers=servers,
                      submitted_by=actor.name)
+    webhooks.register(store, result.batch_ids, sub.webhook)
     result.reports, result.servers = reports, servers
     return result
 
@@ -256,7 +257,7 @@ def batch_summary(store: Store, batch_id: int) -> dict[str, Any]:
             "progress": (done / total) if total else 1.0, "eta_seconds": eta,
             "eta_at": None if eta is None else time.time() + eta,
             "images": sum(uploaded.values()), "stored_remotely": stored, "upload_pending": pending,
-            "upload_failed": failed}
+            "upload_failed": failed, "webhook": webhooks.status(store, batch_id)}
 
 
 def _upload_states(counts: dict[str, int]) -> tuple[int, int, int]:

@@ -25,7 +25,7 @@ import sqlite_utils
 from core.errors import NotFound
 from core.models import FINAL_STATUSES, IN_FLIGHT, UNFINISHED, TaskStatus
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 9
 _JSON_COLUMNS = ("params", "graph", "inputs")
 
 _MIGRATIONS: dict[int, str] = {
@@ -135,6 +135,24 @@ _MIGRATIONS: dict[int, str] = {
         id INTEGER PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, user TEXT NOT NULL, role TEXT NOT NULL,
         label TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, last_used_at REAL, revoked_at REAL,
         revoked_by TEXT);
+    """,
+    # v9: the old tool's API and webhooks. compat_requests: the request an old client sent for a task (as
+    # given) and the note on fields its workflow lacks. webhooks: one per batch that named a URL; state is
+    # waiting (batch not final), pending (due at next_at), sending (claimed until claim_until), delivered or
+    # failed (retries spent); body is frozen when the batch becomes final, so every retry signs the same bytes.
+    # webhook_attempts: every call made, with its HTTP status or error.
+    9: """
+    CREATE TABLE compat_requests (
+        task_id INTEGER PRIMARY KEY, request TEXT NOT NULL, note TEXT NOT NULL DEFAULT '');
+    CREATE TABLE webhooks (
+        id INTEGER PRIMARY KEY, batch_id INTEGER NOT NULL UNIQUE, url TEXT NOT NULL, state TEXT NOT NULL,
+        body TEXT, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL, claim TEXT, claim_until REAL,
+        last_error TEXT, created_at REAL NOT NULL, finished_at REAL);
+    CREATE INDEX webhooks_state ON webhooks(state, next_at);
+    CREATE TABLE webhook_attempts (
+        id INTEGER PRIMARY KEY, webhook_id INTEGER NOT NULL, attempt INTEGER NOT NULL, at REAL NOT NULL,
+        status_code INTEGER, error TEXT, seconds REAL);
+    CREATE INDEX webhook_attempts_webhook ON webhook_attempts(webhook_id, id);
     """,
 }
 POLICIES = ("fair", "fifo")  # COMFYBATCH_POLICY: batches take turns at equal priority, or oldest first

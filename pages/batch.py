@@ -142,6 +142,8 @@ with ui.guard():
         batch_name = st.text_input("Batch name (optional; a `batch_name` column overrides it)", key="batch_name")
     with c2:
         priority = st.number_input("Priority (higher runs first)", value=0, step=1, key="batch_priority")
+    webhook = st.text_input("Webhook URL (optional; called with a signed JSON summary when the batch is done)",
+                            key="batch_webhook", placeholder="https://example.com/hooks/comfybatch")
     ui.show_flash("batch")
     if csv_file is None:
         st.info("Upload a CSV file to check it and see what would be submitted.")
@@ -159,7 +161,7 @@ with ui.guard():
     numbers = [r.number or 0 for r in rows]
     images = {f.name: f.getvalue() for f in image_files or []}
     submission = service.Submission(wf.name, rows, name=batch_name or None, priority=int(priority), images=images,
-                                    source=csv_file.name, file=csv_file.name)
+                                    source=csv_file.name, file=csv_file.name, webhook=webhook.strip() or None)
     dry: service.Submitted | None
     problems: list[Problem] = []
     try:

@@ -277,3 +277,42 @@ def serve_api(api: Any, extra_routes: list[Any] | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+class Receiver:
+    """A webhook receiver on a free 127.0.0.1 port (http.server in a thread): answers each POST with the next
+    status of `statuses` (the last one repeats) and records every call's headers and body."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.statuses = list(statuses)
+        self.calls: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                status = receiver.statuses[min(len(receiver.calls), len(receiver.statuses)) - 1]
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = False  # server_close joins the handler threads, so every connection is closed
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -598,3 +598,15 @@ def test_adding_a_workflow_on_generate(offline, db):
     assert messages(at, "success") == ["Added workflow 'tiny_square' with parameters: width, height, batch_size"]
     assert at.selectbox(key="gen_workflow").value == "tiny_square"
     assert json.loads((offline.workflows_dir / "tiny_square.json").read_text()) == graph
+
+
+def test_batch_takes_a_webhook_url_checked_like_the_api(offline, db):
+    at = batch("empty_image")
+    at.text_input(key="batch_webhook").set_value("ftp://hooks.example/x")
+    at = upload_csv(at, GOOD_CSV.encode())
+    (error,) = messages(at, "error")
+    assert "webhook" in error and "expected an http:// or https:// URL" in error
+    at.text_input(key="batch_webhook").set_value("https://hooks.example/done").run()
+    next(b for b in at.button if b.label == "Submit batch").click().run()
+    no_failures(at)
+    assert db.db.execute("SELECT url, state FROM webhooks").fetchall() == [("https://hooks.example/done", "waiting")]
