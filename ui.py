@@ -32,6 +32,7 @@ from core.store import Store
 log = logging.getLogger("core.ui")
 
 PAGES = {
+    "overview": ("pages/overview.py", "Overview", ":material/dashboard:"),
     "generate": ("pages/generate.py", "Generate", ":material/brush:"),
     "batch": ("pages/batch.py", "Batch", ":material/table_view:"),
     "tasks": ("pages/tasks.py", "Tasks", ":material/list_alt:"),
@@ -56,7 +57,7 @@ def page_config() -> None:
 
 
 def navigation_pages() -> list[Any]:
-    return [st.Page(path, title=title, icon=icon, url_path=key, default=key == "generate")
+    return [st.Page(path, title=title, icon=icon, url_path=key, default=key == "overview")
             for key, (path, title, icon) in PAGES.items()]
 
 

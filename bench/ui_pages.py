@@ -62,7 +62,7 @@ def fill(settings, tasks: int, images: int) -> None:
 
 def time_page(page: str, runs: int) -> list[float]:
     at = AppTest.from_file(str(ROOT / "ui_main.py"), default_timeout=120)
-    if page != "generate":
+    if page != "overview":
         at.switch_page(f"pages/{page}.py")
     at.run()  # warm-up: imports, caches, thumbnails of the first page
     assert not at.exception, [e.value for e in at.exception]

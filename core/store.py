@@ -25,7 +25,7 @@ import sqlite_utils
 from core.errors import NotFound
 from core.models import FINAL_STATUSES, IN_FLIGHT, UNFINISHED, TaskStatus
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 7
 _JSON_COLUMNS = ("params", "graph", "inputs")
 
 _MIGRATIONS: dict[int, str] = {
@@ -109,6 +109,16 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE tasks ADD COLUMN models TEXT NOT NULL DEFAULT '';
     ALTER TABLE servers ADD COLUMN models TEXT;
     CREATE INDEX tasks_workflow_finished ON tasks(workflow, status, finished_at);
+    """,
+    # v7 (issue 12): batches.axes: a sweep's parameters and their values in the order given (JSON object, NULL
+    # for a batch without lists), for the grid view. picks: images starred in the gallery. The overview's
+    # charts read bounded time windows through the two indexes on finish times.
+    7: """
+    ALTER TABLE batches ADD COLUMN axes TEXT;
+    CREATE TABLE picks (
+        image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE, picked_at REAL NOT NULL);
+    CREATE INDEX tasks_finished ON tasks(finished_at);
+    CREATE INDEX images_created ON images(created_at);
     """,
 }
 POLICIES = ("fair", "fifo")  # COMFYBATCH_POLICY: batches take turns at equal priority, or oldest first
@@ -199,13 +209,15 @@ class Store:
 
     # -- batches and tasks ------------------------------------------------------------------------
     def create_batch(self, name: str, workflow: str, tasks: list[dict[str, Any]], priority: int = 0,
-                     source: str | None = None) -> tuple[int, list[int]]:
-        """Insert a batch and all its tasks in one transaction; returns (batch id, task ids)."""
+                     source: str | None = None, axes: dict[str, list[Any]] | None = None) -> tuple[int, list[int]]:
+        """Insert a batch and all its tasks in one transaction; returns (batch id, task ids). `axes`: a sweep's
+        parameters and their values (core.sweeps), kept for the grid view."""
         now = time.time()
         with self.write() as conn:
             batch_id = conn.execute(
-                "INSERT INTO batches (name, workflow, priority, source, created_at) VALUES (?, ?, ?, ?, ?)",
-                (name, workflow, priority, source, now)).lastrowid
+                "INSERT INTO batches (name, workflow, priority, source, created_at, axes) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, workflow, priority, source, now,
+                 json.dumps(axes, ensure_ascii=False) if axes else None)).lastrowid
             assert batch_id is not None
             first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM tasks").fetchone()[0]
             rows = [(first + i, batch_id, t.get("row_number"), workflow, t.get("prompt") or "",
@@ -451,6 +463,18 @@ class Store:
         with self.write() as conn:
             return conn.execute(f"UPDATE tasks SET priority = ? WHERE id IN ({','.join('?' * len(ids))})",
                                 [priority, *ids]).rowcount if ids else 0
+
+    def set_picked(self, image_ids: Iterable[int], picked: bool) -> int:
+        """Star (or unstar) images; ids that do not exist are skipped. Returns how many rows changed."""
+        ids = sorted({int(i) for i in image_ids})
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        with self.write() as conn:
+            if picked:
+                return conn.execute(f"INSERT OR IGNORE INTO picks (image_id, picked_at) SELECT id, ? FROM images "
+                                    f"WHERE id IN ({marks})", [time.time(), *ids]).rowcount
+            return conn.execute(f"DELETE FROM picks WHERE image_id IN ({marks})", ids).rowcount
 
     # -- reads ------------------------------------------------------------------------------------
     def get_task(self, task_id: int) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def db(offline) -> Store:
 
 def page(name: str) -> AppTest:
     at = AppTest.from_file(MAIN, default_timeout=30)
-    if name != "generate":
+    if name != "overview":
         at.switch_page(f"pages/{name}.py")
     return at.run()
 
@@ -109,7 +109,7 @@ def finish_with_images(settings: Settings, store: Store, colors: list[tuple[int,
 
 
 # -- every page -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["generate", "batch", "tasks", "gallery", "servers"])
+@pytest.mark.parametrize("name", ["overview", "generate", "batch", "tasks", "gallery", "servers"])
 def test_every_page_says_plainly_that_comfyui_is_unreachable(offline, name):
     at = page(name)
     no_failures(at)

@@ -169,7 +169,7 @@ def test_a_deep_link_on_a_fresh_server_gets_the_same_frame_on_every_page(app, br
     try:
         seen = {}
         for key, title in (("gallery", "Gallery"), ("servers", "Servers"), ("batch", "Batch"), ("tasks", "Tasks"),
-                           ("generate", "Generate"), ("", "Generate")):
+                           ("generate", "Generate"), ("", "Overview")):
             page = open_page(context.new_page(), f"{app.url}/{key}")
             expect(page.get_by_role("heading", name=title, level=1)).to_be_visible()
             expect(page.get_by_test_id("stSidebar")).to_contain_text("Servers: 1 up")
@@ -180,7 +180,7 @@ def test_a_deep_link_on_a_fresh_server_gets_the_same_frame_on_every_page(app, br
             if key == "gallery":
                 shot(page, "deep-link-gallery")
             page.close()
-        assert {k: v[0] for k, v in seen.items()} == {k: ["Generate", "Batch", "Tasks", "Gallery", "Servers"]
+        assert {k: v[0] for k, v in seen.items()} == {k: ["Overview", "Generate", "Batch", "Tasks", "Gallery", "Servers"]
                                                       for k in seen}
         assert {k: v[2] for k, v in seen.items()} == {k: True for k in seen}  # the wide layout of page_config
         assert all("ComfyBatch" in v[1] for v in seen.values())
@@ -200,7 +200,7 @@ def test_results_csv_and_a_second_app_waits_for_the_lease(comfy, browser, tmp_pa
         server = start_app(tmp_path, [comfy.url])
         try:
             context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1100})
-            page = open_page(context.new_page(), server.url + "/")
+            page = open_page(context.new_page(), server.url + "/generate")
             expect(page.get_by_text(f"Scheduler: running in another process (pid {os.getpid()}")).to_be_visible()
             choose(page, "Workflow", "(empty_image)")
             page.get_by_label("Width").fill("24")

@@ -141,7 +141,7 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     conn.commit()
     conn.close()
     store = Store(path)
-    assert store.schema_version() == SCHEMA_VERSION == 4
+    assert store.schema_version() == SCHEMA_VERSION == 7
     store.set_server_health("http://a", {"up": False, "error": "refused"})
     (server,) = store.servers()
     assert (server["url"], server["health"]) == ("http://a", '{"up": false, "error": "refused"}')

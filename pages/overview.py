@@ -1,0 +1,147 @@
+"""Overview (the landing page): the active batches as cards, charts of the last hour's output, run times and
+failures, and each server at a glance. Live: one fragment redraws every few seconds while work is active
+(slower when idle), so the page never reloads as a whole. Every number comes from bounded SQL aggregates
+(core.overview), so the page costs the same with 100 or 100,000 tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+import ui
+import ui_format
+from core import overview, queries, service
+
+BUSY_REFRESH = 3.0
+IDLE_REFRESH = 15.0
+STRIP = 8  # thumbnails per card
+
+
+def pause(batch_id: int, paused: bool) -> Any:
+    def act(ctx: ui.Context) -> tuple[str, str]:
+        (service.pause_batch if paused else service.resume_batch)(ctx.store, batch_id)
+        return ("success", f"Batch {batch_id} {'paused: what is on a server finishes' if paused else 'resumed'}.")
+    return ui.safe_callback("overview", act)
+
+
+def cancel(batch_id: int) -> Any:
+    def act(ctx: ui.Context) -> tuple[str, str]:
+        done = service.cancel_batch(ctx.store, batch_id)
+        return ("success", f"Batch {batch_id}: {len(done['cancelled'])} task(s) cancelled, "
+                f"{len(done['cancelling'])} being stopped on their server.")
+    return ui.safe_callback("overview", act)
+
+
+def batch_card(ctx: ui.Context, summary: dict[str, Any]) -> None:
+    counts = summary["counts"]
+    bid = summary["id"]
+    with st.container(border=True, key=f"ov_card_{bid}"):
+        head, buttons = st.columns([3, 2], vertical_alignment="center")
+        head.markdown(f"**#{bid} {ui.md_escape(summary['name'])}**  \n"
+                      f":gray[{ui.md_escape(summary.get('source') or 'unknown')} · workflow "
+                      f"{ui.md_escape(summary['workflow'])}]")
+        with buttons.container(horizontal=True):
+            if summary["paused"]:
+                st.button("Resume", key=f"ov_resume_{bid}", on_click=pause(bid, False), icon=":material/play_arrow:")
+            else:
+                st.button("Pause", key=f"ov_pause_{bid}", on_click=pause(bid, True), icon=":material/pause:")
+            st.button("Cancel", key=f"ov_cancel_{bid}", on_click=cancel(bid), icon=":material/cancel:")
+        running = counts.get("running", 0) + counts.get("submitted", 0)
+        st.progress(summary["progress"], text=f"{summary['done']}/{summary['total']} done")
+        eta = summary["eta_seconds"]
+        st.text(f"Batch {bid}: {counts.get('succeeded', 0)} succeeded · {counts.get('failed', 0)} failed · "
+                f"{running} running · {counts.get('queued', 0)} queued · ETA "
+                + ("paused" if summary["paused"] else ui_format.format_duration(eta)))
+        images = overview.latest_images(ctx.store, bid, STRIP)
+        if images:
+            cols = st.columns(STRIP)
+            for col, img in zip(cols, images, strict=False):
+                with col:
+                    ui.image_tile(ctx, img["id"], height=72)
+
+
+def charts(ctx: ui.Context) -> None:
+    per_minute = pd.DataFrame(overview.images_per_minute(ctx.store), columns=["minute", "server", "images"])
+    runs = pd.DataFrame(overview.durations(ctx.store), columns=["workflow", "seconds"])
+    failed = pd.DataFrame(overview.failures(ctx.store), columns=["at", "cause", "failures"])
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        st.markdown("**Images per minute, last hour**")
+        if per_minute.empty:
+            st.caption("No images in the last hour.")
+        else:
+            per_minute["minute"] = pd.to_datetime(per_minute["minute"], unit="s")
+            st.altair_chart(alt.Chart(per_minute).mark_bar().encode(
+                x=alt.X("minute:T", title=None), y=alt.Y("sum(images):Q", title="images", stack="zero"),
+                color=alt.Color("server:N", legend=alt.Legend(orient="bottom")), tooltip=["minute:T", "server:N",
+                                                                                      "images:Q"]),
+                width="stretch")
+    with c2:
+        st.markdown("**Run time by workflow (latest tasks)**")
+        if runs.empty:
+            st.caption("No finished tasks in the last day.")
+        else:
+            st.altair_chart(alt.Chart(runs).mark_boxplot(extent="min-max").encode(
+                x=alt.X("seconds:Q", title="seconds"), y=alt.Y("workflow:N", title=None),
+                color=alt.Color("workflow:N", legend=None)), width="stretch")
+    with c3:
+        st.markdown("**Failures by cause, last day**")
+        if failed.empty:
+            st.caption("No failures in the last day.")
+        else:
+            failed["at"] = pd.to_datetime(failed["at"], unit="s")
+            st.altair_chart(alt.Chart(failed).mark_bar().encode(
+                x=alt.X("at:T", title=None), y=alt.Y("sum(failures):Q", title="failed tasks"),
+                color=alt.Color("cause:N", legend=alt.Legend(orient="bottom")),
+                tooltip=["at:T", "cause:N", "failures:Q"]), width="stretch")
+
+
+def servers_at_a_glance(ctx: ui.Context) -> None:
+    st.markdown("**Servers**")
+    work = overview.current_work(ctx.store)
+    servers = ui.health(ctx)
+    if not servers:
+        st.caption("No server configured: add one on the Servers page.")
+    cols = st.columns(max(1, min(4, len(servers))))
+    for i, s in enumerate(servers):
+        with cols[i % len(cols)], st.container(border=True):
+            state = ("disabled" if not s["enabled"] else "down" if not s.get("up") else s.get("state", "active"))
+            mark = {"active": ":green[:material/check_circle:]", "down": ":red[:material/error:]"}.get(
+                state, ":orange[:material/pause_circle:]")
+            queue = (s.get("queue_running") or 0) + (s.get("queue_pending") or 0)
+            st.markdown(f"{mark} `{s['url']}`")
+            st.text(f"{state} · {queue} in its queue")
+            for task in work.get(s["url"], [])[:2]:
+                st.progress(queries.task_progress(task),
+                            text=f"task {task['id']} (batch {task['batch_id']}) {task['status']}")
+
+
+ctx = ui.setup("Overview")
+ui.show_flash("overview")
+
+
+@st.fragment(run_every=BUSY_REFRESH if queries.has_unfinished_work(ctx.store) else IDLE_REFRESH)
+def live() -> None:
+    ctx = ui.context()
+    with ui.guard():
+        busy = queries.has_unfinished_work(ctx.store)
+        ids = overview.active_batch_ids(ctx.store)
+        st.subheader("Active batches")
+        if not ids:
+            st.info("Nothing is running. Start a batch on the Generate or Batch page.")
+        cols = st.columns(2)
+        for i, bid in enumerate(ids):
+            with cols[i % 2]:
+                batch_card(ctx, service.batch_summary(ctx.store, bid))
+        servers_at_a_glance(ctx)
+        charts(ctx)
+        was_busy = st.session_state.get("overview_busy")
+        st.session_state["overview_busy"] = busy
+        if was_busy is not None and was_busy != busy:
+            st.rerun()  # switch the refresh interval
+
+
+live()
