@@ -25,13 +25,23 @@ from core import csvin, exports, files, grids, preflight, queries, storage, swee
 from core.comfy import ComfyClient, probe
 from core.config import Settings, parse_urls
 from core.errors import ConfigError, InputError, NotFound, Problem, StorageError, sort_key
-from core.intake import MAX_PRIORITY, Job, Row, Submission, build_jobs, check_request, input_dir, whole_number
+from core.intake import (
+    MAX_PRIORITY,
+    Job,
+    Row,
+    Submission,
+    build_jobs,
+    check_request,
+    input_dir,
+    task_count,
+    whole_number,
+)
 from core.models import FINAL, RETRYABLE, UNFINISHED, TaskStatus
 from core.scheduler import LEASE
 from core.store import Store
 from core.workflows import Workflow
 
-__all__ = ["Job", "Row", "Submission", "Submitted", "input_dir", "submit"]
+__all__ = ["Job", "Row", "Submission", "Submitted", "input_dir", "submit", "task_count"]
 
 
 @dataclass

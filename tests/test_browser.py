@@ -180,8 +180,8 @@ def test_a_deep_link_on_a_fresh_server_gets_the_same_frame_on_every_page(app, br
             if key == "gallery":
                 shot(page, "deep-link-gallery")
             page.close()
-        assert {k: v[0] for k, v in seen.items()} == {k: ["Overview", "Generate", "Batch", "Tasks", "Gallery", "Servers"]
-                                                      for k in seen}
+        nav = ["Overview", "Generate", "Batch", "Tasks", "Gallery", "Grid", "Servers"]
+        assert {k: v[0] for k, v in seen.items()} == {k: nav for k in seen}
         assert {k: v[2] for k, v in seen.items()} == {k: True for k in seen}  # the wide layout of page_config
         assert all("ComfyBatch" in v[1] for v in seen.values())
     finally:
