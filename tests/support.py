@@ -239,23 +239,32 @@ def inline_executor() -> Any:
 
 
 @contextlib.contextmanager
-def serve_api(api: Any) -> Iterator[str]:
-    """An api.app.Api served by uvicorn on a free loopback port in a thread; yields its base URL."""
+def serve_routes(routes: list[Any]) -> Iterator[str]:
+    """Starlette routes served by uvicorn on a free loopback port in a thread; yields the base URL."""
     import uvicorn
     from starlette.applications import Starlette
-    from starlette.routing import Mount
 
-    from api.calls import PREFIX
     from tests.comfyui_harness.server import free_port
 
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Mount(PREFIX, app=api)]), host="127.0.0.1",
-                                           port=free_port(), log_level="warning", lifespan="off", ws="none"))
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=routes), host="127.0.0.1", port=free_port(),
+                                           log_level="warning", lifespan="off", ws="none"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{server.config.port}{PREFIX}"
+        yield f"http://127.0.0.1:{server.config.port}"
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextlib.contextmanager
+def serve_api(api: Any) -> Iterator[str]:
+    """An api.app.Api served by uvicorn on a free loopback port in a thread; yields its base URL."""
+    from starlette.routing import Mount
+
+    from api.calls import PREFIX
+
+    with serve_routes([Mount(PREFIX, app=api)]) as base:
+        yield base + PREFIX
