@@ -82,7 +82,7 @@ def test_bad_values_in_lists_are_named_once_each(settings, store):
 
 
 def test_a_csv_cell_holding_a_json_array_is_a_list(settings, store):
-    data = ('1.color,width,height\n"[1, 2]","[32,48]",16\n').encode()
+    data = (b'1.color,width,height\n"[1, 2]","[32,48]",16\n')
     result = submit_csv(settings, store, data, "sweep.csv", "empty_image")
     assert len(result.task_ids) == 4
     assert json.loads(store.get_batch(result.batch_ids[0])["axes"]) == {"1.color": [1, 2], "width": [32, 48]}
