@@ -206,7 +206,10 @@ def form(wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
         extra = st.text_area("One per line: `<node id>.<input>=value`, e.g. `1.color=16711680`",
                              key=key(wf, "extra"))
     row.update(parse_extra(extra))
-    row.update(sweep_panel(wf, [p.name for p in params.values() if p.kind != "image"]))
+    lists = sweep_panel(wf, [p.name for p in params.values() if p.kind != "image"])
+    for name in lists:
+        row.pop(name, None)  # the lists go last, in the order chosen: the first is the grid's rows
+    row.update(lists)
     return row, images, int(count)
 
 
@@ -311,13 +314,14 @@ with ui.guard():
         result = service.submit(ctx.settings, ctx.store, submission)
         st.session_state["gen_batch_id"] = result.batch_ids[0]
         st.success(f"Batch {result.batch_ids[0]}: {len(result.task_ids)} task(s) queued.")
-        if sweeps.axes(row):
-            st.session_state["grid_batch"] = result.batch_ids[0]
-            st.page_link(ui.page_path("grid"), label="See it as a comparison grid", icon=":material/grid_on:")
+        st.session_state["gen_batch_sweep"] = bool(sweeps.axes(row))
 
 batch_id = st.session_state.get("gen_batch_id")
 if batch_id is not None:
     st.subheader(f"Batch {batch_id}")
+    if st.session_state.get("gen_batch_sweep"):
+        st.session_state["grid_batch"] = batch_id
+        st.page_link(ui.page_path("grid"), label="See it as a comparison grid", icon=":material/grid_on:")
     with ui.guard():
         first = service.batch_summary(ctx.store, batch_id)
         live_panel(batch_id, first["done"] >= first["total"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,18 @@ from core.config import Settings
 from core.scheduler import Scheduler
 from core.store import Store
 from tests.comfyui_harness import server as harness
-from tests.support import S3Server, make_settings
+from tests.support import CHROMIUM, CHROMIUM_ARGS, S3Server, make_settings
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (Debian's binary) through Playwright, one per test module."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
 
 
 @pytest.fixture(scope="session")

@@ -17,28 +17,18 @@ from pathlib import Path
 
 import pytest
 import requests
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import expect
 
 from core.scheduler import LEASE, Scheduler
 from core.store import Store
 from tests.appserver import AppServer, start_app
-from tests.support import CHROMIUM, CHROMIUM_ARGS, make_settings, settle
+from tests.support import choose, make_settings, open_page, settle, shot, upload
 
 pytestmark = pytest.mark.browser
 expect.set_options(timeout=20_000)
 
-ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "test-artifacts" / "screenshots"
 GOOD_CSV = "1.color,width,height,count\n16711680,32,32,1\n65280,48,32,2\n"
 BAD_CSV = "1.color,width,heigth\n255,abc,32\n7,32,count\n"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
@@ -46,30 +36,6 @@ def app(comfy, tmp_path) -> Iterator[AppServer]:
     server = start_app(tmp_path, [comfy.url])
     yield server
     server.stop()
-
-
-def open_page(browser_page: Page, url: str) -> Page:
-    browser_page.goto(url)
-    settle(browser_page)
-    return browser_page
-
-
-def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"))
-
-
-def choose(page: Page, label: str, option: str) -> None:
-    """Pick the option whose text contains `option` in the selectbox labelled `label`."""
-    page.get_by_test_id("stSelectbox").filter(has_text=label).first.click()
-    page.get_by_role("option").filter(has_text=option).first.click()
-    settle(page)
-
-
-def upload(page: Page, path: Path, index: int = 0) -> None:
-    page.get_by_test_id("stFileUploaderDropzoneInput").nth(index).set_input_files(str(path))
-    expect(page.get_by_test_id("stFileChipName").filter(has_text=path.name)).to_be_visible()
-    settle(page)
 
 
 def test_csv_batch_to_live_tasks_to_gallery_zip(app, browser, tmp_path):
@@ -114,11 +80,13 @@ def test_csv_batch_to_live_tasks_to_gallery_zip(app, browser, tmp_path):
         gallery.wait_for_function("() => [...document.querySelectorAll(\"img[src^='/files/thumb/']\")]"
                                   ".every(i => i.complete && i.naturalWidth > 0)")
         shot(gallery, "gallery")
-        gallery.get_by_role("button", name="Select all on this page").click()
+        gallery.get_by_role("button", name="Pick all on this page").click()
         settle(gallery)
-        expect(gallery.get_by_text("Showing 1-3 of 3 image(s); 3 selected")).to_be_visible()
+        expect(gallery.get_by_text("Showing 1-3 of 3 image(s); 3 picked in all batches")).to_be_visible()
+        gallery.get_by_role("button", name="Prepare ZIP of 3 picked").click()
+        settle(gallery)
         with gallery.expect_download() as download:
-            gallery.get_by_role("button", name="Download 3 selected as ZIP").click()
+            gallery.get_by_role("link", name="Download picked images ZIP").click()
         images = store.images_for_batch(1)
         with zipfile.ZipFile(download.value.path()) as zf:
             assert sorted(zf.namelist()) == sorted(img["path"] for img in images)
@@ -211,8 +179,10 @@ def test_results_csv_and_a_second_app_waits_for_the_lease(comfy, browser, tmp_pa
             expect(page.get_by_text("Batch 1: 1/1 done (100%) - 1 succeeded")).to_be_visible(timeout=60_000)
             page = open_page(page, server.url + "/gallery")
             choose(page, "Batch", "#1 ")
+            page.get_by_role("button", name="Prepare batch 1 results CSV").click()
+            settle(page)
             with page.expect_download() as download:
-                page.get_by_role("button", name="Batch 1 results CSV").click()
+                page.get_by_role("link", name="Download results CSV").click()
             rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text("utf-8-sig"))))
             assert [(r["task_id"], r["width"], r["status"], r["server"]) for r in rows] == [
                 ("1", "24", "succeeded", comfy.url)]
