@@ -21,11 +21,12 @@ NO_CAUSE = "unknown"
 
 
 def active_batch_ids(store: Store, limit: int = ACTIVE_BATCHES) -> list[int]:
-    """Batches with work still to do, newest first (one probe of the batch/status index per status)."""
+    """Batches with work still to do, newest first: walks the batches from the newest with one probe of the
+    (batch, status) index each, never the queue itself."""
     marks = ",".join("?" * len(UNFINISHED))
     return [r[0] for r in store.db.execute(
-        f"SELECT DISTINCT batch_id FROM tasks WHERE status IN ({marks}) ORDER BY batch_id DESC LIMIT ?",
-        [*UNFINISHED, limit]).fetchall()]
+        f"SELECT b.id FROM batches b WHERE EXISTS (SELECT 1 FROM tasks t WHERE t.batch_id = b.id AND t.status IN "
+        f"({marks})) ORDER BY b.id DESC LIMIT ?", [*UNFINISHED, limit]).fetchall()]
 
 
 def latest_images(store: Store, batch_id: int, limit: int = 8) -> list[dict[str, Any]]:

@@ -7,12 +7,13 @@ import json
 import zipfile
 
 import pytest
+import requests
 from PIL import Image
 
 from core import grids, service, sweeps
 from core.errors import InputError, NotFound
 from core.store import Store
-from tests.support import finish_next_task, make_settings, png, submit_csv, submit_rows
+from tests.support import finish_next_task, make_settings, png, serve_api, submit_csv, submit_rows
 
 COLORS = ["16711680", "65280", "255"]  # red, green, blue as EmptyImage's 0xRRGGBB integers
 WIDTHS = [32, 40, 48, 56]
@@ -153,3 +154,30 @@ def test_fixed_values_limits_and_the_grid_zip(settings, store, tmp_path):
         assert names[0] == "r01_color_=_16711680__c01_width_=_32.png"
         with zf.open(names[0]) as f, Image.open(f) as im:
             assert im.convert("RGB").getpixel((0, 0)) == expected[("16711680", 32)]
+
+
+def test_the_api_takes_lists_in_json_rows_and_streams_the_results_csv(tmp_path):
+    from api.app import Api
+
+    settings = make_settings(tmp_path, [])
+    api = Api()
+    with serve_api(api) as base:
+        store = Store(settings.db_path)
+        try:
+            api.bind(settings, store)
+            reply = requests.post(base + "/batches", json={"workflow": "empty_image", "rows": [
+                {"color": [1, 2, 3], "width": [32, 48], "height": 16}]}, timeout=30)
+            assert reply.status_code == 201, reply.text
+            assert len(store.task_ids(batch_id=1)) == 6
+            too_many = requests.post(base + "/batches", json={"workflow": "empty_image", "rows": [
+                {"color": list(range(100)), "width": list(range(8, 808, 8)), "height": list(range(1, 4))}]},
+                timeout=30)
+            assert too_many.status_code == 422
+            assert "would make 30,000 tasks" in too_many.json()["problems"][0]["message"]
+            answer = requests.get(base + "/batches/1/results.csv", timeout=30)
+            assert answer.headers.get("transfer-encoding") == "chunked"  # streamed, not one body
+            lines = answer.content.decode("utf-8-sig").splitlines()
+            assert lines[0].startswith("task_id,row_number,color,width,height,resolved_seed,status")
+            assert lines[1:3] == ["1,1,1,32,16,,queued,,0,,,", "2,1,1,48,16,,queued,,0,,,"]
+        finally:
+            store.close()
