@@ -51,7 +51,9 @@ def durations(store: Store, now: float | None = None, window: float = 24 * HOUR,
     """Run time (execution start to finish) of the latest succeeded tasks, by workflow: {workflow, seconds}."""
     now = time.time() if now is None else now
     rows = store.db.execute(
-        "SELECT workflow, finished_at - started_at FROM tasks WHERE finished_at >= ? AND status = 'succeeded' "
+        # INDEXED BY: the planner would otherwise walk every succeeded task through the claim index.
+        "SELECT workflow, finished_at - started_at FROM tasks INDEXED BY tasks_finished WHERE finished_at >= ? "
+        "AND status = 'succeeded' "
         "AND started_at IS NOT NULL AND finished_at >= started_at ORDER BY finished_at DESC LIMIT ?",
         (now - window, limit)).fetchall()
     return [{"workflow": w, "seconds": float(s)} for w, s in rows]
@@ -65,7 +67,8 @@ def failures(store: Store, now: float | None = None, window: float = FAILURE_WIN
     since = now - window
     rows = store.db.execute(
         "SELECT CAST((finished_at - ?) / ? AS INTEGER) AS b, COALESCE(failure_sig, error) AS cause, COUNT(*) "
-        "FROM tasks WHERE finished_at >= ? AND status = 'failed' GROUP BY b, cause ORDER BY b",
+        "FROM tasks INDEXED BY tasks_finished WHERE finished_at >= ? AND status = 'failed' GROUP BY b, cause "
+        "ORDER BY b",
         (since, bucket, since)).fetchall()
     found: dict[tuple[float, str], int] = {}
     for b, cause, n in rows:

@@ -112,13 +112,15 @@ _MIGRATIONS: dict[int, str] = {
     """,
     # v7 (issue 12): batches.axes: a sweep's parameters and their values in the order given (JSON object, NULL
     # for a batch without lists), for the grid view. picks: images starred in the gallery. The overview's
-    # charts read bounded time windows through the two indexes on finish times.
+    # charts read bounded time windows from covering indexes on finish times (no table reads), and a batch's
+    # routes (for its ETA) from one on (batch, status, servers).
     7: """
     ALTER TABLE batches ADD COLUMN axes TEXT;
     CREATE TABLE picks (
         image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE, picked_at REAL NOT NULL);
-    CREATE INDEX tasks_finished ON tasks(finished_at);
-    CREATE INDEX images_created ON images(created_at);
+    CREATE INDEX tasks_finished ON tasks(finished_at, status, workflow, started_at, server);
+    CREATE INDEX images_created ON images(created_at, task_id);
+    CREATE INDEX tasks_batch_routes ON tasks(batch_id, status, servers);
     """,
 }
 POLICIES = ("fair", "fifo")  # COMFYBATCH_POLICY: batches take turns at equal priority, or oldest first

@@ -14,9 +14,11 @@ import streamlit as st
 import ui
 import ui_format
 from core import overview, queries, service
+from core.store import Store
 
 BUSY_REFRESH = 3.0
 IDLE_REFRESH = 15.0
+CHART_TTL = 10.0  # the charts cover an hour or a day: their data is shared by all sessions for this long
 STRIP = 8  # thumbnails per card
 
 
@@ -63,22 +65,32 @@ def batch_card(ctx: ui.Context, summary: dict[str, Any]) -> None:
                     ui.image_tile(ctx, img["id"], height=72)
 
 
+def stacked_bars(data: pd.DataFrame, time_column: str, value: str, title: str, stack: str) -> alt.Chart:
+    """Bars over time, one colour per `stack` value (a server, a failure cause)."""
+    data[time_column] = pd.to_datetime(data[time_column], unit="s")
+    return alt.Chart(data).mark_bar().encode(
+        x=alt.X(f"{time_column}:T", title=None), y=alt.Y(f"sum({value}):Q", title=title, stack="zero"),
+        color=alt.Color(f"{stack}:N", legend=alt.Legend(orient="bottom")),
+        tooltip=[f"{time_column}:T", f"{stack}:N", f"{value}:Q"])
+
+
+@st.cache_data(ttl=CHART_TTL, show_spinner=False, max_entries=4)
+def chart_data(db_path: str, _store: Store) -> tuple[list[dict[str, Any]], ...]:
+    return overview.images_per_minute(_store), overview.durations(_store), overview.failures(_store)
+
+
 def charts(ctx: ui.Context) -> None:
-    per_minute = pd.DataFrame(overview.images_per_minute(ctx.store), columns=["minute", "server", "images"])
-    runs = pd.DataFrame(overview.durations(ctx.store), columns=["workflow", "seconds"])
-    failed = pd.DataFrame(overview.failures(ctx.store), columns=["at", "cause", "failures"])
+    minutes, durations, failures = chart_data(str(ctx.settings.db_path), ctx.store)
+    per_minute = pd.DataFrame(minutes, columns=["minute", "server", "images"])
+    runs = pd.DataFrame(durations, columns=["workflow", "seconds"])
+    failed = pd.DataFrame(failures, columns=["at", "cause", "failures"])
     c1, c2, c3 = st.columns(3)
     with c1:
         st.markdown("**Images per minute, last hour**")
         if per_minute.empty:
             st.caption("No images in the last hour.")
         else:
-            per_minute["minute"] = pd.to_datetime(per_minute["minute"], unit="s")
-            st.altair_chart(alt.Chart(per_minute).mark_bar().encode(
-                x=alt.X("minute:T", title=None), y=alt.Y("sum(images):Q", title="images", stack="zero"),
-                color=alt.Color("server:N", legend=alt.Legend(orient="bottom")), tooltip=["minute:T", "server:N",
-                                                                                      "images:Q"]),
-                width="stretch")
+            st.altair_chart(stacked_bars(per_minute, "minute", "images", "images", "server"), width="stretch")
     with c2:
         st.markdown("**Run time by workflow (latest tasks)**")
         if runs.empty:
@@ -92,11 +104,7 @@ def charts(ctx: ui.Context) -> None:
         if failed.empty:
             st.caption("No failures in the last day.")
         else:
-            failed["at"] = pd.to_datetime(failed["at"], unit="s")
-            st.altair_chart(alt.Chart(failed).mark_bar().encode(
-                x=alt.X("at:T", title=None), y=alt.Y("sum(failures):Q", title="failed tasks"),
-                color=alt.Color("cause:N", legend=alt.Legend(orient="bottom")),
-                tooltip=["at:T", "cause:N", "failures:Q"]), width="stretch")
+            st.altair_chart(stacked_bars(failed, "at", "failures", "failed tasks", "cause"), width="stretch")
 
 
 def servers_at_a_glance(ctx: ui.Context) -> None:
