@@ -51,7 +51,9 @@ class Selection:
 
     def task_where(self) -> tuple[str, list[Any]]:
         if not self.picked:
-            return ("t.batch_id = ?", [self.batch_id]) if self.batch_id is not None else ("1", [])
+            # `+`: walk the ids (a batch's tasks are contiguous), not the (batch, status) index, which would
+            # sort the whole batch for every page.
+            return ("+t.batch_id = ?", [self.batch_id]) if self.batch_id is not None else ("1", [])
         where, args = self.image_where()
         return f"t.id IN (SELECT i.task_id FROM images i WHERE {where})", args
 
@@ -97,6 +99,9 @@ def csv_chunks(store: Store, sel: Selection, link: Callable[[dict[str, Any]], st
     where, args = sel.task_where()
     image_where, image_args = sel.image_where()
     last = 0
+    if sel.batch_id is not None:  # start at the batch's first task, not at the first task of all
+        first = store.db.execute("SELECT MIN(id) FROM tasks WHERE batch_id = ?", (sel.batch_id,)).fetchone()[0]
+        last = (first or 1) - 1
     while True:
         tasks = [{**r, "params": json.loads(r["params"])} for r in store.db.query(
             "SELECT t.id, t.row_number, t.params, t.seed, t.status, t.server, t.attempts, t.error FROM tasks t "
