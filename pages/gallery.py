@@ -66,6 +66,9 @@ def step(image_id: int, direction: int) -> None:
 
 @st.dialog("Image", width="large", on_dismiss=close_image)
 def show_image(image_id: int) -> None:
+    # A dialog is a fragment: a click inside it reruns only this function, with the arguments it was first
+    # called with, so the image shown is read from session state (Previous/Next change it).
+    image_id = st.session_state.get(OPEN, image_id)
     ctx = ui.context()
     with ui.guard():
         detail = queries.image_detail(ctx.store, image_id)
