@@ -137,8 +137,8 @@ def test_gallery_previous_next_picks_and_picked_downloads(app, browser, store):
         rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text("utf-8-sig"))))
         assert [(r["task_id"], r["seed"]) for r in rows] == [("1", "11"), ("3", "13")]
         page.get_by_text("Picked only").click()
-        page.get_by_label("Parameter values").fill("seed=14")
-        page.get_by_label("Parameter values").press("Enter")
+        page.get_by_role("textbox", name="Parameter values").fill("seed=14")
+        page.get_by_role("textbox", name="Parameter values").press("Enter")
         settle(page)
         expect(page.get_by_text("Showing 1-1 of 1 image(s)")).to_be_visible()
     finally:
