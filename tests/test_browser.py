@@ -80,7 +80,7 @@ def test_csv_batch_to_live_tasks_to_gallery_zip(app, browser, tmp_path):
         gallery.wait_for_function("() => [...document.querySelectorAll(\"img[src^='/files/thumb/']\")]"
                                   ".every(i => i.complete && i.naturalWidth > 0)")
         shot(gallery, "gallery")
-        gallery.get_by_role("button", name="Pick all on this page").click()
+        gallery.get_by_role("button", name="Pick all on this page", exact=True).click()
         settle(gallery)
         expect(gallery.get_by_text("Showing 1-3 of 3 image(s); 3 picked in all batches")).to_be_visible()
         gallery.get_by_role("button", name="Prepare ZIP of 3 picked").click()

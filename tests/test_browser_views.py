@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
-from core import grids
+from core import grids, queries
 from core.store import Store
 from tests.appserver import AppServer, start_app
 from tests.support import open_page, settle, shot, submit_rows, wait_until
@@ -68,7 +68,8 @@ def test_overview_shows_a_running_batch_live_and_pauses_and_cancels_it(app, brow
         page.wait_for_function(
             "n => { const m = document.body.innerText.match(/Batch 2: (\\d+) succeeded/); return m && +m[1] >= n; }",
             arg=first["succeeded"] + 2, timeout=120_000)
-        page.locator("[class*='st-key-ov_card_1'] img").first.wait_for()  # the quick batch is done: no card
+        page.locator("[class*='st-key-ov_card_2'] img").first.wait_for()  # the card's strip of latest images
+        assert page.locator("[class*='st-key-ov_card_1']").count() == 0  # the quick batch is done: no card
         shot(page, "overview-running")
         page.locator(".st-key-ov_pause_2 button").click()
         expect(page.get_by_text(re.compile(r"^Batch 2: .* ETA paused$"))).to_be_visible()
@@ -129,13 +130,15 @@ def test_gallery_previous_next_picks_and_picked_downloads(app, browser, store):
         settle(page)
         with page.expect_download() as download:
             page.get_by_role("link", name="Download picked images ZIP").click()
-        paths = [store.images_for_task(t)[0]["path"] for t in (1, 3)]
+        picked = queries.images_by_ids(store, [1, 3])  # images are numbered as they land, not by task
+        paths = [img["path"] for img in picked]
         with zipfile.ZipFile(download.value.path()) as zf:
             assert sorted(zf.namelist()) == sorted(paths)
         with page.expect_download() as download:
             page.get_by_role("link", name="Download picked results CSV").click()
         rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text("utf-8-sig"))))
-        assert [(r["task_id"], r["seed"]) for r in rows] == [("1", "11"), ("3", "13")]
+        tasks = sorted(img["task_id"] for img in picked)
+        assert [(r["task_id"], r["seed"]) for r in rows] == [(str(t), str(10 + t)) for t in tasks]
         page.get_by_text("Picked only").click()
         page.get_by_role("textbox", name="Parameter values").fill("seed=14")
         page.get_by_role("textbox", name="Parameter values").press("Enter")
