@@ -33,10 +33,12 @@ from core.users import LOCAL, Actor
 log = logging.getLogger("core.ui")
 
 PAGES = {
+    "overview": ("pages/overview.py", "Overview", ":material/dashboard:"),
     "generate": ("pages/generate.py", "Generate", ":material/brush:"),
     "batch": ("pages/batch.py", "Batch", ":material/table_view:"),
     "tasks": ("pages/tasks.py", "Tasks", ":material/list_alt:"),
     "gallery": ("pages/gallery.py", "Gallery", ":material/photo_library:"),
+    "grid": ("pages/grid.py", "Grid", ":material/grid_on:"),
     "servers": ("pages/servers.py", "Servers", ":material/dns:"),
     "account": ("pages/account.py", "Account", ":material/key:"),
 }
@@ -60,7 +62,7 @@ def page_config() -> None:
 
 
 def navigation_pages() -> list[Any]:
-    return [st.Page(path, title=title, icon=icon, url_path=key, default=key == "generate")
+    return [st.Page(path, title=title, icon=icon, url_path=key, default=key == "overview")
             for key, (path, title, icon) in PAGES.items()]
 
 
@@ -339,16 +341,27 @@ def batch_picker(ctx: Context, key: str, label: str = "Batch", **kw: Any) -> int
                         format_func=lambda b: "All batches" if b is None else batch_label(batches[b]), **kw)
 
 
-def image_tile(ctx: Context, image_id: int, caption: str = "", height: int = 160, href: str | None = None) -> None:
+def image_tile(ctx: Context, image_id: int, caption: str = "", height: int = 160, href: str | None = None,
+               title: str = "") -> None:
     """A thumbnail the browser fetches from the /files/ routes: nothing held in the server's memory. The link
-    opens `href` (the object store's URL of an image stored there) or the local full-size route."""
+    opens `href` (the object store's URL of an image stored there) or the local full-size route; `title` is
+    shown on hover (the full prompt)."""
     st.markdown(
-        f'<a href="{html.escape(href or access.image_url(ctx.settings, image_id))}" target="_blank">'
+        f'<a href="{html.escape(href or access.image_url(ctx.settings, image_id))}" target="_blank"'
+        f' title="{html.escape(title)}">'
         f'<img src="{access.thumb_url(ctx.settings, image_id)}" alt="image {image_id}" data-image-id="{image_id}" '
         f'loading="lazy" style="width:100%;height:{height}px;object-fit:contain;border-radius:4px;'
         f'background:repeating-conic-gradient(#eee 0% 25%, #fff 0% 50%) 50% / 16px 16px"></a>'
         + (f'<div style="font-size:0.8em;color:gray">{html.escape(caption)}</div>' if caption else ""),
         unsafe_allow_html=True)
+
+
+def download_link(url: str, label: str, key: str) -> None:
+    """A link that downloads a file the app wrote to disk (core.exports), served by the /files/export route:
+    the bytes never pass through the Streamlit session."""
+    st.markdown(f'<a class="cb-download" data-key="{html.escape(key)}" href="{html.escape(url)}" download '
+                f'style="display:inline-block;padding:0.4em 0.9em;border:1px solid #ccc;border-radius:0.5em;'
+                f'text-decoration:none">{html.escape(label)}</a>', unsafe_allow_html=True)
 
 
 def full_image(ctx: Context, image_id: int, href: str | None = None) -> None:

@@ -52,7 +52,7 @@ def generate(call: Call) -> dict[str, Any]:
     request = intake.parse_json(call.body)
     if not isinstance(request, dict):
         raise InputError('the body must be a JSON object like {"prompt": "..."}')
-    task_ids = compat.submit(call.settings, call.store, [request], None)
+    task_ids = compat.submit(call.settings, call.store, [request], None, actor=call.actor)
     return {"task_id": str(task_ids[0]), "message": "task submitted",
             "status_url": _base(call) + f"/status/{task_ids[0]}"}
 
@@ -72,7 +72,8 @@ def batch(call: Call) -> dict[str, Any]:
         raise InputError(f"{len(problems)} problem(s) found; nothing was enqueued", problems)
     assert isinstance(requests, list)
     batch_name = (name or "").strip() or f"batch_{int(time.time())}"
-    task_ids = compat.submit(call.settings, call.store, requests, batch_name, priority=data.get("priority", 0))
+    task_ids = compat.submit(call.settings, call.store, requests, batch_name, priority=data.get("priority", 0),
+                              actor=call.actor)
     return {"batch_name": batch_name, "task_ids": [str(t) for t in task_ids],
             "message": f"submitted {len(task_ids)} task{'s' if len(task_ids) != 1 else ''}"}
 

@@ -4,6 +4,7 @@ or a signed link).
 
     GET /files/thumb/{image_id}   WebP thumbnail (made once, see core.thumbs)
     GET /files/image/{image_id}   the original file, bytes unchanged
+    GET /files/export/{token}/{name}   a download the pages prepared on disk (core.exports; the token is its key)
 
 Paths come from the images table only, never from the request, and must stay inside the output folder. The
 browser fetches these URLs itself, so big galleries cost the Streamlit server no memory. An image whose local
@@ -20,7 +21,7 @@ from starlette.routing import Route
 
 from api.auth import denied_message, request_actor
 from api.calls import Bound, parse_id
-from core import service
+from core import access, exports, service
 from core.config import Settings
 from core.errors import NotFound
 from core.store import Store
@@ -45,7 +46,19 @@ class FileServer(Bound):
     @property
     def routes(self) -> list[Route]:
         return [Route("/files/thumb/{image_id}", self.thumb, methods=["GET", "HEAD"]),
-                Route("/files/image/{image_id}", self.image, methods=["GET", "HEAD"])]
+                Route("/files/image/{image_id}", self.image, methods=["GET", "HEAD"]),
+                Route("/files/export/{token}/{name}", self.export, methods=["GET", "HEAD"])]
+
+    def export(self, request: Request) -> Response:
+        """A results CSV, ZIP or contact sheet a page wrote to disk, sent from the file (never read whole)."""
+        if self.settings is None:
+            return JSONResponse({"error": "the file server is not started"}, status_code=503)
+        name = str(request.path_params["name"])
+        try:
+            path = exports.find(self.settings, str(request.path_params["token"]), name)
+        except NotFound as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
+        return FileResponse(path, filename=name, headers={"Cache-Control": "private, no-store"})
 
     # Plain (sync) endpoints: Starlette runs them in its thread pool, off the event loop.
     def thumb(self, request: Request) -> Response:

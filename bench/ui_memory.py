@@ -1,8 +1,9 @@
 """Resident memory of the `streamlit run app.py` process (pages + scheduler + API in one process) while a
-5,000-task batch runs on a real ComfyUI with two headless Chromium sessions open on the live Tasks and
-Gallery pages, for `--minutes` (the target scenario is an hour; pass --minutes 60).
+5,000-task batch runs on a real ComfyUI with two headless Chromium sessions open on live pages (`--paths`: the
+Tasks and Gallery pages by default; `--paths /,/` for two sessions on the Overview), for `--minutes` (the
+target scenario is an hour; pass --minutes 60).
 
-    .venv/bin/python bench/ui_memory.py [--tasks 5000] [--minutes 60]
+    .venv/bin/python bench/ui_memory.py [--tasks 5000] [--minutes 60] [--paths /tasks,/gallery] [--slow]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=5000)
     ap.add_argument("--minutes", type=float, default=60)
+    ap.add_argument("--paths", default="/tasks,/gallery", help="comma-separated pages, one browser session each")
     ap.add_argument("--slow", action="store_true",
                     help="512 px blur jobs (about 0.7 s each here), so 5,000 tasks take about an hour")
     args = ap.parse_args()
@@ -54,7 +56,7 @@ def main() -> None:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 pages = []
-                for path in ("/tasks", "/gallery"):
+                for path in args.paths.split(","):
                     page = browser.new_context(viewport={"width": 1400, "height": 1300}).new_page()
                     page.goto(app.url + path)
                     settle(page)
@@ -63,9 +65,10 @@ def main() -> None:
                 finished_at = None
                 while time.monotonic() - start < args.minutes * 60:
                     samples.append((time.monotonic() - start, rss_mb(app.proc.pid)))
+                    print(f"{samples[-1][0]:.0f} s: {samples[-1][1]:.0f} MB", file=sys.stderr, flush=True)
                     if finished_at is None and not store.has_pending_work():
                         finished_at = time.monotonic() - start
-                        pages[1].reload()  # the gallery shows the finished batch's thumbnails
+                        pages[-1].reload()  # a page opened anew after the batch finished
                     pages[0].wait_for_timeout(10_000)
                 browser.close()
             counts = store.counts(result.batch_ids[0])
@@ -76,7 +79,8 @@ def main() -> None:
     peak = max(s[1] for s in samples)
     kind = "slow" if args.slow else "trivial"
     print(f"| streamlit process RSS | {args.tasks} {kind} tasks ({counts}), batch done after "
-          f"{finished_at if finished_at is None else round(finished_at)} s, 2 Chromium sessions, "
+          f"{finished_at if finished_at is None else round(finished_at)} s, {len(pages)} Chromium sessions on "
+          f"{args.paths}, "
           f"{args.minutes:g} min | start {samples[0][1]:.0f} MB | peak {peak:.0f} MB | end {samples[-1][1]:.0f} MB "
           f"| target < 500 MB |")
 

@@ -1,4 +1,5 @@
-"""Server-side time to build the Tasks page with 100,000 tasks and the Gallery page with 10,000 images.
+"""Server-side time to build the Overview and Tasks pages with 100,000 tasks and the Gallery page with 10,000
+images (the first `--images` tasks succeeded in the last hour, a few failed, the rest queued in 10 batches).
 
 Runs the real page scripts through Streamlit's AppTest (the script run is what the server does per refresh;
 the browser's rendering is not included), against a database filled here. Median of several reruns after
@@ -45,8 +46,12 @@ def fill(settings, tasks: int, images: int) -> None:
     Image.new("RGB", (64, 64), (200, 100, 50)).save(buf, "PNG")
     now = time.time()
     with store.write() as conn:
-        conn.execute("UPDATE tasks SET status = 'succeeded', finished_at = ?, server = 'http://gpu-1:8188', "
-                     "attempts = 1, progress_value = 20, progress_max = 20 WHERE id <= ?", (now, images))
+        # finished over the last hour, each run 2-5 s (the Overview's charts read these)
+        conn.execute("UPDATE tasks SET status = 'succeeded', finished_at = ? - (id % 3600), started_at = "
+                     "? - (id % 3600) - 2 - (id % 4), server = 'http://gpu-' || (id % 2 + 1) || ':8188', "
+                     "attempts = 1, progress_value = 20, progress_max = 20 WHERE id <= ?", (now, now, images))
+        conn.execute("UPDATE tasks SET status = 'failed', finished_at = ? - id, error = 'ComfyUI execution error: "
+                     "out of memory' WHERE id > ? AND id <= ? AND id % 7 = 0", (now, images + 2, images + 200))
         conn.execute("UPDATE tasks SET status = 'running', progress_value = 5, progress_max = 20 "
                      "WHERE id > ? AND id <= ?", (images, images + 2))
         rows = []
@@ -54,7 +59,7 @@ def fill(settings, tasks: int, images: int) -> None:
             name = f"task-{task_id:06d}_9_00.png"
             (folder / name).write_bytes(buf.getvalue())
             rows.append((task_id, 1, "9", 0, f"batch-00001/{name}", name, "", "output", 64, 64, "RGB",
-                         len(buf.getvalue()), now))
+                         len(buf.getvalue()), now - task_id % 3600))
         conn.executemany("INSERT INTO images (task_id, batch_id, node_id, idx, path, filename, subfolder, type, "
                          "width, height, mode, size_bytes, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
     store.close()
@@ -62,7 +67,7 @@ def fill(settings, tasks: int, images: int) -> None:
 
 def time_page(page: str, runs: int) -> list[float]:
     at = AppTest.from_file(str(ROOT / "ui_main.py"), default_timeout=120)
-    if page != "generate":
+    if page != "overview":
         at.switch_page(f"pages/{page}.py")
     at.run()  # warm-up: imports, caches, thumbnails of the first page
     assert not at.exception, [e.value for e in at.exception]
@@ -91,7 +96,7 @@ def main() -> None:
         fill(settings, args.tasks, args.images)
         print(f"filled {args.tasks} tasks and {args.images} images in {time.perf_counter() - start:.1f} s",
               file=sys.stderr)
-        for page, target in (("tasks", 0.3), ("gallery", 0.5)):
+        for page, target in (("overview", 0.3), ("tasks", 0.3), ("gallery", 0.5)):
             times = time_page(page, args.runs)
             print(f"| {page} page | {args.tasks} tasks, {args.images} images | {args.runs} reruns | median "
                   f"{statistics.median(times):.3f} s | min {min(times):.3f} s | max {max(times):.3f} s | "

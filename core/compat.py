@@ -34,6 +34,7 @@ from core.errors import InputError, NotFound, Problem
 from core.intake import Row, Submission
 from core.models import TaskStatus
 from core.store import Store
+from core.users import Actor
 from core.workflows import Workflow
 
 SOURCE = "compat"
@@ -147,9 +148,10 @@ def _row(settings: Settings, data: dict[str, Any], workflow: Workflow | None, su
     return row, note
 
 
-def submit(settings: Settings, store: Store, requests: list[Any], batch_name: str | None, priority: Any = 0
-           ) -> list[int]:
-    """Enqueue the requests (all or nothing) through service.submit; returns the task ids in request order."""
+def submit(settings: Settings, store: Store, requests: list[Any], batch_name: str | None, priority: Any = 0, *,
+           actor: Actor) -> list[int]:
+    """Enqueue the requests (all or nothing) through service.submit as `actor`; returns the task ids in request
+    order."""
     p = plan(settings, requests, batch_name)
     for sub in p.subs.values():
         sub.priority = priority  # checked by service.submit
@@ -157,12 +159,12 @@ def submit(settings: Settings, store: Store, requests: list[Any], batch_name: st
         problems: list[Problem] = []
         for sub in p.subs.values():
             try:
-                service.submit(settings, store, replace(sub, dry_run=True))
+                service.submit(settings, store, replace(sub, dry_run=True), actor=actor)
             except InputError as exc:
                 problems.extend(exc.problems)
         if problems:
             raise InputError(f"{len(problems)} problem(s) found; nothing was enqueued", problems)
-    ids = {name: service.submit(settings, store, sub).task_ids for name, sub in p.subs.items()}
+    ids = {name: service.submit(settings, store, sub, actor=actor).task_ids for name, sub in p.subs.items()}
     task_ids = [ids[name][i] for name, i in p.order]
     with store.write() as conn:
         conn.executemany("INSERT OR REPLACE INTO compat_requests (task_id, request, note) VALUES (?, ?, ?)",

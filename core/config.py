@@ -96,7 +96,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("COMFYBATCH_MAX_COUNT", "max_count", "1000", int,
             "Largest `count` (copies of a row): the CLI's --count, the API's count, a CSV count column, the forms."),
     Setting("COMFYBATCH_MAX_TASKS", "max_tasks", "20000", int,
-            "Most tasks one submission may create (rows x count), checked before anything is expanded."),
+            "Most tasks one submission may create (rows x count x the product of its lists), checked before anything "
+            "is expanded."),
+    Setting("COMFYBATCH_MAX_SWEEP_VALUES", "max_sweep_values", "100", int,
+            "Most values in one list of a sweep (a parameter given several values; see core/sweeps.py)."),
     # Object storage (S3 and S3-compatible stores). An empty bucket turns the feature off.
     Setting("COMFYBATCH_S3_BUCKET", "s3_bucket", "", str,
             "Bucket that result images are uploaded to after they are saved locally. Empty: object storage off."),
@@ -198,6 +201,7 @@ class Settings:
     max_rows: int = 10_000
     max_count: int = 1000
     max_tasks: int = 20_000
+    max_sweep_values: int = 100
     s3_bucket: str = ""
     s3_endpoint_url: str = ""
     s3_region: str = "us-east-1"

@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from core import sweeps
 from core.errors import InputError, Problem, clip
 from core.intake import Row
 
@@ -148,7 +149,12 @@ def table_rows(columns: list[str], cells: list[list[str]], numbers: list[int], f
             elif key == "batch_name":
                 row.batch_name = value
             else:
-                row.params[name] = value
+                try:
+                    values = sweeps.parse_cell(value)
+                except InputError as exc:
+                    row.problems.append(Problem(exc.summary, column=name, code="invalid_list"))
+                    continue
+                row.params[name] = value if values is None else values
         rows.append(row)
     return rows
 

@@ -4,14 +4,13 @@ batches are exported (ZIP of images, CSV of row -> files). Touches only the outp
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import io
 import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_zip(output_dir: Path, images: list[dict[str, Any]], target: Path | io.BytesIO,
+def export_zip(output_dir: Path, images: Iterable[dict[str, Any]], target: Path | io.BytesIO,
                fetch: Callable[[dict[str, Any]], bytes | None] | None = None) -> int:
     """Write the given image rows into a ZIP (stored, not recompressed: PNGs are already compressed). An image
     whose local file is gone is taken from `fetch(row)` when given (object storage), else left out."""
@@ -76,32 +75,23 @@ def export_zip(output_dir: Path, images: list[dict[str, Any]], target: Path | io
     return count
 
 
-def results_csv(tasks: list[dict[str, Any]], images_by_task: dict[int, list[dict[str, Any]]],
-                links: dict[int, str] | None = None, submitted_by: str = "") -> str:
-    """One line per task: its parameters as given, the resolved seed, status, error, image files and, for
-    images in object storage, their URLs (`links`: image id -> URL), both `;`-separated, and who submitted
-    the batch."""
-    links = links or {}
-    param_keys: list[str] = []
-    for t in tasks:
-        for key in t["params"]:
-            if key not in param_keys:
-                param_keys.append(key)
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow([spreadsheet_safe(k) for k in ["task_id", "row_number", *param_keys, "resolved_seed", "status",
-                                                   "server", "attempts", "error", "images", "image_urls",
-                                                   "submitted_by"]])
-    for t in tasks:
-        params = t["params"]
-        writer.writerow([t["id"], t.get("row_number") or "",
-                         *[spreadsheet_safe(_cell(params.get(k))) for k in param_keys],
-                         t.get("seed") if t.get("seed") is not None else "", t["status"],
-                         spreadsheet_safe(t.get("server") or ""), t["attempts"], spreadsheet_safe(t.get("error") or ""),
-                         ";".join(img["path"] for img in images_by_task.get(t["id"], [])),
-                         ";".join(links[img["id"]] for img in images_by_task.get(t["id"], []) if img["id"] in links),
-                         spreadsheet_safe(submitted_by)])
-    return out.getvalue()
+RESULT_COLUMNS = ("resolved_seed", "status", "server", "attempts", "error", "images", "image_urls", "submitted_by")
+
+
+def results_header(param_keys: list[str]) -> list[str]:
+    return [spreadsheet_safe(k) for k in ["task_id", "row_number", *param_keys, *RESULT_COLUMNS]]
+
+
+def results_row(t: dict[str, Any], param_keys: list[str], images: list[dict[str, Any]],
+                links: dict[int, str], submitted_by: str = "") -> list[Any]:
+    """One task's line of a results CSV: its parameters as given, the resolved seed, status, error, image
+    files and, for images in object storage, their URLs (`links`: image id -> URL), both `;`-separated, and who
+    submitted the batch."""
+    params = t["params"]
+    return [t["id"], t.get("row_number") or "", *[spreadsheet_safe(_cell(params.get(k))) for k in param_keys],
+            t.get("seed") if t.get("seed") is not None else "", t["status"], spreadsheet_safe(t.get("server") or ""),
+            t["attempts"], spreadsheet_safe(t.get("error") or ""), ";".join(img["path"] for img in images),
+            ";".join(links[img["id"]] for img in images if img["id"] in links), spreadsheet_safe(submitted_by)]
 
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from core import files, workflows
+from core import files, sweeps, workflows
 from core.config import Settings
 from core.errors import InputError, Problem, sort_key
 from core.workflows import Workflow
@@ -69,6 +69,7 @@ class Job:
     graph: dict[str, Any]
     inputs: dict[str, dict[str, str]] = field(default_factory=dict)
     batch_name: str | None = None
+    axes: dict[str, Any] = field(default_factory=dict)  # this job's values of its row's lists (core.sweeps)
 
 
 def whole_number(value: Any, low: int, high: int | None = None) -> bool:
@@ -100,10 +101,11 @@ def check_request(settings: Settings, sub: Submission) -> list[Problem]:
         problems.append(Problem(f"{len(sub.images or {})} image files; at most {MAX_IMAGES}", field="images",
                                 code="too_large"))
     count = sub.count if whole_number(sub.count, 1) else 1
-    tasks = sum(row.count or count for row in sub.rows)
+    tasks = task_count(sub)
     if tasks > settings.max_tasks:
-        problems.append(Problem(f"{len(sub.rows):,} row(s) with count {count:,} would make {tasks:,} tasks; at most "
-                                f"{settings.max_tasks:,} in one submission (COMFYBATCH_MAX_TASKS): split it",
+        lists = " and their lists" if any(sweeps.axes(row.params) for row in sub.rows) else ""
+        problems.append(Problem(f"{len(sub.rows):,} row(s){lists} with count {count:,} would make {tasks:,} tasks; "
+                                f"at most {settings.max_tasks:,} in one submission (COMFYBATCH_MAX_TASKS): split it",
                                 field="count" if len(sub.rows) == 1 else "rows", code="too_large"))
     return problems
 
@@ -123,6 +125,13 @@ def check_webhook(url: Any) -> list[Problem]:
     return []
 
 
+def task_count(sub: Submission) -> int:
+    """Tasks the submission would make (each row's count times the product of its lists), from the numbers
+    alone: what pages show before submitting and what the limits are checked against."""
+    count = sub.count if whole_number(sub.count, 1) else 1
+    return sum((row.count or count) * sweeps.size(row.params) for row in sub.rows)
+
+
 def build_jobs(settings: Settings, workflow: Workflow, sub: Submission, rng: random.Random | None = None
                ) -> list[Job]:
     """Check every row and expand counts. Raises one InputError naming every problem of the submission (its
@@ -133,35 +142,62 @@ def build_jobs(settings: Settings, workflow: Workflow, sub: Submission, rng: ran
     for row in sub.rows:
         where: dict[str, Any] = {"row": row.number, "file": sub.file if row.number is not None else None}
         problems.extend(p.at(**where) for p in row.problems)  # and the row's values are checked too
-        try:
-            resolved = workflows.resolve_params(workflow, row.params, rng)
-        except InputError as exc:
-            problems.extend(p.at(**where) for p in exc.problems)
-            continue
-        inputs: dict[str, dict[str, str]] = {}
-        for key in list(resolved):
-            param = workflow.param_for(key)
-            if param.kind != "image":
+        swept = sweeps.axes(row.params)
+        if swept:
+            found = sweeps.check(row.params, settings.max_sweep_values)
+            if found:
+                problems.extend(p.at(**where) for p in found)
                 continue
+        params = dict(row.params)
+        fixed_seed = params.get("seed") not in (None, "", "random")
+        if swept and "seed" in workflow.params and "seed" not in swept and not fixed_seed:
+            # One seed for the whole sweep, so the grid's cells differ only by what the lists vary.
+            params["seed"] = rng.randint(0, workflows.SEED_MAX)
+            fixed_seed = True
+        seen: set[str] = set()
+        for combo in sweeps.combinations(params):
             try:
-                inputs[param.target] = stage_image(settings, str(resolved[key]), sub.images, sub.image_dir)
+                resolved = workflows.resolve_params(workflow, combo, rng)
             except InputError as exc:
-                problems.append(Problem(exc.summary, parameter=key, **where))
+                for p in exc.problems:  # one bad value of a list fails many combinations: say it once
+                    if (text := str(p)) not in seen:
+                        seen.add(text)
+                        problems.append(p.at(**where))
                 continue
-            resolved[key] = inputs[param.target]["name"]
-        if problems:
-            continue  # nothing will be enqueued: do not spend memory on graphs
-        fixed_seed = row.params.get("seed") not in (None, "", "random")
-        for copy in range(row.count or sub.count):
-            values = dict(resolved)
-            if "seed" in workflow.params and copy > 0:
-                values["seed"] = (resolved["seed"] + copy) if fixed_seed else rng.randint(0, workflows.SEED_MAX)
-            jobs.append(Job(row.number, dict(row.params), values, workflows.patch(workflow, values), inputs,
-                            row.batch_name))
+            inputs = stage_images(settings, workflow, sub, resolved, where, problems)
+            if inputs is None or problems:
+                continue  # nothing will be enqueued: do not spend memory on graphs
+            given = {**row.params, **{k: combo[k] for k in swept}}
+            for copy in range(row.count or sub.count):
+                values = dict(resolved)
+                if "seed" in workflow.params and copy > 0:
+                    values["seed"] = (resolved["seed"] + copy) if fixed_seed else rng.randint(0, workflows.SEED_MAX)
+                jobs.append(Job(row.number, given, values, workflows.patch(workflow, values), inputs,
+                               row.batch_name, {k: combo[k] for k in swept}))
     if problems:
         problems.sort(key=sort_key)
         raise InputError(f"{len(problems)} problem(s) found; nothing was enqueued", problems)
     return jobs
+
+
+def stage_images(settings: Settings, workflow: Workflow, sub: Submission, resolved: dict[str, Any],
+                 where: dict[str, Any], problems: list[Problem]) -> dict[str, dict[str, str]] | None:
+    """Stage the input images a row names, replacing each value by the file's name; the staged files by input
+    target, or None (with the problems added) when one cannot be used."""
+    inputs: dict[str, dict[str, str]] = {}
+    ok = True
+    for key in list(resolved):
+        param = workflow.param_for(key)
+        if param.kind != "image":
+            continue
+        try:
+            inputs[param.target] = stage_image(settings, str(resolved[key]), sub.images, sub.image_dir)
+        except InputError as exc:
+            problems.append(Problem(exc.summary, parameter=key, **where))
+            ok = False
+            continue
+        resolved[key] = inputs[param.target]["name"]
+    return inputs if ok else None
 
 
 def input_dir(settings: Settings) -> Path:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from core.errors import ComfyBatchError, NotFound
+from core.errors import ComfyBatchError, InputError, NotFound, Problem, clip
 from core.models import UNFINISHED, TaskStatus
 from core.store import Store, filter_clauses
 from core.workflows import Workflow
@@ -32,6 +32,12 @@ class TaskFilter:
     person: str | None = None  # only batches this person submitted
 
 
+MAX_PARAM_FILTERS = 8  # conditions in one gallery parameter filter
+MAX_FILTER_TEXT = 2000  # characters of the whole filter
+MAX_FILTER_KEY = 100
+MAX_FILTER_VALUE = 200
+
+
 @dataclass(frozen=True)
 class ImageFilter:
     batch_id: int | None = None
@@ -40,6 +46,8 @@ class ImageFilter:
     until: dt.date | None = None  # inclusive
     text: str = ""
     person: str | None = None  # only batches this person submitted
+    picked: bool = False  # starred images only
+    params: tuple[tuple[str, str], ...] = ()  # parameter = value conditions (parse_param_filters)
 
 
 # -- tasks ------------------------------------------------------------------------------------------
@@ -108,8 +116,66 @@ def count_images(store: Store, flt: ImageFilter) -> int:
 def page_images(store: Store, flt: ImageFilter, limit: int, offset: int) -> list[dict[str, Any]]:
     where, args = _image_where(store, flt)
     cols = ", ".join(IMAGE_COLUMNS)
-    return list(store.db.query(f"SELECT {cols} FROM images i JOIN tasks t ON t.id = i.task_id {where} "
-                               "ORDER BY i.id DESC LIMIT ? OFFSET ?", [*args, limit, offset]))
+    return list(store.db.query(f"SELECT {cols}, i.id IN (SELECT image_id FROM picks) AS picked FROM images i "
+                               f"JOIN tasks t ON t.id = i.task_id {where} ORDER BY i.id DESC LIMIT ? OFFSET ?",
+                               [*args, limit, offset]))
+
+
+def neighbour_image(store: Store, flt: ImageFilter, image_id: int, step: int) -> int | None:
+    """The image after (`step` 1) or before (-1) `image_id` in the gallery's order (newest first) among the
+    images the filter matches, or None at either end."""
+    where, args = _image_where(store, flt)
+    where = (where + " AND" if where else "WHERE") + (" i.id < ?" if step > 0 else " i.id > ?")
+    order = "DESC" if step > 0 else "ASC"
+    row = store.db.execute(f"SELECT i.id FROM images i JOIN tasks t ON t.id = i.task_id {where} "
+                           f"ORDER BY i.id {order} LIMIT 1", [*args, image_id]).fetchone()
+    return int(row[0]) if row else None
+
+
+def picked_ids(store: Store, ids: Iterable[int]) -> set[int]:
+    """Which of the given images are picked (starred)."""
+    ids = list(ids)
+    if not ids:
+        return set()
+    return {r[0] for r in store.db.execute(f"SELECT image_id FROM picks WHERE image_id IN "
+                                           f"({','.join('?' * len(ids))})", ids).fetchall()}
+
+
+def count_picked(store: Store, batch_id: int | None = None) -> int:
+    sql = "SELECT COUNT(*) FROM picks p" + (" JOIN images i ON i.id = p.image_id WHERE i.batch_id = ?"
+                                            if batch_id is not None else "")
+    return int(store.db.execute(sql, [batch_id] if batch_id is not None else []).fetchone()[0])
+
+
+def parse_param_filters(text: str) -> tuple[tuple[str, str], ...]:
+    """`name=value` conditions, one per line or separated by `;` (e.g. `cfg=7; checkpoint=sd15.safetensors`),
+    matched against the values each task was given (and, for `seed`, the seed it ran with). InputError naming
+    the condition when one is malformed or the filter is over its limits."""
+    if len(text) > MAX_FILTER_TEXT:
+        raise InputError("the parameter filter is too long", [Problem(
+            f"{len(text):,} characters; at most {MAX_FILTER_TEXT:,}", field="parameters", code="too_large")])
+    parts = [p.strip() for line in text.splitlines() for p in line.split(";") if p.strip()]
+    problems = []
+    if len(parts) > MAX_PARAM_FILTERS:
+        problems.append(Problem(f"{len(parts)} conditions; at most {MAX_PARAM_FILTERS}", field="parameters",
+                                code="too_large"))
+    found = []
+    for n, part in enumerate(parts[:MAX_PARAM_FILTERS], start=1):
+        name, sep, value = part.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name:
+            problems.append(Problem(f"condition {n}: expected name=value, got {clip(part, 60)!r}", field="parameters"))
+        elif len(name) > MAX_FILTER_KEY or len(value) > MAX_FILTER_VALUE or "\x00" in part:
+            problems.append(Problem(f"condition {n}: a name of at most {MAX_FILTER_KEY} and a value of at most "
+                                    f"{MAX_FILTER_VALUE} characters (no NUL)", field="parameters", code="too_large"))
+        elif name == "seed" and not value.lstrip("-").isdigit():
+            problems.append(Problem(f"condition {n}: seed is a whole number, got {clip(value, 40)!r}",
+                                    field="parameters"))
+        else:
+            found.append((name, value))
+    if problems:
+        raise InputError("the parameter filter needs fixing", problems)
+    return tuple(found)
 
 
 def get_image(store: Store, image_id: int) -> dict[str, Any]:
@@ -187,11 +253,20 @@ def _image_where(store: Store, flt: ImageFilter) -> tuple[str, list[Any]]:
         clauses.append("i.created_at < ?")
         args.append(time.mktime((flt.until + dt.timedelta(days=1)).timetuple()))
     _person(clauses, args, flt.person, "i.")
+    if flt.picked:
+        clauses.append("i.id IN (SELECT image_id FROM picks)")
+    for name, value in flt.params:
+        if name == "seed":
+            clauses.append("t.seed = ?")
+            args.append(int(value))
+        else:  # the value as given (text in a CSV, a number in JSON): compared as text, "7" matches 7 and "7"
+            clauses.append("CAST(t.params ->> ? AS TEXT) = ?")
+            args.extend(['$."' + name.replace('"', "") + '"', value])
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
 def _needs_task_join(flt: ImageFilter) -> bool:
-    return bool(flt.workflow or flt.text.strip())
+    return bool(flt.workflow or flt.text.strip() or flt.params)
 
 
 def _person(clauses: list[str], args: list[Any], person: str | None, alias: str) -> None:

@@ -21,24 +21,34 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from core import (acting, backends, csvin, files, preflight, queries, sessions, storage, thumbs, uploads,
-                  webhooks, workflows)
+from core import (acting, backends, csvin, exports, files, grids, preflight, queries, sessions, storage, sweeps,
+                  thumbs, uploads, webhooks, workflows)
 from core.comfy import ComfyClient, probe
 from core.config import Settings, parse_urls
 from core.errors import ConfigError, InputError, NotFound, Problem, StorageError, sort_key
-from core.intake import MAX_PRIORITY, Job, Row, Submission, build_jobs, check_request, input_dir, whole_number
+from core.intake import (
+    MAX_PRIORITY,
+    Job,
+    Row,
+    Submission,
+    build_jobs,
+    check_request,
+    input_dir,
+    task_count,
+    whole_number,
+)
 from core.models import FINAL, RETRYABLE, UNFINISHED, TaskStatus
 from core.scheduler import LEASE
 from core.store import Store
 from core.users import LOCAL, Actor, require_admin, require_owner
 from core.workflows import Workflow
 
-__all__ = ["Job", "Row", "Submission", "Submitted", "input_dir", "submit"]
+__all__ = ["Job", "Row", "Submission", "Submitted", "input_dir", "submit", "task_count"]
 
 
 @dataclass
@@ -141,7 +151,10 @@ def enqueue(store: Store, workflow: Workflow, jobs: list[Job], batch_name: str |
                  "inputs": j.inputs, "servers": ",".join(servers) if servers else None,
                  "prompt": str(j.resolved.get("prompt") or (j.graph[prompt_param.node_id]["inputs"].get(
                      prompt_param.input_name) if prompt_param else "") or "")} for j in group]
-        batch_id, ids = store.create_batch(name, workflow.name, rows, priority=priority, source=source,
+        axes: dict[str, list[Any]] = {}
+        for job in group:
+            sweeps.merge_axes(axes, job.axes)
+        batch_id, ids = store.create_batch(name, workflow.name, rows, priority=priority, source=source, axes=axes,
                                            submitted_by=submitted_by)
         batch_ids.append(batch_id)
         task_ids.extend(ids)
@@ -378,36 +391,87 @@ def _server_state(store: Store, server: dict[str, Any]) -> dict[str, Any]:
 
 def export_batch(settings: Settings, store: Store, batch_id: int, csv_path: Path | None = None,
                  zip_path: Path | None = None) -> dict[str, int]:
+    """Write a batch's results CSV and/or ZIP to files, streamed (core.exports): memory stays flat."""
     store.get_batch(batch_id)
-    images = store.images_for_batch(batch_id)
-    result = {"images": len(images)}
+    sel = exports.Selection(batch_id)
+    result = {"images": int(store.db.execute("SELECT COUNT(*) FROM images WHERE batch_id = ?",
+                                             (batch_id,)).fetchone()[0])}
     if csv_path:
-        data = results_csv_bytes(settings, store, batch_id)
-        files.write_atomic(csv_path, data)
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        part = csv_path.with_name(f".part-{csv_path.name}")
+        with open(part, "wb") as out:
+            for chunk in results_csv_chunks(settings, store, batch_id):
+                out.write(chunk)
+        part.replace(csv_path)
         result["rows"] = store.count_tasks(batch_id=batch_id)
     if zip_path:
-        result["zipped"] = files.export_zip(settings.output_dir, images, zip_path, _stored_bytes(settings))
+        result["zipped"] = files.export_zip(settings.output_dir, exports.iter_images(store, sel), zip_path,
+                                            _stored_bytes(settings))
     return result
 
 
+def results_csv_chunks(settings: Settings, store: Store, batch_id: int | None = None, picked: bool = False
+                       ) -> Iterator[bytes]:
+    """A results CSV (UTF-8 with BOM, spreadsheet-safe cells) in chunks, read a page of tasks at a time: of a
+    batch, of the picked images (`picked`, optionally of one batch), images in object storage with their URL
+    (presigned links expire after COMFYBATCH_S3_LINK_EXPIRY). NotFound for an unknown batch, before anything
+    is yielded."""
+    if batch_id is not None:
+        store.get_batch(batch_id)
+    return exports.csv_chunks(store, exports.Selection(batch_id, picked), lambda img: image_link(settings, img))
+
+
 def results_csv_bytes(settings: Settings, store: Store, batch_id: int) -> bytes:
-    """A batch's results CSV (UTF-8 with BOM, spreadsheet-safe cells), as the CLI's export writes it; images
-    in object storage get their URL (presigned links expire after COMFYBATCH_S3_LINK_EXPIRY)."""
-    batch = store.get_batch(batch_id)
-    tasks = store.list_tasks(batch_id=batch_id, limit=10**9, newest_first=False)
-    by_task: dict[int, list[dict[str, Any]]] = {}
-    links: dict[int, str] = {}
-    for img in store.images_for_batch(batch_id):
-        by_task.setdefault(img["task_id"], []).append(img)
-        if (url := image_link(settings, img)) is not None:
-            links[img["id"]] = url
-    return files.results_csv(tasks, by_task, links, batch.get("submitted_by") or "").encode("utf-8-sig")
+    """A (small) batch's results CSV as bytes; large ones go through results_csv_chunks or export_file."""
+    return b"".join(results_csv_chunks(settings, store, batch_id))
 
 
 def zip_bytes(settings: Settings, images: list[dict[str, Any]]) -> bytes:
+    """A ZIP of a few image rows in memory (the API's small cases and tests); large ones: export_file."""
     buf = io.BytesIO()
     files.export_zip(settings.output_dir, images, buf, _stored_bytes(settings))
     return buf.getvalue()
+
+
+def export_file(settings: Settings, store: Store, kind: str, batch_id: int | None = None, picked: bool = False,
+                image_ids: Iterable[int] | None = None) -> exports.ExportFile:
+    """Write an export to a temporary file the pages link to (`.url`, served by /files/export/...):
+    `kind` "csv" (results) or "zip" (images) of a batch, of the picked images, or of given image ids."""
+    if batch_id is not None:
+        store.get_batch(batch_id)
+    label = f"batch-{batch_id}" if batch_id is not None else "comfybatch"
+    label += "-picked" if picked else ""
+    if kind == "csv":
+        out = exports.new_file(settings, f"{label}-results.csv")
+        with open(out.path, "wb") as f:
+            for chunk in results_csv_chunks(settings, store, batch_id, picked):
+                f.write(chunk)
+        return out
+    if kind != "zip":
+        raise InputError(f"unknown export kind {workflows.show(kind)}: csv or zip")
+    out = exports.new_file(settings, f"{label}-images.zip")
+    images: Iterable[dict[str, Any]] = (queries.images_by_ids(store, image_ids) if image_ids is not None
+                                        else exports.iter_images(store, exports.Selection(batch_id, picked)))
+    files.export_zip(settings.output_dir, images, out.path, _stored_bytes(settings))
+    return out
+
+
+def export_grid(settings: Settings, store: Store, batch_id: int, row_axis: str | None, col_axis: str | None,
+                fixed: dict[str, Any] | None, kind: str) -> exports.ExportFile:
+    """A sweep batch's comparison grid as a PNG contact sheet (`kind` "png") or a ZIP of its cells ("zip")."""
+    grid = grids.build(store, batch_id, row_axis, col_axis, fixed)
+    if kind == "png":
+        out = exports.new_file(settings, f"batch-{batch_id}-grid.png")
+        grids.contact_sheet(settings.output_dir, grid, out.path)
+    else:
+        out = exports.new_file(settings, f"batch-{batch_id}-grid.zip")
+        grids.grid_zip(settings.output_dir, grid, out.path)
+    return out
+
+
+def set_picked(store: Store, image_ids: Iterable[int], picked: bool) -> int:
+    """Star (or unstar) images in the gallery; returns how many changed."""
+    return store.set_picked(image_ids, picked)
 
 
 # -- object storage -------------------------------------------------------------------------------

@@ -136,6 +136,18 @@ _MIGRATIONS: dict[int, str] = {
         label TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, last_used_at REAL, revoked_at REAL,
         revoked_by TEXT);
     """,
+    # v7 (issue 12): batches.axes: a sweep's parameters and their values in the order given (JSON object, NULL
+    # for a batch without lists), for the grid view. picks: images starred in the gallery. The overview's
+    # charts read bounded time windows from covering indexes on finish times (no table reads), and a batch's
+    # routes (for its ETA) from one on (batch, status, servers).
+    7: """
+    ALTER TABLE batches ADD COLUMN axes TEXT;
+    CREATE TABLE picks (
+        image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE, picked_at REAL NOT NULL);
+    CREATE INDEX tasks_finished ON tasks(finished_at, status, workflow, started_at, server);
+    CREATE INDEX images_created ON images(created_at, task_id);
+    CREATE INDEX tasks_batch_routes ON tasks(batch_id, status, servers);
+    """,
     # v9: the old tool's API and webhooks. compat_requests: the request an old client sent for a task (as
     # given) and the note on fields its workflow lacks. webhooks: one per batch that named a URL; state is
     # waiting (batch not final), pending (due at next_at), sending (claimed until claim_until), delivered or
@@ -250,13 +262,16 @@ class Store:
 
     # -- batches and tasks ------------------------------------------------------------------------
     def create_batch(self, name: str, workflow: str, tasks: list[dict[str, Any]], priority: int = 0,
-                     source: str | None = None, submitted_by: str | None = None) -> tuple[int, list[int]]:
-        """Insert a batch and all its tasks in one transaction; returns (batch id, task ids)."""
+                     source: str | None = None, submitted_by: str | None = None,
+                     axes: dict[str, list[Any]] | None = None) -> tuple[int, list[int]]:
+        """Insert a batch and all its tasks in one transaction; returns (batch id, task ids). `axes`: a sweep's
+        parameters and their values (core.sweeps), kept for the grid view."""
         now = time.time()
         with self.write() as conn:
             batch_id = conn.execute(
-                "INSERT INTO batches (name, workflow, priority, source, created_at, submitted_by) VALUES "
-                "(?, ?, ?, ?, ?, ?)", (name, workflow, priority, source, now, submitted_by)).lastrowid
+                "INSERT INTO batches (name, workflow, priority, source, created_at, submitted_by, axes) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?)", (name, workflow, priority, source, now, submitted_by,
+                                          json.dumps(axes, ensure_ascii=False) if axes else None)).lastrowid
             assert batch_id is not None
             first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM tasks").fetchone()[0]
             rows = [(first + i, batch_id, t.get("row_number"), workflow, t.get("prompt") or "",
@@ -542,6 +557,18 @@ class Store:
         with self.write() as conn:
             return conn.execute(f"UPDATE tasks SET priority = ? WHERE id IN ({','.join('?' * len(ids))})",
                                 [priority, *ids]).rowcount if ids else 0
+
+    def set_picked(self, image_ids: Iterable[int], picked: bool) -> int:
+        """Star (or unstar) images; ids that do not exist are skipped. Returns how many rows changed."""
+        ids = sorted({int(i) for i in image_ids})
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        with self.write() as conn:
+            if picked:
+                return conn.execute(f"INSERT OR IGNORE INTO picks (image_id, picked_at) SELECT id, ? FROM images "
+                                    f"WHERE id IN ({marks})", [time.time(), *ids]).rowcount
+            return conn.execute(f"DELETE FROM picks WHERE image_id IN ({marks})", ids).rowcount
 
     # -- reads ------------------------------------------------------------------------------------
     def get_task(self, task_id: int) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 import streamlit as st
 
 import ui
-from core import queries, service, workflows
+from core import queries, service, sweeps, workflows
 from core.errors import InputError
 from core.workflows import Param, Workflow
 
@@ -138,7 +138,12 @@ def parse_extra(text: str) -> dict[str, str]:
         if not sep or not name.strip():
             problems.append(f"other inputs line {n}: expected <node id>.<input>=value, got {line.strip()!r}")
             continue
-        values[name.strip()] = value.strip()
+        try:
+            listed = sweeps.parse_cell(value)
+        except InputError as exc:
+            problems.append(f"other inputs line {n}: {exc.summary}")
+            continue
+        values[name.strip()] = value.strip() if listed is None else listed
     if problems:
         raise InputError("the other inputs need fixing", problems)
     return values
@@ -201,7 +206,30 @@ def form(wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
         extra = st.text_area("One per line: `<node id>.<input>=value`, e.g. `1.color=16711680`",
                              key=key(wf, "extra"))
     row.update(parse_extra(extra))
+    lists = sweep_panel(wf, [p.name for p in params.values() if p.kind != "image"])
+    for name in lists:
+        row.pop(name, None)  # the lists go last, in the order chosen: the first is the grid's rows
+    row.update(lists)
     return row, images, int(count)
+
+
+def sweep_panel(wf: Workflow, names: list[str]) -> dict[str, list[str]]:
+    """Lists of values for any parameters: the batch is every combination (X/Y/Z). One value per line."""
+    chosen_key = key(wf, "sweep")
+    with st.expander("Sweep: give parameters several values (every combination is one task)",
+                     expanded=bool(st.session_state.get(chosen_key))):
+        chosen = st.multiselect("Parameters to vary", names, key=chosen_key, max_selections=sweeps.MAX_AXES)
+        lists: dict[str, list[str]] = {}
+        cols = st.columns(max(1, min(3, len(chosen))))
+        for i, name in enumerate(chosen):
+            with cols[i % len(cols)]:
+                text = st.text_area(f"Values of {name}, one per line", key=key(wf, f"sweep_{name}"), height=120)
+            values = [line.strip() for line in text.splitlines() if line.strip()]
+            if values:
+                lists[name] = values
+        st.caption('Any other input too: under "Other inputs" write e.g. `3.cfg=[4, 7, 10]` (a JSON list). '
+                   "The same in a CSV cell. A random seed is drawn once for the whole sweep.")
+    return lists
 
 
 def live_panel(batch_id: int, done_at_draw: bool) -> None:
@@ -275,16 +303,30 @@ with ui.guard():
         row, images, count, form_error = {}, {}, 1, exc
     if form_error:
         ui.show_error(form_error)
-    if st.button("Generate", type="primary", disabled=form_error is not None):
-        result = service.submit(ctx.settings, ctx.store, service.Submission(
-            wf.name, [service.Row(row)], count=count, name=st.session_state.get("gen_batch_name") or None,
-            priority=int(st.session_state.get("gen_priority") or 0), images=images, source="page"), actor=ctx.actor)
+    submission = service.Submission(
+        wf.name, [service.Row(row)], count=count, name=st.session_state.get("gen_batch_name") or None,
+        priority=int(st.session_state.get("gen_priority") or 0), images=images, source="page")
+    tasks = service.task_count(submission)  # from the list lengths: nothing is expanded to count
+    too_many = tasks > ctx.settings.max_tasks
+    if tasks > 1 or too_many:
+        shape = " x ".join(f"{len(v)} {k}" for k, v in sweeps.axes(row).items())
+        st.text(f"This makes {tasks:,} task(s)" + (f" ({shape}" + (f" x {count} each" if count > 1 else "") + ")"
+                                                   if shape else ""))
+    if too_many:
+        st.warning(f"{tasks:,} tasks is more than the {ctx.settings.max_tasks:,} one submission may make "
+                   "(COMFYBATCH_MAX_TASKS): use fewer values.")
+    if st.button("Generate", type="primary", disabled=form_error is not None or too_many):
+        result = service.submit(ctx.settings, ctx.store, submission, actor=ctx.actor)
         st.session_state["gen_batch_id"] = result.batch_ids[0]
         st.success(f"Batch {result.batch_ids[0]}: {len(result.task_ids)} task(s) queued.")
+        st.session_state["gen_batch_sweep"] = bool(sweeps.axes(row))
 
 batch_id = st.session_state.get("gen_batch_id")
 if batch_id is not None:
     st.subheader(f"Batch {batch_id}")
+    if st.session_state.get("gen_batch_sweep"):
+        st.session_state["grid_batch"] = batch_id
+        st.page_link(ui.page_path("grid"), label="See it as a comparison grid", icon=":material/grid_on:")
     with ui.guard():
         first = service.batch_summary(ctx.store, batch_id)
         live_panel(batch_id, first["done"] >= first["total"])

@@ -123,16 +123,3 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
     yield server
     server.stop()
     storage.close_clients()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Real headless Chromium (Debian's, through Playwright), one per test module."""
-    from playwright.sync_api import sync_playwright
-
-    from tests.support import CHROMIUM, CHROMIUM_ARGS
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()

@@ -98,6 +98,37 @@ def settle(page: Any) -> None:
     page.wait_for_selector("[data-test-script-state=notRunning]", timeout=30_000)
 
 
+# -- browser tests: pages in real Chromium ------------------------------------------------------------
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+
+
+def open_page(browser_page: Any, url: str) -> Any:
+    browser_page.goto(url)
+    settle(browser_page)
+    return browser_page
+
+
+def shot(page: Any, name: str) -> None:
+    """A screenshot kept as a test artifact (test-artifacts/ is not committed)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+def choose(page: Any, label: str, option: str) -> None:
+    """Pick the option whose text contains `option` in the selectbox labelled `label`."""
+    page.get_by_test_id("stSelectbox").filter(has_text=label).first.click()
+    page.get_by_role("option").filter(has_text=option).first.click()
+    settle(page)
+
+
+def upload(page: Any, path: Path, index: int = 0) -> None:
+    from playwright.sync_api import expect
+
+    page.get_by_test_id("stFileUploaderDropzoneInput").nth(index).set_input_files(str(path))
+    expect(page.get_by_test_id("stFileChipName").filter(has_text=path.name)).to_be_visible()
+    settle(page)
+
+
 # -- object storage: moto's S3 server on 127.0.0.1 -------------------------------------------------------
 S3_KEY_ID = "AKIACOMFYBATCHTEST01"  # dummy credentials, distinctive so a test can grep for leaks
 S3_SECRET = "cb-secret-NEVER-LOGGED-7f3a9d2e1c"
@@ -255,28 +286,36 @@ def inline_executor() -> Any:
 
 
 @contextlib.contextmanager
-def serve_api(api: Any, extra_routes: list[Any] | None = None) -> Iterator[str]:
-    """An api.app.Api served by uvicorn on a free loopback port in a thread (with `extra_routes`, e.g. the file
-    and sign-in routes, at the root); yields its base URL."""
+def serve_routes(routes: list[Any]) -> Iterator[str]:
+    """Starlette routes served by uvicorn on a free loopback port in a thread; yields the base URL."""
     import uvicorn
     from starlette.applications import Starlette
-    from starlette.routing import Mount
 
-    from api.calls import PREFIX
     from tests.comfyui_harness.server import free_port
 
-    app = Starlette(routes=[Mount(PREFIX, app=api), *(extra_routes or [])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
-                                           lifespan="off", ws="none"))
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=routes), host="127.0.0.1", port=free_port(),
+                                           log_level="warning", lifespan="off", ws="none"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{server.config.port}{PREFIX}"
+        yield f"http://127.0.0.1:{server.config.port}"
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextlib.contextmanager
+def serve_api(api: Any, extra_routes: list[Any] | None = None) -> Iterator[str]:
+    """An api.app.Api served by uvicorn on a free loopback port in a thread (with `extra_routes`, e.g. the file
+    and sign-in routes, at the root); yields its base URL."""
+    from starlette.routing import Mount
+
+    from api.calls import PREFIX
+
+    with serve_routes([Mount(PREFIX, app=api), *(extra_routes or [])]) as base:
+        yield base + PREFIX
 
 
 class Receiver:

@@ -67,7 +67,7 @@ def db(offline) -> Store:
 
 def page(name: str) -> AppTest:
     at = AppTest.from_file(MAIN, default_timeout=30)
-    if name != "generate":
+    if name != "overview":
         at.switch_page(f"pages/{name}.py")
     return at.run()
 
@@ -109,7 +109,7 @@ def finish_with_images(settings: Settings, store: Store, colors: list[tuple[int,
 
 
 # -- every page -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["generate", "batch", "tasks", "gallery", "servers"])
+@pytest.mark.parametrize("name", ["overview", "generate", "batch", "tasks", "gallery", "servers"])
 def test_every_page_says_plainly_that_comfyui_is_unreachable(offline, name):
     at = page(name)
     no_failures(at)
@@ -395,22 +395,30 @@ def test_gallery_grid_detail_and_rerun_with_changes(offline, db):
     finish_with_images(offline, db, [(255, 0, 0), (0, 0, 255)])
     at = page("gallery")
     no_failures(at)
-    assert "Showing 1-2 of 2 image(s); 0 selected" in texts(at)
+    assert "Showing 1-2 of 2 image(s); 0 picked in all batches" in texts(at)
     tiles = [m.value for m in at.markdown if "/files/thumb/" in m.value]
     assert ['src="/files/thumb/2"' in tiles[0], 'src="/files/thumb/1"' in tiles[1]] == [True, True]
+    assert 'title="a red fox"' in tiles[1] and ">a red fox · seed 42 · 48×32</div>" in tiles[1]
 
     at.text_input(key="gallery_text").set_value("fox").run()
-    assert "Showing 1-1 of 1 image(s); 0 selected" in texts(at)
+    assert "Showing 1-1 of 1 image(s); 0 picked in all batches" in texts(at)
     at.text_input(key="gallery_text").set_value("").run()
+    at.text_input(key="gallery_params").set_value("steps=3; seed=42").run()
+    assert "Showing 1-1 of 1 image(s); 0 picked in all batches" in texts(at)
+    at.text_input(key="gallery_params").set_value("steps").run()
+    assert messages(at, "error") == ["the parameter filter needs fixing\n\n- field 'parameters': condition 1: "
+                                     "expected name=value, got 'steps'"]
+    at.text_input(key="gallery_params").set_value("").run()
 
-    next(b for b in at.button if b.label == "Select all on this page").click().run()
-    assert "Showing 1-2 of 2 image(s); 2 selected" in texts(at)
-    assert [c.value for c in at.checkbox] == [True, True]
-    labels = [b.proto.label for b in at.get("download_button")]
-    assert labels == ["Download 2 selected as ZIP"]
+    next(b for b in at.button if b.label == "Pick all on this page").click().run()
+    assert "Showing 1-2 of 2 image(s); 2 picked in all batches" in texts(at)
+    assert [b.label for b in at.button if b.key and b.key.startswith("gpick_")] == ["★", "★"]
+    next(b for b in at.button if b.label == "Prepare ZIP of 2 picked").click().run()
+    links = [m.value for m in at.markdown if 'class="cb-download"' in m.value]
+    assert len(links) == 1 and "/files/export/" in links[0] and "comfybatch-picked-images.zip" in links[0]
     at.selectbox(key="gallery_batch").set_value(1).run()
-    assert [b.proto.label for b in at.get("download_button")] == ["Download 2 selected as ZIP", "Batch 1 as ZIP",
-                                                                 "Batch 1 results CSV"]
+    assert [b.label for b in at.button if b.label.startswith("Prepare")] == [
+        "Prepare ZIP of 2 picked", "Prepare CSV of picked", "Prepare batch 1 ZIP", "Prepare batch 1 results CSV"]
 
     at.button(key="gopen_1").click().run()
     no_failures(at)

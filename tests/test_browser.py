@@ -22,13 +22,11 @@ from playwright.sync_api import Page, expect
 from core.scheduler import LEASE, Scheduler
 from core.store import Store
 from tests.appserver import AppServer, start_app
-from tests.support import make_settings, settle
+from tests.support import choose, make_settings, open_page, settle, shot, upload
 
 pytestmark = pytest.mark.browser
 expect.set_options(timeout=20_000)
 
-ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "test-artifacts" / "screenshots"
 GOOD_CSV = "1.color,width,height,count\n16711680,32,32,1\n65280,48,32,2\n"
 BAD_CSV = "1.color,width,heigth\n255,abc,32\n7,32,count\n"
 
@@ -38,30 +36,6 @@ def app(comfy, tmp_path) -> Iterator[AppServer]:
     server = start_app(tmp_path, [comfy.url])
     yield server
     server.stop()
-
-
-def open_page(browser_page: Page, url: str) -> Page:
-    browser_page.goto(url)
-    settle(browser_page)
-    return browser_page
-
-
-def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"))
-
-
-def choose(page: Page, label: str, option: str) -> None:
-    """Pick the option whose text contains `option` in the selectbox labelled `label`."""
-    page.get_by_test_id("stSelectbox").filter(has_text=label).first.click()
-    page.get_by_role("option").filter(has_text=option).first.click()
-    settle(page)
-
-
-def upload(page: Page, path: Path, index: int = 0) -> None:
-    page.get_by_test_id("stFileUploaderDropzoneInput").nth(index).set_input_files(str(path))
-    expect(page.get_by_test_id("stFileChipName").filter(has_text=path.name)).to_be_visible()
-    settle(page)
 
 
 def test_csv_batch_to_live_tasks_to_gallery_zip(app, browser, tmp_path):
@@ -106,11 +80,13 @@ def test_csv_batch_to_live_tasks_to_gallery_zip(app, browser, tmp_path):
         gallery.wait_for_function("() => [...document.querySelectorAll(\"img[src^='/files/thumb/']\")]"
                                   ".every(i => i.complete && i.naturalWidth > 0)")
         shot(gallery, "gallery")
-        gallery.get_by_role("button", name="Select all on this page").click()
+        gallery.get_by_role("button", name="Pick all on this page", exact=True).click()
         settle(gallery)
-        expect(gallery.get_by_text("Showing 1-3 of 3 image(s); 3 selected")).to_be_visible()
+        expect(gallery.get_by_text("Showing 1-3 of 3 image(s); 3 picked in all batches")).to_be_visible()
+        gallery.get_by_role("button", name="Prepare ZIP of 3 picked").click()
+        settle(gallery)
         with gallery.expect_download() as download:
-            gallery.get_by_role("button", name="Download 3 selected as ZIP").click()
+            gallery.get_by_role("link", name="Download picked images ZIP").click()
         images = store.images_for_batch(1)
         with zipfile.ZipFile(download.value.path()) as zf:
             assert sorted(zf.namelist()) == sorted(img["path"] for img in images)
@@ -161,7 +137,7 @@ def test_a_deep_link_on_a_fresh_server_gets_the_same_frame_on_every_page(app, br
     try:
         seen = {}
         for key, title in (("gallery", "Gallery"), ("servers", "Servers"), ("batch", "Batch"), ("tasks", "Tasks"),
-                           ("generate", "Generate"), ("", "Generate")):
+                           ("generate", "Generate"), ("", "Overview")):
             page = open_page(context.new_page(), f"{app.url}/{key}")
             expect(page.get_by_role("heading", name=title, level=1)).to_be_visible()
             expect(page.get_by_test_id("stSidebar")).to_contain_text("Servers: 1 up")
@@ -172,8 +148,8 @@ def test_a_deep_link_on_a_fresh_server_gets_the_same_frame_on_every_page(app, br
             if key == "gallery":
                 shot(page, "deep-link-gallery")
             page.close()
-        pages = ["Generate", "Batch", "Tasks", "Gallery", "Servers", "Account"]
-        assert {k: v[0] for k, v in seen.items()} == {k: pages for k in seen}
+        nav = ["Overview", "Generate", "Batch", "Tasks", "Gallery", "Grid", "Servers", "Account"]
+        assert {k: v[0] for k, v in seen.items()} == {k: nav for k in seen}
         assert {k: v[2] for k, v in seen.items()} == {k: True for k in seen}  # the wide layout of page_config
         assert all("ComfyBatch" in v[1] for v in seen.values())
     finally:
@@ -192,7 +168,7 @@ def test_results_csv_and_a_second_app_waits_for_the_lease(comfy, browser, tmp_pa
         server = start_app(tmp_path, [comfy.url])
         try:
             context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1100})
-            page = open_page(context.new_page(), server.url + "/")
+            page = open_page(context.new_page(), server.url + "/generate")
             expect(page.get_by_text(f"Scheduler: running in another process (pid {os.getpid()}")).to_be_visible()
             choose(page, "Workflow", "(empty_image)")
             page.get_by_label("Width").fill("24")
@@ -203,8 +179,10 @@ def test_results_csv_and_a_second_app_waits_for_the_lease(comfy, browser, tmp_pa
             expect(page.get_by_text("Batch 1: 1/1 done (100%) - 1 succeeded")).to_be_visible(timeout=60_000)
             page = open_page(page, server.url + "/gallery")
             choose(page, "Batch", "#1 ")
+            page.get_by_role("button", name="Prepare batch 1 results CSV").click()
+            settle(page)
             with page.expect_download() as download:
-                page.get_by_role("button", name="Batch 1 results CSV").click()
+                page.get_by_role("link", name="Download results CSV").click()
             rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text("utf-8-sig"))))
             assert [(r["task_id"], r["width"], r["status"], r["server"]) for r in rows] == [
                 ("1", "24", "succeeded", comfy.url)]

@@ -149,7 +149,8 @@ def test_file_routes_serve_by_integer_id_only(offline, db):
     assert (missing.status_code, missing.body) == (404, b'{"error":"image 7 does not exist"}')
     huge = server.image(request("/files/image/" + "9" * 5000, "9" * 5000))  # int() would refuse 4,300+ digits
     assert huge.status_code == 404 and len(huge.body) < 200
-    assert [r.path for r in server.routes] == ["/files/thumb/{image_id}", "/files/image/{image_id}"]
+    assert [r.path for r in server.routes] == ["/files/thumb/{image_id}", "/files/image/{image_id}",
+                                               "/files/export/{token}/{name}"]
     assert (access.thumb_url(offline, 3), access.image_url(offline, 3)) == ("/files/thumb/3", "/files/image/3")
 
 
