@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from api.auth import denied_message, request_actor
 from api.calls import Bound, parse_id
-from core import access, exports, service
+from core import exports, service
 from core.config import Settings
 from core.errors import NotFound
 from core.store import Store

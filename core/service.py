@@ -26,8 +26,23 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from core import (acting, backends, csvin, exports, files, grids, preflight, queries, sessions, storage, sweeps,
-                  thumbs, uploads, webhooks, workflows)
+from core import (
+    acting,
+    backends,
+    csvin,
+    exports,
+    files,
+    grids,
+    preflight,
+    queries,
+    sessions,
+    storage,
+    sweeps,
+    thumbs,
+    uploads,
+    webhooks,
+    workflows,
+)
 from core.comfy import ComfyClient, probe
 from core.config import Settings, parse_urls
 from core.errors import ConfigError, InputError, NotFound, Problem, StorageError, sort_key
