@@ -22,14 +22,14 @@ STRIP = 8  # thumbnails per card
 
 def pause(batch_id: int, paused: bool) -> Any:
     def act(ctx: ui.Context) -> tuple[str, str]:
-        (service.pause_batch if paused else service.resume_batch)(ctx.store, batch_id)
+        (service.pause_batch if paused else service.resume_batch)(ctx.store, batch_id, actor=ctx.actor)
         return ("success", f"Batch {batch_id} {'paused: what is on a server finishes' if paused else 'resumed'}.")
     return ui.safe_callback("overview", act)
 
 
 def cancel(batch_id: int) -> Any:
     def act(ctx: ui.Context) -> tuple[str, str]:
-        done = service.cancel_batch(ctx.store, batch_id)
+        done = service.cancel_batch(ctx.store, batch_id, actor=ctx.actor)
         return ("success", f"Batch {batch_id}: {len(done['cancelled'])} task(s) cancelled, "
                 f"{len(done['cancelling'])} being stopped on their server.")
     return ui.safe_callback("overview", act)
@@ -41,7 +41,7 @@ def batch_card(ctx: ui.Context, summary: dict[str, Any]) -> None:
     with st.container(border=True, key=f"ov_card_{bid}"):
         head, buttons = st.columns([3, 2], vertical_alignment="center")
         head.markdown(f"**#{bid} {ui.md_escape(summary['name'])}**  \n"
-                      f":gray[{ui.md_escape(summary.get('source') or 'unknown')} · workflow "
+                      f":gray[{ui.md_escape(summary.get('submitted_by') or summary.get('source') or 'unknown')} · workflow "
                       f"{ui.md_escape(summary['workflow'])}]")
         with buttons.container(horizontal=True):
             if summary["paused"]:
