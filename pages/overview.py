@@ -40,8 +40,9 @@ def batch_card(ctx: ui.Context, summary: dict[str, Any]) -> None:
     bid = summary["id"]
     with st.container(border=True, key=f"ov_card_{bid}"):
         head, buttons = st.columns([3, 2], vertical_alignment="center")
+        who = summary.get("submitted_by") or summary.get("source") or "unknown"
         head.markdown(f"**#{bid} {ui.md_escape(summary['name'])}**  \n"
-                      f":gray[{ui.md_escape(summary.get('submitted_by') or summary.get('source') or 'unknown')} · workflow "
+                      f":gray[{ui.md_escape(who)} · workflow "
                       f"{ui.md_escape(summary['workflow'])}]")
         with buttons.container(horizontal=True):
             if summary["paused"]:
