@@ -144,7 +144,12 @@ def live() -> None:
         ids = overview.active_batch_ids(ctx.store)
         st.subheader("Active batches")
         if not ids:
+            local = service.local_backends(ctx.settings)
+            if local["mode"] == "demo":  # the first run: say what the demo's images are, and where to make one
+                st.info(local["note"], icon=":material/science:")
             st.info("Nothing is running. Start a batch on the Generate or Batch page.")
+            st.page_link(ui.page_path("generate"), label="Make an image on the Generate page",
+                         icon=":material/add_photo_alternate:")
         cols = st.columns(2)
         for i, bid in enumerate(ids):
             with cols[i % 2]:

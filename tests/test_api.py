@@ -260,7 +260,7 @@ def test_bad_submissions_get_every_problem_and_change_nothing(app, web):
     assert body["problems"][0]["message"].startswith("field 'workflow': unknown workflow 'no_such_workflow' "
                                                      "(available: ")
     body = refused(422, json={"workflow": "empty_image", "count": "2", "priority": 1.5, "colour": 1,
-                              "rows": [{"1.width": "wide"}, {"1.color": [1]}, "row", {"1.nope": 3, "width": 0}]})
+                              "rows": [{"1.width": "wide"}, {"1.color": {"a": 1}}, "row", {"1.nope": 3, "width": 0}]})
     assert body["error"] == "8 problem(s) found; nothing was enqueued"
     assert [(p["message"], p["row"], p["parameter"], p["field"]) for p in body["problems"]] == [
         ("field 'colour': not a field of this request (the fields are: workflow, rows, prompt, params, count, name, "
@@ -268,8 +268,8 @@ def test_bad_submissions_get_every_problem_and_change_nothing(app, web):
         ("field 'count': expected a whole number from 1 to 1000, got '2'", None, None, "count"),
         ("field 'priority': expected a whole number from -1000000 to 1000000, got 1.5", None, None, "priority"),
         ("row 1: parameter '1.width' (1.width): expected an integer, got 'wide'", 1, "1.width", None),
-        ("row 2: parameter '1.color' (1.color): expected text, a number, true/false or null, got a list [1]", 2,
-         "1.color", None),
+        ("row 2: parameter '1.color' (1.color): expected text, a number, true/false or null, got an object "
+         '{"a": 1}', 2, "1.color", None),  # (a list is a sweep: test_sweeps)
         ("row 3: expected an object of parameters, got 'row'", 3, None, None),
         ("row 4: parameter '1.nope': node 1 (EmptyImage) has no input 'nope' (its inputs: width, height, "
          "batch_size, color)", 4, "1.nope", None),

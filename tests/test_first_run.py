@@ -45,7 +45,11 @@ def test_with_nothing_configured_the_generate_page_makes_an_image_with_the_demo(
         page = context.new_page()
         page.goto(app.url + "/")
         settle(page)
-        expect(page.get_by_text("its images are coloured noise").first).to_be_visible()
+        expect(page.get_by_text("its images are coloured noise").first).to_be_visible()  # on the Overview
+        page.get_by_role("link", name="Make an image on the Generate page").click()
+        page.wait_for_url("**/generate")
+        settle(page)
+        expect(page.get_by_text("its images are coloured noise").first).to_be_visible()  # and on Generate
         expect(page.get_by_test_id("stSidebar")).to_contain_text("Demo ComfyUI")
         # The demo's workflow is the one selected, and its form is drawn (server choices come from the backend).
         expect(page.get_by_role("combobox", name="Workflow")).to_have_value(
