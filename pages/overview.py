@@ -40,7 +40,7 @@ def batch_card(ctx: ui.Context, summary: dict[str, Any]) -> None:
     bid = summary["id"]
     with st.container(border=True, key=f"ov_card_{bid}"):
         head, buttons = st.columns([3, 2], vertical_alignment="center")
-        who = summary.get("submitted_by") or summary.get("source") or "unknown"
+        who = " · ".join(x for x in (summary.get("submitted_by"), summary.get("source")) if x) or "unknown"
         head.markdown(f"**#{bid} {ui.md_escape(summary['name'])}**  \n"
                       f":gray[{ui.md_escape(who)} · workflow "
                       f"{ui.md_escape(summary['workflow'])}]")

@@ -59,7 +59,7 @@ def test_overview_shows_a_running_batch_live_and_pauses_and_cancels_it(app, brow
         page = open_page(context.new_page(), app.url + "/")
         expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
         expect(page.get_by_text("#2 slow blur")).to_be_visible()
-        expect(page.get_by_text("browser test · workflow slow_blur")).to_be_visible()
+        expect(page.get_by_text("local · browser test · workflow slow_blur")).to_be_visible()  # who, from where
         expect(page.get_by_text(re.compile(r"^Batch 2: \d+ succeeded"))).to_be_visible()
         expect(page.get_by_test_id("stVegaLiteChart").first).to_be_visible()  # images per minute
         expect(page.get_by_text(re.compile(r"^active · \d+ in its queue"))).to_be_visible()
@@ -90,13 +90,16 @@ def test_gallery_previous_next_picks_and_picked_downloads(app, browser, store):
                for animal in ("fox", "owl", "cat", "hare")]
     submit_rows(app.settings, store, "captioned_image", [{"prompt": p, "seed": 11 + i} for i, p in enumerate(prompts)])
     wait_until(lambda: store.counts() == {"succeeded": 4}, 180, message="four images")
+    # Image ids follow the order the images landed in, not the order of the rows.
+    prompt_of = dict(store.db.execute("SELECT i.id, t.prompt FROM images i JOIN tasks t ON t.id = i.task_id"))
+    hare = next(i for i, p in prompt_of.items() if p == prompts[3])
     context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1300})
     try:
         page = open_page(context.new_page(), app.url + "/gallery")
         expect(page.locator("img[src^='/files/thumb/']")).to_have_count(4)
         expect(page.get_by_text("a small hare sitting on a green hill under a ve… · seed 14 · 64×64", exact=True)
                ).to_be_visible()
-        assert page.locator("a[title]").filter(has=page.locator("img[data-image-id='4']")).get_attribute(
+        assert page.locator("a[title]").filter(has=page.locator(f"img[data-image-id='{hare}']")).get_attribute(
             "title") == prompts[3]
         shot(page, "gallery-captions")
         page.locator(".st-key-gopen_4 button").click()
@@ -104,7 +107,7 @@ def test_gallery_previous_next_picks_and_picked_downloads(app, browser, store):
         expect(dialog).to_contain_text("Image 4 · 64×64")
         dialog.get_by_role("button", name="Next").click()
         expect(dialog).to_contain_text("Image 3 · 64×64")
-        expect(dialog).to_contain_text(f"Prompt: {prompts[2]}")
+        expect(dialog).to_contain_text(f"Prompt: {prompt_of[3]}")
         page.keyboard.press("ArrowRight")  # the keyboard works as well as the buttons
         expect(dialog).to_contain_text("Image 2 · 64×64")
         page.keyboard.press("ArrowLeft")
