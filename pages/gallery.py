@@ -14,7 +14,7 @@ import streamlit as st
 
 import ui
 import ui_format
-from core import queries, service
+from core import queries, service, visibility
 from core.errors import ComfyBatchError
 
 COLUMNS = 6
@@ -71,6 +71,7 @@ def show_image(image_id: int) -> None:
     image_id = st.session_state.get(OPEN, image_id)
     ctx = ui.context()
     with ui.guard():
+        visibility.check_image(ctx.settings, ctx.store, ctx.actor, image_id)
         detail = queries.image_detail(ctx.store, image_id)
         image, task, batch = detail["image"], detail["task"], detail["batch"]
         try:

@@ -11,7 +11,7 @@ import streamlit as st
 
 import ui
 import ui_format
-from core import overview, queries, service
+from core import overview, queries, service, visibility
 from core.store import Store
 
 BUSY_REFRESH = 3.0
@@ -40,15 +40,18 @@ def batch_card(ctx: ui.Context, summary: dict[str, Any]) -> None:
     bid = summary["id"]
     with st.container(border=True, key=f"ov_card_{bid}"):
         head, buttons = st.columns([3, 2], vertical_alignment="center")
+        who = summary.get("submitted_by") or summary.get("source") or "unknown"
         head.markdown(f"**#{bid} {ui.md_escape(summary['name'])}**  \n"
-                      f":gray[{ui.md_escape(summary.get('submitted_by') or summary.get('source') or 'unknown')} · workflow "
-                      f"{ui.md_escape(summary['workflow'])}]")
+                      f":gray[{ui.md_escape(who)} · workflow {ui.md_escape(summary['workflow'])}]")
         with buttons.container(horizontal=True):
-            if summary["paused"]:
+            if not ui.may_act_on(ctx, summary):
+                pass  # someone else's batch: the engine would refuse a member's pause or cancel
+            elif summary["paused"]:
                 st.button("Resume", key=f"ov_resume_{bid}", on_click=pause(bid, False), icon=":material/play_arrow:")
             else:
                 st.button("Pause", key=f"ov_pause_{bid}", on_click=pause(bid, True), icon=":material/pause:")
-            st.button("Cancel", key=f"ov_cancel_{bid}", on_click=cancel(bid), icon=":material/cancel:")
+            if ui.may_act_on(ctx, summary):
+                st.button("Cancel", key=f"ov_cancel_{bid}", on_click=cancel(bid), icon=":material/cancel:")
         running = counts.get("running", 0) + counts.get("submitted", 0)
         st.progress(summary["progress"], text=f"{summary['done']}/{summary['total']} done")
         eta = summary["eta_seconds"]
@@ -140,7 +143,7 @@ def live() -> None:
     ctx = ui.context()
     with ui.guard():
         busy = queries.has_unfinished_work(ctx.store)
-        ids = overview.active_batch_ids(ctx.store)
+        ids = overview.active_batch_ids(ctx.store, person=visibility.person_for(ctx.settings, ctx.actor))
         st.subheader("Active batches")
         if not ids:
             st.info("Nothing is running. Start a batch on the Generate or Batch page.")

@@ -178,6 +178,7 @@ def test_the_api_takes_lists_in_json_rows_and_streams_the_results_csv(tmp_path):
             assert answer.headers.get("transfer-encoding") == "chunked"  # streamed, not one body
             lines = answer.content.decode("utf-8-sig").splitlines()
             assert lines[0].startswith("task_id,row_number,color,width,height,resolved_seed,status")
-            assert lines[1:3] == ["1,1,1,32,16,,queued,,0,,,,local", "2,1,1,48,16,,queued,,0,,,,local"]  # open access: "local"
+            # open access: submitted by "local"
+            assert lines[1:3] == ["1,1,1,32,16,,queued,,0,,,,local", "2,1,1,48,16,,queued,,0,,,,local"]
         finally:
             store.close()
