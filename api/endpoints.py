@@ -103,7 +103,7 @@ def _submitted(call: Call, result: service.Submitted, dry_run: bool) -> Response
 
 def _batch_id(call: Call) -> int:
     """The path's batch id, NotFound when it is someone else's and batches are private (core.visibility)."""
-    batch_id = _batch_id(call)
+    batch_id = call.path_id("batch_id", "batch")
     visibility.visible_batch(call.settings, call.store, call.actor, batch_id)
     return batch_id
 
