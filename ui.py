@@ -178,7 +178,7 @@ def person_picker(ctx: Context, key: str, **kw: Any) -> str | None:
     COMFYBATCH_PRIVATE_BATCHES is offered only that (core.visibility limits the query either way)."""
     own = visibility.own_only(ctx.settings, ctx.actor)
     people = [] if own is not None else queries.people(ctx.store)
-    if not ctx.settings.sign_in and len(people) < 2:
+    if own is None and not ctx.settings.sign_in and len(people) < 2:
         return None
     choices: list[str | None] = [own] if own is not None else [None, *dict.fromkeys([ctx.actor.name, *people])]
     if key not in st.session_state or st.session_state[key] not in choices:
