@@ -146,10 +146,12 @@ def picked_ids(store: Store, ids: Iterable[int]) -> set[int]:
                                            f"({','.join('?' * len(ids))})", ids).fetchall()}
 
 
-def count_picked(store: Store, batch_id: int | None = None) -> int:
-    sql = "SELECT COUNT(*) FROM picks p" + (" JOIN images i ON i.id = p.image_id WHERE i.batch_id = ?"
-                                            if batch_id is not None else "")
-    return int(store.db.execute(sql, [batch_id] if batch_id is not None else []).fetchone()[0])
+def count_picked(store: Store, batch_id: int | None = None, person: str | None = None) -> int:
+    """Picked images (of a batch; of `person`'s batches when given)."""
+    where, args = filter_clauses(batch_id=batch_id, person=person, alias="i.")
+    sql = "SELECT COUNT(*) FROM picks p" + (f" JOIN images i ON i.id = p.image_id WHERE {' AND '.join(where)}"
+                                            if where else "")
+    return int(store.db.execute(sql, args).fetchone()[0])
 
 
 def parse_param_filters(text: str) -> tuple[tuple[str, str], ...]:

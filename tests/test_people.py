@@ -321,6 +321,14 @@ def test_private_batches_limit_a_members_reads_in_the_engine_and_admins_see_all(
         read(private, ROOT_ADMIN)
         read(settings, ALICE)
     assert visibility.visible_batch(private, store, ALICE, mine)["submitted_by"] == "alice"
+    # The gallery's "picked" exports and count: only the member's own picks when private.
+    service.set_picked(store, [i["id"] for b in (mine, theirs) for i in store.images_for_batch(b)], True)
+    alice_only = visibility.person_for(private, ALICE)
+    assert (queries.count_picked(store, None, alice_only), queries.count_picked(store)) == (1, 2)
+    out = service.export_file(private, store, "csv", picked=True, person=alice_only)
+    assert [line.split(",")[0] for line in out.path.read_text("utf-8-sig").splitlines()[1:]] == [
+        str(store.task_ids(batch_id=mine)[0])]
+    assert b"".join(service.results_csv_chunks(private, store, person=alice_only)).count(b"\n") == 2
 
 
 def test_private_batches_through_the_http_api_and_the_image_routes(api_for):
