@@ -117,6 +117,7 @@ def charts(ctx: ui.Context) -> None:
 def servers_at_a_glance(ctx: ui.Context) -> None:
     st.markdown("**Servers**")
     work = overview.current_work(ctx.store)
+    own = visibility.visible_batch_ids(ctx.store, visibility.person_for(ctx.settings, ctx.actor))
     servers = ui.health(ctx)
     if not servers:
         st.caption("No server configured: add one on the Servers page.")
@@ -129,7 +130,7 @@ def servers_at_a_glance(ctx: ui.Context) -> None:
             queue = (s.get("queue_running") or 0) + (s.get("queue_pending") or 0)
             st.markdown(f"{mark} `{s['url']}`")
             st.text(f"{state} · {queue} in its queue")
-            for task in work.get(s["url"], [])[:2]:
+            for task in [t for t in work.get(s["url"], []) if own is None or t["batch_id"] in own][:2]:
                 st.progress(queries.task_progress(task),
                             text=f"task {task['id']} (batch {task['batch_id']}) {task['status']}")
 
