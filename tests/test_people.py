@@ -344,14 +344,18 @@ def test_private_batches_through_the_http_api_and_the_image_routes(api_for):
     bob_task, bob_image = store.task_ids(batch_id=theirs)[0], store.images_for_batch(theirs)[0]["id"]
     _, alice_token = accounts.create_token(store, ALICE, "")
     _, root_token = accounts.create_token(store, ROOT_ADMIN, "")
-    api, files = Api(), FileServer()
-    with serve_api(api, files.routes) as base, requests.Session() as web:
+    from starlette.routing import Mount
+
+    from api import compat
+
+    api, files, old = Api(), FileServer(), compat.make()
+    with serve_api(api, [*files.routes, Mount("/compat", app=old)]) as base, requests.Session() as web:
         root = base.removesuffix("/api/v1")
 
         def view(token: str, private: bool) -> dict[str, Any]:
             s = settings.with_overrides(private_batches=private)
-            api.bind(s, store)
-            files.bind(s, store)
+            for face in (api, files, old):
+                face.bind(s, store)
             auth = {"Authorization": f"Bearer {token}"}
 
             def get(url: str) -> Any:
@@ -361,19 +365,21 @@ def test_private_batches_through_the_http_api_and_the_image_routes(api_for):
                 "batches": [b["id"] for b in get(f"{base}/batches").json()["batches"]],
                 "tasks": get(f"{base}/tasks").json()["total"],
                 "events": {e["batch_id"] for e in get(f"{base}/events").json()["events"]},
+                "compat": {int(t["task_id"]) for t in get(f"{root}/compat/tasks").json()["tasks"]},
                 "by id": [get(u).status_code for u in (
                     f"{base}/batches/{theirs}", f"{base}/tasks/{bob_task}", f"{base}/tasks/{bob_task}/events",
                     f"{base}/batches/{theirs}/images", f"{base}/batches/{theirs}/results.csv",
                     f"{base}/images/{bob_image}", f"{base}/images/{bob_image}/thumbnail",
-                    f"{root}/files/image/{bob_image}", f"{root}/files/thumb/{bob_image}")],
+                    f"{root}/files/image/{bob_image}", f"{root}/files/thumb/{bob_image}",
+                    f"{root}/compat/status/{bob_task}")],
                 "own csv": get(f"{base}/batches/{mine}/results.csv").status_code,
                 "acting": web.post(f"{base}/batches/{theirs}/cancel", headers=auth, timeout=10).status_code,
             }
 
-        both = {"batches": [theirs, mine], "tasks": 2, "events": {mine, theirs}, "by id": [200] * 9,
+        both = {"batches": [theirs, mine], "tasks": 2, "events": {mine, theirs}, "compat": {1, 2}, "by id": [200] * 10,
                 "own csv": 200}
-        assert view(alice_token, private=True) == {"batches": [mine], "tasks": 1, "events": {mine},
-                                                   "by id": [404] * 9, "own csv": 200, "acting": 404}
+        assert view(alice_token, private=True) == {"batches": [mine], "tasks": 1, "events": {mine}, "compat": {1},
+                                                   "by id": [404] * 10, "own csv": 200, "acting": 404}
         assert view(alice_token, private=False) == {**both, "acting": 403}
         assert view(root_token, private=True) == {**both, "acting": 200}
         missing = web.get(f"{base}/batches/{theirs}", headers={"Authorization": f"Bearer {alice_token}"},
