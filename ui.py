@@ -23,12 +23,13 @@ from typing import Any
 import streamlit as st
 
 import ui_format
-from core import access, accounts, queries, service
+from core import access, accounts, queries, service, visibility
 from core.config import Settings
 from core.errors import ComfyBatchError, ConfigError, Forbidden, InputError
 from core.scheduler import LEASE
 from core.store import Store
 from core.users import LOCAL, Actor
+from core.users import may_act_on as owns
 
 log = logging.getLogger("core.ui")
 
@@ -173,15 +174,23 @@ def who_is_here(ctx: Context) -> None:
 
 
 def person_picker(ctx: Context, key: str, **kw: Any) -> str | None:
-    """Whose work to show: everyone (None) or one person; a member starts on their own work ("mine")."""
-    people = queries.people(ctx.store)
-    if not ctx.settings.sign_in and len(people) < 2:
+    """Whose work to show: everyone (None) or one person; a member starts on their own work ("mine"), and with
+    COMFYBATCH_PRIVATE_BATCHES is offered only that (core.visibility limits the query either way)."""
+    own = visibility.own_only(ctx.settings, ctx.actor)
+    people = [] if own is not None else queries.people(ctx.store)
+    if own is None and not ctx.settings.sign_in and len(people) < 2:
         return None
-    choices: list[str | None] = [None, *dict.fromkeys([ctx.actor.name, *people])]
+    choices: list[str | None] = [own] if own is not None else [None, *dict.fromkeys([ctx.actor.name, *people])]
     if key not in st.session_state or st.session_state[key] not in choices:
         st.session_state[key] = None if ctx.actor.is_admin else ctx.actor.name
-    return st.selectbox("Person", choices, key=key, **kw,
-                        format_func=lambda p: "Everyone" if p is None else f"{p} (mine)" if p == ctx.actor.name else p)
+    chosen = st.selectbox("Person", choices, key=key, **kw, format_func=lambda p: (
+        "Everyone" if p is None else f"{p} (mine)" if p == ctx.actor.name else p))
+    return visibility.person_for(ctx.settings, ctx.actor, chosen)
+
+
+def may_act_on(ctx: Context, batch: dict[str, Any]) -> bool:
+    """Whether to offer the actor buttons acting on this batch (the engine refuses a member's on another's)."""
+    return owns(ctx.actor, batch)
 
 
 @contextlib.contextmanager
@@ -334,7 +343,8 @@ def batch_label(batch: dict[str, Any]) -> str:
 
 
 def batch_picker(ctx: Context, key: str, label: str = "Batch", **kw: Any) -> int | None:
-    batches = {b["id"]: b for b in ctx.store.list_batches(500)}
+    batches = {b["id"]: b for b in visibility.list_batches(
+        ctx.store, 500, visibility.person_for(ctx.settings, ctx.actor))}
     if st.session_state.get(key) not in (None, *batches):
         st.session_state[key] = None  # a batch of another database (or deleted)
     return st.selectbox(label, [None, *batches], key=key,

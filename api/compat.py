@@ -28,10 +28,10 @@ from starlette.websockets import WebSocket
 
 from api import files, intake
 from api.app import Api
-from api.calls import ApiError, Call, Endpoint, Socket, json_response
+from api.calls import ACTOR, ApiError, Call, Endpoint, Socket, json_response
 from api.events import Follow, follow
 from api.ws import until_disconnected
-from core import compat, queries, workflows
+from core import compat, queries, visibility, workflows
 from core.config import Settings
 from core.errors import InputError, NotFound, Problem
 from core.models import FINAL
@@ -79,13 +79,14 @@ def batch(call: Call) -> dict[str, Any]:
 
 
 def status(call: Call) -> dict[str, Any]:
-    task = call.store.get_task(call.path_id("task_id", "task"))
+    task = visibility.visible_task(call.settings, call.store, call.actor, call.path_id("task_id", "task"))
     return compat.task_view(call.store, task, _base(call))
 
 
 def tasks(call: Call) -> dict[str, Any]:
     base = _base(call)
-    return {"tasks": [compat.task_view(call.store, t, base, extra) for t, extra in compat.recent_tasks(call.store)]}
+    return {"tasks": [compat.task_view(call.store, t, base, extra) for t, extra in compat.recent_tasks(
+        call.store, person=visibility.person_for(call.settings, call.actor))]}
 
 
 def health(call: Call) -> dict[str, Any]:
@@ -117,7 +118,7 @@ def image(call: Call) -> Response:
         raise NotFound(f"no image named {name[:80]!r}")
     if compat.image_path(queries.get_image(call.store, image_id)) != f"/images/{name}":
         raise NotFound(f"no image named {name[:80]!r}")
-    return files.image_response(call.settings, call.store, image_id, thumbnail=False)
+    return files.image_response(call.settings, call.store, image_id, False, call.actor)
 
 
 async def updates(websocket: WebSocket, settings: Settings, store: Store) -> None:
@@ -141,7 +142,8 @@ async def updates(websocket: WebSocket, settings: Settings, store: Store) -> Non
     async def forward() -> None:
         loop = asyncio.get_running_loop()
         looked = loop.time()
-        async for event in follow(store, Follow(latest, None, None, WS_SECONDS)):
+        async for event in follow(store, Follow(latest, None, None, WS_SECONDS,
+                                             visibility.person_for(settings, websocket.scope[ACTOR]))):
             if event is not None:
                 await send(event["task_id"])
             elif running and loop.time() - looked >= PROGRESS_EVERY:

@@ -26,7 +26,7 @@ from api.shapes import (
     task_json,
     workflow_json,
 )
-from core import service, workflows
+from core import service, visibility, workflows
 from core.errors import InputError, NotFound, Problem
 from core.models import RETRYABLE, UNFINISHED
 
@@ -71,7 +71,8 @@ def get_workflow(call: Call) -> dict[str, Any]:
 def list_batches(call: Call) -> dict[str, Any]:
     limit = call.query_int("limit", PAGE_SIZE, 1, MAX_PAGE_SIZE) or PAGE_SIZE
     offset = call.query_int("offset", 0, 0, MAX_BATCH_OFFSET) or 0
-    rows = call.store.list_batches(offset + limit + 1)[offset:]
+    person = visibility.person_for(call.settings, call.actor)
+    rows = visibility.list_batches(call.store, offset + limit + 1, person)[offset:]
     batches = [batch_json(call.store, b["id"], call.url) for b in rows[:limit]]
     more = len(rows) > limit
     return {"batches": batches, "limit": limit, "offset": offset,
@@ -100,20 +101,30 @@ def _submitted(call: Call, result: service.Submitted, dry_run: bool) -> Response
     return json_response(body, 201, {"Location": batches[0]["url"]})
 
 
+def _batch_id(call: Call) -> int:
+    """The path's batch id, NotFound when it is someone else's and batches are private (core.visibility)."""
+    batch_id = call.path_id("batch_id", "batch")
+    visibility.visible_batch(call.settings, call.store, call.actor, batch_id)
+    return batch_id
+
+
+def _task(call: Call) -> dict[str, Any]:
+    """The path's task, NotFound when it is someone else's and batches are private (core.visibility)."""
+    return visibility.visible_task(call.settings, call.store, call.actor, call.path_id("task_id", "task"))
+
+
 def get_batch(call: Call) -> dict[str, Any]:
-    return batch_json(call.store, call.path_id("batch_id", "batch"), call.url)
+    return batch_json(call.store, _batch_id(call), call.url)
 
 
 def batch_images(call: Call) -> dict[str, Any]:
-    batch_id = call.path_id("batch_id", "batch")
-    call.store.get_batch(batch_id)
+    batch_id = _batch_id(call)
     return {"batch_id": batch_id,
             "images": [image_json(call.settings, i, call.url) for i in call.store.images_for_batch(batch_id)]}
 
 
 def batch_zip(call: Call) -> Response:
-    batch_id = call.path_id("batch_id", "batch")
-    call.store.get_batch(batch_id)
+    batch_id = _batch_id(call)
     path = _temp_file(".zip")
     try:
         service.export_batch(call.settings, call.store, batch_id, zip_path=path)
@@ -125,7 +136,7 @@ def batch_zip(call: Call) -> Response:
 
 
 def batch_csv(call: Call) -> Response:
-    batch_id = call.path_id("batch_id", "batch")
+    batch_id = _batch_id(call)
     # Streamed a page of tasks at a time: a 100,000-task batch never sits in memory as one string.
     chunks = service.results_csv_chunks(call.settings, call.store, batch_id)
     return StreamingResponse(chunks, media_type="text/csv; charset=utf-8",
@@ -133,19 +144,19 @@ def batch_csv(call: Call) -> Response:
 
 
 def cancel_batch(call: Call) -> dict[str, Any]:
-    batch_id = call.path_id("batch_id", "batch")
+    batch_id = _batch_id(call)
     done = service.cancel_batch(call.store, batch_id, actor=call.actor)
     return {**done, "batch": batch_json(call.store, batch_id, call.url)}
 
 
 def retry_batch(call: Call) -> dict[str, Any]:
-    batch_id = call.path_id("batch_id", "batch")
+    batch_id = _batch_id(call)
     requeued = service.retry_batch(call.store, batch_id, actor=call.actor)
     return {"requeued": requeued, "batch": batch_json(call.store, batch_id, call.url)}
 
 
 def batch_priority(call: Call) -> dict[str, Any]:
-    batch_id = call.path_id("batch_id", "batch")
+    batch_id = _batch_id(call)
     priority = _priority(call.json_object())
     updated = service.set_batch_priority(call.store, batch_id, priority, actor=call.actor)
     return {"updated": updated, "priority": priority, "batch": batch_json(call.store, batch_id, call.url)}
@@ -164,7 +175,7 @@ def run_batch_next(call: Call) -> dict[str, Any]:
 
 
 def _batch_after(call: Call, action: Any) -> dict[str, Any]:
-    batch_id = call.path_id("batch_id", "batch")
+    batch_id = _batch_id(call)
     action(call.store, batch_id, actor=call.actor)
     return batch_json(call.store, batch_id, call.url)
 
@@ -212,7 +223,8 @@ def list_tasks(call: Call) -> dict[str, Any]:
     if text is not None and "\x00" in text:  # SQLite's full-text query syntax cannot hold one (a 500 before)
         raise ApiError(400, "query parameter 'q': the text cannot contain NUL characters")
     filters: dict[str, Any] = {"batch_id": call.query_int("batch_id", None, 1), "statuses": call.statuses(),
-                               "workflow": call.request.query_params.get("workflow") or None, "text": text}
+                               "workflow": call.request.query_params.get("workflow") or None, "text": text,
+                               "person": visibility.person_for(call.settings, call.actor)}
     total = call.store.count_tasks(**filters)
     tasks = call.store.list_tasks(**filters, limit=limit, offset=offset, newest_first=order == "desc")
     query = [(k, v) for k, v in call.request.query_params.multi_items() if k != "offset"]
@@ -222,19 +234,18 @@ def list_tasks(call: Call) -> dict[str, Any]:
 
 
 def get_task(call: Call) -> dict[str, Any]:
-    task = call.store.get_task(call.path_id("task_id", "task"))
+    task = _task(call)
     workflow = load_workflow_quietly(call.settings.workflows_dir, task["workflow"])
     return task_detail_json(call.settings, call.store, task, workflow, call.url)
 
 
 def task_events(call: Call) -> dict[str, Any]:
-    task_id = call.path_id("task_id", "task")
-    call.store.get_task(task_id)
+    task_id = _task(call)["id"]
     return {"task_id": task_id, "events": [event_json(e) for e in call.store.events(task_id=task_id, limit=10_000)]}
 
 
 def cancel_task(call: Call) -> dict[str, Any]:
-    task = call.store.get_task(call.path_id("task_id", "task"))
+    task = _task(call)
     if task["status"] not in UNFINISHED:
         raise ApiError(409, f"task {task['id']} is already {task['status']}; only queued, submitted or running "
                             "tasks can be cancelled")
@@ -243,7 +254,7 @@ def cancel_task(call: Call) -> dict[str, Any]:
 
 
 def retry_task(call: Call) -> dict[str, Any]:
-    task = call.store.get_task(call.path_id("task_id", "task"))
+    task = _task(call)
     if not service.retry(call.store, [task["id"]], actor=call.actor):
         raise ApiError(409, f"task {task['id']} is {task['status']}; only {' or '.join(RETRYABLE)} tasks can be "
                             "retried")
@@ -251,7 +262,7 @@ def retry_task(call: Call) -> dict[str, Any]:
 
 
 def task_priority(call: Call) -> dict[str, Any]:
-    task = call.store.get_task(call.path_id("task_id", "task"))
+    task = _task(call)
     priority = _priority(call.json_object())
     service.set_priority(call.store, [task["id"]], priority, actor=call.actor)
     return {"updated": 1, "priority": priority, "task": task_json(call.store.get_task(task["id"]), call.url)}
@@ -268,11 +279,11 @@ def _priority(data: dict[str, Any]) -> Any:
 
 # -- files --------------------------------------------------------------------------------------------
 def image(call: Call) -> Response:
-    return files.image_response(call.settings, call.store, call.path_id("image_id", "image"), thumbnail=False)
+    return files.image_response(call.settings, call.store, call.path_id("image_id", "image"), False, call.actor)
 
 
 def thumbnail(call: Call) -> Response:
-    return files.image_response(call.settings, call.store, call.path_id("image_id", "image"), thumbnail=True)
+    return files.image_response(call.settings, call.store, call.path_id("image_id", "image"), True, call.actor)
 
 
 def _temp_file(suffix: str) -> Path:

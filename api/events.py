@@ -20,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 
 from api.calls import ApiError, Call, parse_id, query_int
 from api.shapes import event_json
+from core import visibility
 from core.store import Store
 
 STREAM_POLL = 0.25  # seconds between reads of the events table while a stream is open
@@ -34,7 +35,8 @@ def list_events(call: Call) -> dict[str, Any]:
     after = call.query_int("after", 0) or 0
     limit = call.query_int("limit", EVENTS_PAGE, 1, MAX_EVENTS_PAGE) or EVENTS_PAGE
     batch_id, task_id = call.query_int("batch_id", None, 1), call.query_int("task_id", None, 1)
-    events, last = _events_after(call.store, after, batch_id, task_id, limit)
+    person = visibility.person_for(call.settings, call.actor)
+    events, last = _events_after(call.store, after, batch_id, task_id, limit, person)
     query = "&".join(f"{k}={v}" for k, v in (("batch_id", batch_id), ("task_id", task_id)) if v is not None)
     latest = call.store.db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
     return {"events": [event_json(e) for e in events], "last_id": last, "latest_id": latest,
@@ -49,9 +51,10 @@ class Follow:
     batch_id: int | None
     task_id: int | None
     seconds: int
+    person: str | None = None  # only events of this person's batches (core.visibility.person_for)
 
 
-def follow_params(headers: Headers, query: QueryParams) -> Follow:
+def follow_params(headers: Headers, query: QueryParams, person: str | None) -> Follow:
     """A live stream's parameters: resume after the Last-Event-ID header (as EventSource sends it) or ?after=,
     filter by ?batch_id= / ?task_id=, end after ?timeout= seconds. ApiError 400 naming a bad value."""
     header = headers.get("last-event-id", "").strip()
@@ -60,7 +63,7 @@ def follow_params(headers: Headers, query: QueryParams) -> Follow:
         raise ApiError(400, f"header Last-Event-ID: expected an event id (a whole number), got {header[:40]!r}")
     after = resumed if resumed is not None else (query_int(query, "after", 0) or 0)
     return Follow(after, query_int(query, "batch_id", None, 1), query_int(query, "task_id", None, 1),
-                  query_int(query, "timeout", STREAM_SECONDS, 1, STREAM_MAX_SECONDS) or STREAM_SECONDS)
+                  query_int(query, "timeout", STREAM_SECONDS, 1, STREAM_MAX_SECONDS) or STREAM_SECONDS, person)
 
 
 async def follow(store: Store, where: Follow) -> AsyncIterator[dict[str, Any] | None]:
@@ -71,7 +74,8 @@ async def follow(store: Store, where: Follow) -> AsyncIterator[dict[str, Any] | 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + where.seconds
     while True:
-        events, scanned = await run_in_threadpool(_events_after, store, after, where.batch_id, where.task_id, 500)
+        events, scanned = await run_in_threadpool(_events_after, store, after, where.batch_id, where.task_id, 500,
+                                                   where.person)
         progressed, after = scanned != after, scanned
         for event in events:
             yield event
@@ -86,7 +90,8 @@ async def follow(store: Store, where: Follow) -> AsyncIterator[dict[str, Any] | 
 async def stream_events(call: Call) -> Response:
     """Server-sent events from the events table, oldest first, each with its id: a client that reconnects
     with Last-Event-ID (as EventSource does) or ?after= misses nothing and sees nothing twice."""
-    where = follow_params(call.request.headers, call.request.query_params)
+    where = follow_params(call.request.headers, call.request.query_params,
+                          visibility.person_for(call.settings, call.actor))
     store = call.store
 
     async def lines() -> AsyncIterator[str]:
@@ -107,9 +112,11 @@ async def stream_events(call: Call) -> Response:
 
 
 def _events_after(store: Store, after: int, batch_id: int | None, task_id: int | None, limit: int,
-                  scan_limit: int = 20_000) -> tuple[list[dict[str, Any]], int]:
-    """Up to `limit` events after `after` matching the filters, and the last id looked at (so the next read
-    starts there even when a whole page belonged to other batches)."""
+                  person: str | None = None, scan_limit: int = 20_000) -> tuple[list[dict[str, Any]], int]:
+    """Up to `limit` events after `after` matching the filters (with `person`, only events of that person's
+    batches), and the last id looked at (so the next read starts there even when a whole page belonged to
+    other batches)."""
+    own = visibility.visible_batch_ids(store, person)
     found: list[dict[str, Any]] = []
     scanned = after
     while len(found) < limit and scanned - after < scan_limit:
@@ -117,7 +124,7 @@ def _events_after(store: Store, after: int, batch_id: int | None, task_id: int |
         if not page:
             break
         for event in page:
-            if batch_id is None or event["batch_id"] == batch_id:
+            if (batch_id is None or event["batch_id"] == batch_id) and (own is None or event["batch_id"] in own):
                 found.append(event)
                 if len(found) == limit:
                     return found, event["id"]

@@ -19,19 +19,23 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from api.auth import denied_message, request_actor
+from api.auth import LINK_READER, denied_message, request_actor
 from api.calls import Bound, parse_id
-from core import exports, service
+from core import exports, service, visibility
 from core.config import Settings
 from core.errors import NotFound
 from core.store import Store
+from core.users import Actor
 
 CACHE = "private, max-age=3600"
 
 
-def image_response(settings: Settings, store: Store, image_id: int, thumbnail: bool) -> Response:
+def image_response(settings: Settings, store: Store, image_id: int, thumbnail: bool, actor: Actor) -> Response:
     """The image (bytes as ComfyUI made them) or its WebP thumbnail; a redirect to the object store when the
-    local file was deleted after its upload; NotFound when the id or file is gone."""
+    local file was deleted after its upload; NotFound when the id or file is gone, or when it is someone
+    else's and batches are private (a signed link still opens it: whoever holds one was given it)."""
+    if actor is not LINK_READER:
+        visibility.check_image(settings, store, actor, image_id)
     source = service.image_source(settings, store, image_id, thumbnail)
     if source.redirect is not None:
         return RedirectResponse(source.redirect, status_code=307, headers={"Cache-Control": "no-store"})
@@ -72,13 +76,14 @@ class FileServer(Bound):
             return JSONResponse({"error": "the file server is not started"}, status_code=503)
         raw = str(request.path_params["image_id"])
         image_id = parse_id(raw)
-        if request_actor(self.settings, self.store, request.scope, image_id) is None:
+        actor = request_actor(self.settings, self.store, request.scope, image_id)
+        if actor is None:
             return JSONResponse({"error": denied_message(self.settings, request.scope)}, status_code=401,
                                 headers={"WWW-Authenticate": 'Bearer realm="ComfyBatch"'})
         if image_id is None:
             return JSONResponse({"error": f"image {raw[:40]!r} does not exist (image ids are whole numbers)"},
                                 status_code=404)
         try:
-            return image_response(self.settings, self.store, image_id, thumbnail)
+            return image_response(self.settings, self.store, image_id, thumbnail, actor)
         except NotFound as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)

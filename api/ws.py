@@ -17,9 +17,10 @@ from collections.abc import Awaitable, Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from api.calls import ApiError
+from api.calls import ACTOR, ApiError
 from api.events import follow, follow_params
 from api.shapes import event_json
+from core import visibility
 from core.config import Settings
 from core.store import Store
 
@@ -29,7 +30,8 @@ POLICY_VIOLATION = 1008
 async def events_socket(websocket: WebSocket, settings: Settings, store: Store) -> None:
     await websocket.accept()
     try:
-        where = follow_params(websocket.headers, websocket.query_params)
+        where = follow_params(websocket.headers, websocket.query_params,
+                              visibility.person_for(settings, websocket.scope[ACTOR]))
     except ApiError as exc:
         await refuse(websocket, str(exc))
         return

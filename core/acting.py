@@ -44,6 +44,17 @@ def may_act(store: Store, task_ids: list[int], actor: Actor, what: str) -> list[
     return others
 
 
+def others_batches(store: Store, task_ids: list[int], actor: Actor) -> list[int]:
+    """The batches among these tasks' that `actor` may not act on (someone else's, for a member): what a page
+    checks before offering an action the engine would refuse. At most 900 tasks are looked at (a page's worth)."""
+    if actor.is_admin or not task_ids:
+        return []
+    chunk = task_ids[:900]
+    return [r[0] for r in store.db.execute(
+        f"SELECT DISTINCT t.batch_id FROM tasks t JOIN batches b ON b.id = t.batch_id WHERE t.id IN "
+        f"({','.join('?' * len(chunk))}) AND b.submitted_by IS NOT ? ORDER BY t.batch_id", [*chunk, actor.name])]
+
+
 def batch_action(store: Store, batch_id: int, actor: Actor, what: str, done: str) -> None:
     """Check that `actor` may act on the batch; on someone else's, its unfinished tasks' events say who did."""
     batch = store.get_batch(batch_id)

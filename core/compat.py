@@ -211,9 +211,10 @@ def compat_request(store: Store, task_id: int) -> dict[str, Any]:
     return {"request": json.loads(row[0]), "note": row[1]} if row else {}
 
 
-def recent_tasks(store: Store, limit: int = TASK_LIST) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """The newest tasks (any source) with their compat requests."""
-    tasks = store.list_tasks(limit=limit)
+def recent_tasks(store: Store, limit: int = TASK_LIST, person: str | None = None
+                 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The newest tasks (any source; only `person`'s batches when given) with their compat requests."""
+    tasks = store.list_tasks(limit=limit, person=person)
     ids = [t["id"] for t in tasks]
     extra: dict[int, dict[str, Any]] = {}
     if ids:

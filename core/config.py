@@ -83,6 +83,9 @@ SETTINGS: tuple[Setting, ...] = (
             "The first lockout delay in seconds; it doubles with each further failure (at most an hour)."),
     Setting("COMFYBATCH_USER_MAX_QUEUED", "user_max_queued", "0", int,
             "Most tasks one person may have queued at once; a submission over it is refused. 0: no cap."),
+    Setting("COMFYBATCH_PRIVATE_BATCHES", "private_batches", "false", bool,
+            "true: a member sees only the batches they submitted (and their tasks, images and events); admins "
+            "see all. false: everyone sees everyone's batches."),
     Setting("COMFYBATCH_CORS_ORIGINS", "cors_origins", "", list,
             "Comma-separated origins allowed to call the HTTP API from a browser (`*` for any). Empty: none."),
     Setting("COMFYBATCH_PUBLIC_URL", "public_url", "", str,
@@ -192,6 +195,7 @@ class Settings:
     lockout_after: int = 5
     lockout_seconds: float = 30.0
     user_max_queued: int = 0
+    private_batches: bool = False
     oidc: bool = False  # `[auth]` is in .streamlit/secrets.toml: sign-in through st.login (not an env setting)
     link_secret: str = field(default="", repr=False)  # `[auth]` cookie_secret: signs image links with OIDC
     cors_origins: tuple[str, ...] = ()

@@ -24,7 +24,7 @@ from typing import Any
 from core import files
 from core.config import Settings
 from core.errors import NotFound
-from core.store import Store
+from core.store import Store, filter_clauses
 
 PAGE = 500
 KEEP_SECONDS = 3600.0
@@ -35,27 +35,30 @@ _NAME = re.compile(r"^[\w.-]{1,120}$")
 
 @dataclass(frozen=True)
 class Selection:
-    """Which tasks and images an export covers: a batch, the picked images (of a batch, or of all), or both."""
+    """Which tasks and images an export covers: a batch, the picked images (of a batch, or of all), or both;
+    with `person`, only batches that person submitted (core.visibility.person_for)."""
 
     batch_id: int | None = None
     picked: bool = False
+    person: str | None = None
 
     def image_where(self) -> tuple[str, list[Any]]:
-        clauses, args = [], []
-        if self.batch_id is not None:
-            clauses.append("i.batch_id = ?")
-            args.append(self.batch_id)
+        clauses, args = filter_clauses(batch_id=self.batch_id, person=self.person, alias="i.")
         if self.picked:
             clauses.append("i.id IN (SELECT image_id FROM picks)")
         return (" AND ".join(clauses) or "1"), args
 
     def task_where(self) -> tuple[str, list[Any]]:
-        if not self.picked:
+        if self.picked:
+            where, args = self.image_where()
+            return f"t.id IN (SELECT i.task_id FROM images i WHERE {where})", args
+        clauses, args = filter_clauses(person=self.person, alias="t.")
+        if self.batch_id is not None:
             # `+`: walk the ids (a batch's tasks are contiguous), not the (batch, status) index, which would
             # sort the whole batch for every page.
-            return ("+t.batch_id = ?", [self.batch_id]) if self.batch_id is not None else ("1", [])
-        where, args = self.image_where()
-        return f"t.id IN (SELECT i.task_id FROM images i WHERE {where})", args
+            clauses.append("+t.batch_id = ?")
+            args.append(self.batch_id)
+        return (" AND ".join(clauses) or "1"), args
 
 
 @dataclass(frozen=True)

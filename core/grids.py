@@ -62,10 +62,11 @@ def batch_axes(store: Store, batch_id: int) -> dict[str, list[Any]]:
     return json.loads(batch["axes"]) if batch.get("axes") else {}
 
 
-def sweep_batches(store: Store, limit: int = 200) -> list[dict[str, Any]]:
-    """The newest batches made from lists, for the grid page's picker."""
-    return list(store.db.query("SELECT id, name, axes FROM batches WHERE axes IS NOT NULL ORDER BY id DESC LIMIT ?",
-                               [limit]))
+def sweep_batches(store: Store, limit: int = 200, person: str | None = None) -> list[dict[str, Any]]:
+    """The newest batches made from lists (only `person`'s when given), for the grid page's picker."""
+    mine, args = (" AND submitted_by = ?", [person]) if person is not None else ("", [])
+    return list(store.db.query(f"SELECT id, name, axes FROM batches WHERE axes IS NOT NULL{mine} ORDER BY id DESC "
+                               "LIMIT ?", [*args, limit]))
 
 
 def _path(axis: str) -> str:

@@ -20,13 +20,14 @@ FAILURE_WINDOW = 24 * HOUR
 NO_CAUSE = "unknown"
 
 
-def active_batch_ids(store: Store, limit: int = ACTIVE_BATCHES) -> list[int]:
-    """Batches with work still to do, newest first: walks the batches from the newest with one probe of the
-    (batch, status) index each, never the queue itself."""
+def active_batch_ids(store: Store, limit: int = ACTIVE_BATCHES, person: str | None = None) -> list[int]:
+    """Batches with work still to do (only `person`'s when given), newest first: walks the batches from the
+    newest with one probe of the (batch, status) index each, never the queue itself."""
     marks = ",".join("?" * len(UNFINISHED))
+    mine, args = ("b.submitted_by = ? AND ", [person]) if person is not None else ("", [])
     return [r[0] for r in store.db.execute(
-        f"SELECT b.id FROM batches b WHERE EXISTS (SELECT 1 FROM tasks t WHERE t.batch_id = b.id AND t.status IN "
-        f"({marks})) ORDER BY b.id DESC LIMIT ?", [*UNFINISHED, limit]).fetchall()]
+        f"SELECT b.id FROM batches b WHERE {mine}EXISTS (SELECT 1 FROM tasks t WHERE t.batch_id = b.id AND "
+        f"t.status IN ({marks})) ORDER BY b.id DESC LIMIT ?", [*args, *UNFINISHED, limit]).fetchall()]
 
 
 def latest_images(store: Store, batch_id: int, limit: int = 8) -> list[dict[str, Any]]:

@@ -82,14 +82,19 @@ def has_unfinished_work(store: Store) -> bool:
     return store.has_pending_work()
 
 
-def summary_batch_ids(store: Store, limit: int = 3) -> list[int]:
-    """Batches worth a progress bar: those with work still to do, else the most recent ones."""
+def summary_batch_ids(store: Store, limit: int = 3, person: str | None = None) -> list[int]:
+    """Batches worth a progress bar (only `person`'s when given): those with work still to do, else the most
+    recent ones."""
+    clauses, args = filter_clauses(statuses=UNFINISHED, person=person)
     active = [r[0] for r in store.db.execute(
-        f"SELECT batch_id FROM tasks WHERE status IN ({','.join('?' * len(UNFINISHED))}) GROUP BY batch_id "
-        "ORDER BY batch_id DESC LIMIT ?", [*UNFINISHED, limit]).fetchall()]
+        f"SELECT batch_id FROM tasks WHERE {' AND '.join(clauses)} GROUP BY batch_id ORDER BY batch_id DESC "
+        "LIMIT ?", [*args, limit]).fetchall()]
     if active:
         return active
-    return [b["id"] for b in store.list_batches(limit)]
+    if person is None:
+        return [b["id"] for b in store.list_batches(limit)]
+    return [r[0] for r in store.db.execute("SELECT id FROM batches WHERE submitted_by = ? ORDER BY id DESC LIMIT ?",
+                                           [person, limit]).fetchall()]
 
 
 def batch_errors(store: Store, batch_id: int, limit: int = 5) -> list[dict[str, Any]]:
@@ -141,10 +146,12 @@ def picked_ids(store: Store, ids: Iterable[int]) -> set[int]:
                                            f"({','.join('?' * len(ids))})", ids).fetchall()}
 
 
-def count_picked(store: Store, batch_id: int | None = None) -> int:
-    sql = "SELECT COUNT(*) FROM picks p" + (" JOIN images i ON i.id = p.image_id WHERE i.batch_id = ?"
-                                            if batch_id is not None else "")
-    return int(store.db.execute(sql, [batch_id] if batch_id is not None else []).fetchone()[0])
+def count_picked(store: Store, batch_id: int | None = None, person: str | None = None) -> int:
+    """Picked images (of a batch; of `person`'s batches when given)."""
+    where, args = filter_clauses(batch_id=batch_id, person=person, alias="i.")
+    sql = "SELECT COUNT(*) FROM picks p" + (f" JOIN images i ON i.id = p.image_id WHERE {' AND '.join(where)}"
+                                            if where else "")
+    return int(store.db.execute(sql, args).fetchone()[0])
 
 
 def parse_param_filters(text: str) -> tuple[tuple[str, str], ...]:
@@ -236,8 +243,7 @@ def _target(workflow: Workflow | None, key: str) -> str | None:
 # -- filters ----------------------------------------------------------------------------------------
 def _task_where(store: Store, flt: TaskFilter) -> tuple[str, list[Any]]:
     clauses, args = filter_clauses(batch_id=flt.batch_id, statuses=flt.statuses, workflow=flt.workflow,
-                                   text=flt.text, fts=store.has_fts, alias="t.")
-    _person(clauses, args, flt.person, "t.")
+                                   text=flt.text, fts=store.has_fts, alias="t.", person=flt.person)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
@@ -252,7 +258,8 @@ def _image_where(store: Store, flt: ImageFilter) -> tuple[str, list[Any]]:
     if flt.until:
         clauses.append("i.created_at < ?")
         args.append(time.mktime((flt.until + dt.timedelta(days=1)).timetuple()))
-    _person(clauses, args, flt.person, "i.")
+    person, person_args = filter_clauses(person=flt.person, alias="i.")
+    clauses, args = clauses + person, args + person_args
     if flt.picked:
         clauses.append("i.id IN (SELECT image_id FROM picks)")
     for name, value in flt.params:
@@ -267,12 +274,6 @@ def _image_where(store: Store, flt: ImageFilter) -> tuple[str, list[Any]]:
 
 def _needs_task_join(flt: ImageFilter) -> bool:
     return bool(flt.workflow or flt.text.strip() or flt.params)
-
-
-def _person(clauses: list[str], args: list[Any], person: str | None, alias: str) -> None:
-    if person is not None:
-        clauses.append(f"{alias}batch_id IN (SELECT id FROM batches WHERE submitted_by = ?)")
-        args.append(person)
 
 
 def people(store: Store) -> list[str]:

@@ -425,15 +425,16 @@ def export_batch(settings: Settings, store: Store, batch_id: int, csv_path: Path
     return result
 
 
-def results_csv_chunks(settings: Settings, store: Store, batch_id: int | None = None, picked: bool = False
-                       ) -> Iterator[bytes]:
+def results_csv_chunks(settings: Settings, store: Store, batch_id: int | None = None, picked: bool = False,
+                       person: str | None = None) -> Iterator[bytes]:
     """A results CSV (UTF-8 with BOM, spreadsheet-safe cells) in chunks, read a page of tasks at a time: of a
     batch, of the picked images (`picked`, optionally of one batch), images in object storage with their URL
     (presigned links expire after COMFYBATCH_S3_LINK_EXPIRY). NotFound for an unknown batch, before anything
     is yielded."""
     if batch_id is not None:
         store.get_batch(batch_id)
-    return exports.csv_chunks(store, exports.Selection(batch_id, picked), lambda img: image_link(settings, img))
+    return exports.csv_chunks(store, exports.Selection(batch_id, picked, person),
+                              lambda img: image_link(settings, img))
 
 
 def results_csv_bytes(settings: Settings, store: Store, batch_id: int) -> bytes:
@@ -449,9 +450,10 @@ def zip_bytes(settings: Settings, images: list[dict[str, Any]]) -> bytes:
 
 
 def export_file(settings: Settings, store: Store, kind: str, batch_id: int | None = None, picked: bool = False,
-                image_ids: Iterable[int] | None = None) -> exports.ExportFile:
+                image_ids: Iterable[int] | None = None, person: str | None = None) -> exports.ExportFile:
     """Write an export to a temporary file the pages link to (`.url`, served by /files/export/...):
-    `kind` "csv" (results) or "zip" (images) of a batch, of the picked images, or of given image ids."""
+    `kind` "csv" (results) or "zip" (images) of a batch, of the picked images, or of given image ids; with
+    `person`, only that person's batches (core.visibility.person_for)."""
     if batch_id is not None:
         store.get_batch(batch_id)
     label = f"batch-{batch_id}" if batch_id is not None else "comfybatch"
@@ -459,14 +461,14 @@ def export_file(settings: Settings, store: Store, kind: str, batch_id: int | Non
     if kind == "csv":
         out = exports.new_file(settings, f"{label}-results.csv")
         with open(out.path, "wb") as f:
-            for chunk in results_csv_chunks(settings, store, batch_id, picked):
+            for chunk in results_csv_chunks(settings, store, batch_id, picked, person):
                 f.write(chunk)
         return out
     if kind != "zip":
         raise InputError(f"unknown export kind {workflows.show(kind)}: csv or zip")
     out = exports.new_file(settings, f"{label}-images.zip")
     images: Iterable[dict[str, Any]] = (queries.images_by_ids(store, image_ids) if image_ids is not None
-                                        else exports.iter_images(store, exports.Selection(batch_id, picked)))
+                                        else exports.iter_images(store, exports.Selection(batch_id, picked, person)))
     files.export_zip(settings.output_dir, images, out.path, _stored_bytes(settings))
     return out
 

@@ -653,9 +653,9 @@ class Store:
 
     def list_tasks(self, batch_id: int | None = None, statuses: Iterable[str] | None = None,
                    workflow: str | None = None, text: str | None = None, limit: int = 50, offset: int = 0,
-                   newest_first: bool = True) -> list[dict[str, Any]]:
+                   newest_first: bool = True, person: str | None = None) -> list[dict[str, Any]]:
         where, args = _where(batch_id=batch_id, statuses=statuses, workflow=workflow, text=text,
-                             fts=self.has_fts)
+                             fts=self.has_fts, person=person)
         order = "DESC" if newest_first else "ASC"
         rows = self.db.query(f"SELECT * FROM tasks {where} ORDER BY id {order} LIMIT ? OFFSET ?",
                              [*args, limit, offset])
@@ -872,11 +872,16 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def filter_clauses(batch_id: int | None = None, statuses: Iterable[str] | None = None, workflow: str | None = None,
-                   text: str | None = None, fts: bool = False, alias: str = "") -> tuple[list[str], list[Any]]:
+                   text: str | None = None, fts: bool = False, alias: str = "", person: str | None = None
+                   ) -> tuple[list[str], list[Any]]:
     """SQL conditions for the task filters the UI and API offer; `alias` prefixes columns (e.g. "t.").
-    Prompt search uses the trigram index for 3+ characters when SQLite has it, else LIKE."""
+    Prompt search uses the trigram index for 3+ characters when SQLite has it, else LIKE. `person`: only
+    batches that person submitted."""
     clauses: list[str] = []
     args: list[Any] = []
+    if person is not None:
+        clauses.append(f"{alias}batch_id IN (SELECT id FROM batches WHERE submitted_by = ?)")
+        args.append(person)
     if batch_id is not None:
         clauses.append(f"{alias}batch_id = ?")
         args.append(batch_id)

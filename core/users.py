@@ -64,9 +64,13 @@ def require_admin(actor: Actor, what: str) -> None:
         raise Forbidden(f"{actor.name} may not {what}: only an admin may (your role is {actor.role})")
 
 
-def require_owner(actor: Actor, batch: dict[str, Any], what: str) -> None:
+def may_act_on(actor: Actor, batch: dict[str, Any]) -> bool:
     """An admin acts on any batch; a member only on batches they submitted."""
-    if actor.is_admin or batch.get("submitted_by") == actor.name:
+    return actor.is_admin or batch.get("submitted_by") == actor.name
+
+
+def require_owner(actor: Actor, batch: dict[str, Any], what: str) -> None:
+    if may_act_on(actor, batch):
         return
     raise Forbidden(f"{actor.name} may not {what} batch {batch['id']}: it was submitted by "
                     f"{batch.get('submitted_by') or 'nobody recorded'}, and a member acts only on their own batches")

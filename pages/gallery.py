@@ -14,7 +14,7 @@ import streamlit as st
 
 import ui
 import ui_format
-from core import queries, service
+from core import queries, service, visibility
 from core.errors import ComfyBatchError
 
 COLUMNS = 6
@@ -42,7 +42,8 @@ def pick(image_ids: list[int], picked: bool) -> Any:
 
 def prepare(kind: str, batch_id: int | None, picked: bool) -> Any:
     def act(ctx: ui.Context) -> None:
-        out = service.export_file(ctx.settings, ctx.store, kind, batch_id=batch_id, picked=picked)
+        out = service.export_file(ctx.settings, ctx.store, kind, batch_id=batch_id, picked=picked,
+                                  person=visibility.person_for(ctx.settings, ctx.actor))
         what = ("picked " if picked else "") + ("results CSV" if kind == "csv" else "images ZIP")
         st.session_state[EXPORTS] = {**st.session_state.get(EXPORTS, {}), what: out.url}
     return ui.safe_callback("gallery", act)
@@ -71,6 +72,7 @@ def show_image(image_id: int) -> None:
     image_id = st.session_state.get(OPEN, image_id)
     ctx = ui.context()
     with ui.guard():
+        visibility.check_image(ctx.settings, ctx.store, ctx.actor, image_id)
         detail = queries.image_detail(ctx.store, image_id)
         image, task, batch = detail["image"], detail["task"], detail["batch"]
         try:
@@ -151,7 +153,7 @@ with ui.guard():
     page = st.session_state.get("gallery_page", 1)
     images = queries.page_images(ctx.store, flt, size, (page - 1) * size)
     ids = [img["id"] for img in images]
-    n_picked = queries.count_picked(ctx.store, batch_id)
+    n_picked = queries.count_picked(ctx.store, batch_id, visibility.person_for(ctx.settings, ctx.actor))
 
     actions = st.container(horizontal=True)
     actions.button("Pick all on this page", on_click=pick(ids, True), disabled=not ids, icon=":material/star:")

@@ -11,7 +11,7 @@ from typing import Any
 import streamlit as st
 
 import ui
-from core import access, grids, queries, service
+from core import access, grids, queries, service, visibility
 
 EXPORTS = "grid_exports"
 
@@ -52,7 +52,7 @@ def prepare(kind: str, batch_id: int, row_axis: str | None, col_axis: str | None
 ctx = ui.setup("Grid")
 ui.show_flash("grid")
 with ui.guard():
-    batches = grids.sweep_batches(ctx.store)
+    batches = grids.sweep_batches(ctx.store, person=visibility.person_for(ctx.settings, ctx.actor))
     if not batches:
         st.info("No sweep yet. On the Generate page give a parameter several values (or, in a CSV, a cell such "
                 'as `[4, 7, 10]` or `["a cat", "a dog"]`): the batch is every combination, shown here as a grid.')

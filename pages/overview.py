@@ -11,7 +11,7 @@ import streamlit as st
 
 import ui
 import ui_format
-from core import overview, queries, service
+from core import overview, queries, service, visibility
 from core.store import Store
 
 BUSY_REFRESH = 3.0
@@ -45,11 +45,14 @@ def batch_card(ctx: ui.Context, summary: dict[str, Any]) -> None:
                       f":gray[{ui.md_escape(who)} · workflow "
                       f"{ui.md_escape(summary['workflow'])}]")
         with buttons.container(horizontal=True):
-            if summary["paused"]:
+            if not ui.may_act_on(ctx, summary):
+                pass  # someone else's batch: the engine would refuse a member's pause or cancel
+            elif summary["paused"]:
                 st.button("Resume", key=f"ov_resume_{bid}", on_click=pause(bid, False), icon=":material/play_arrow:")
             else:
                 st.button("Pause", key=f"ov_pause_{bid}", on_click=pause(bid, True), icon=":material/pause:")
-            st.button("Cancel", key=f"ov_cancel_{bid}", on_click=cancel(bid), icon=":material/cancel:")
+            if ui.may_act_on(ctx, summary):
+                st.button("Cancel", key=f"ov_cancel_{bid}", on_click=cancel(bid), icon=":material/cancel:")
         running = counts.get("running", 0) + counts.get("submitted", 0)
         st.progress(summary["progress"], text=f"{summary['done']}/{summary['total']} done")
         eta = summary["eta_seconds"]
@@ -115,6 +118,7 @@ def charts(ctx: ui.Context) -> None:
 def servers_at_a_glance(ctx: ui.Context) -> None:
     st.markdown("**Servers**")
     work = overview.current_work(ctx.store)
+    own = visibility.visible_batch_ids(ctx.store, visibility.person_for(ctx.settings, ctx.actor))
     servers = ui.health(ctx)
     if not servers:
         st.caption("No server configured: add one on the Servers page.")
@@ -127,7 +131,7 @@ def servers_at_a_glance(ctx: ui.Context) -> None:
             queue = (s.get("queue_running") or 0) + (s.get("queue_pending") or 0)
             st.markdown(f"{mark} `{s['url']}`")
             st.text(f"{state} · {queue} in its queue")
-            for task in work.get(s["url"], [])[:2]:
+            for task in [t for t in work.get(s["url"], []) if own is None or t["batch_id"] in own][:2]:
                 st.progress(queries.task_progress(task),
                             text=f"task {task['id']} (batch {task['batch_id']}) {task['status']}")
 
@@ -141,7 +145,7 @@ def live() -> None:
     ctx = ui.context()
     with ui.guard():
         busy = queries.has_unfinished_work(ctx.store)
-        ids = overview.active_batch_ids(ctx.store)
+        ids = overview.active_batch_ids(ctx.store, person=visibility.person_for(ctx.settings, ctx.actor))
         st.subheader("Active batches")
         if not ids:
             local = service.local_backends(ctx.settings)

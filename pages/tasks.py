@@ -10,7 +10,7 @@ import streamlit as st
 
 import ui
 import ui_format
-from core import queries, service
+from core import acting, queries, service, visibility
 from core.models import ALL_STATUSES
 
 BUSY_REFRESH = 2.0
@@ -87,14 +87,19 @@ def run_next(ctx: ui.Context, batch_id: int) -> tuple[str, str]:
 def queue_controls(ctx: ui.Context, batch_id: int | None) -> None:
     """Pause/resume the queue; with a batch picked, pause/resume it and run it next."""
     row = st.container(horizontal=True, vertical_alignment="center")
-    if service.queue_state(ctx.store)["paused"]:
-        row.button("Resume queue", on_click=ui.safe_callback("tasks", lambda c: set_queue_paused(c, False)))
-        row.caption("The queue is paused: no new task starts.")
+    if not service.queue_state(ctx.store)["paused"]:
+        if ctx.actor.is_admin:  # the whole queue is an admin's to pause
+            row.button("Pause queue", on_click=ui.safe_callback("tasks", lambda c: set_queue_paused(c, True)))
     else:
-        row.button("Pause queue", on_click=ui.safe_callback("tasks", lambda c: set_queue_paused(c, True)))
+        if ctx.actor.is_admin:
+            row.button("Resume queue", on_click=ui.safe_callback("tasks", lambda c: set_queue_paused(c, False)))
+        row.caption("The queue is paused: no new task starts.")
     if batch_id is None:
         return
-    if service.batch_summary(ctx.store, batch_id)["paused"]:
+    summary = service.batch_summary(ctx.store, batch_id)
+    if not ui.may_act_on(ctx, summary):
+        return  # someone else's batch: a member's pause or run-next would be refused
+    if summary["paused"]:
         row.button(f"Resume batch {batch_id}",
                    on_click=ui.safe_callback("tasks", lambda c: set_batch_paused(c, batch_id, False)))
     else:
@@ -127,7 +132,8 @@ with ui.guard():
         with ui.guard():
             if queries.has_unfinished_work(ctx.store) != busy_at_draw:
                 st.rerun()  # switch between the busy and the idle refresh interval
-            for bid in ([batch_id] if batch_id is not None else queries.summary_batch_ids(ctx.store)):
+            for bid in ([batch_id] if batch_id is not None else queries.summary_batch_ids(
+                    ctx.store, person=visibility.person_for(ctx.settings, ctx.actor))):
                 ui.batch_progress(service.batch_summary(ctx.store, bid))
             ui.show_flash("tasks")
             selected = selected_ids()
@@ -175,11 +181,16 @@ with ui.guard():
             if selected:
                 st.text(f"Selected: {len(selected)} task(s): " + ", ".join(map(str, selected[:20]))
                         + (" ..." if len(selected) > 20 else ""))
+            others = acting.others_batches(ctx.store, selected, ctx.actor)
+            if others:
+                st.caption("The selection holds tasks of batches someone else submitted ("
+                           + ", ".join(map(str, others[:10])) + "): a member acts only on their own batches.")
+            blocked = not selected or bool(others)
             actions = st.container(horizontal=True, vertical_alignment="bottom")
-            actions.button("Cancel selected", on_click=ui.safe_callback("tasks", cancel), disabled=not selected)
-            actions.button("Retry selected", on_click=ui.safe_callback("tasks", retry), disabled=not selected)
+            actions.button("Cancel selected", on_click=ui.safe_callback("tasks", cancel), disabled=blocked)
+            actions.button("Retry selected", on_click=ui.safe_callback("tasks", retry), disabled=blocked)
             actions.number_input("Priority", value=0, step=1, key="tasks_priority", width=160)
-            actions.button("Set priority", on_click=ui.safe_callback("tasks", set_priority), disabled=not selected)
+            actions.button("Set priority", on_click=ui.safe_callback("tasks", set_priority), disabled=blocked)
             actions.button("Clear selection", on_click=clear_selection, disabled=not selected)
 
     live()

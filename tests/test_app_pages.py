@@ -618,3 +618,35 @@ def test_batch_takes_a_webhook_url_checked_like_the_api(offline, db):
     next(b for b in at.button if b.label == "Submit batch").click().run()
     no_failures(at)
     assert db.db.execute("SELECT url, state FROM webhooks").fetchall() == [("https://hooks.example/done", "waiting")]
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_tasks_as_a_member_shows_only_their_batches_when_private_and_no_actions_on_others(offline, db, monkeypatch,
+                                                                                          private):
+    from core.users import MEMBER, Actor
+
+    alice, bob = Actor("alice", MEMBER), Actor("bob", MEMBER)
+    for who, color in ((alice, "1"), (bob, "2")):
+        service.submit(offline, db, service.Submission("empty_image", [service.Row({"1.color": color})]), actor=who)
+    monkeypatch.setenv("COMFYBATCH_PRIVATE_BATCHES", "true" if private else "false")
+    monkeypatch.setattr(ui, "current_actor", lambda settings, store: alice)
+    at = page("tasks")
+    no_failures(at)
+    assert at.selectbox(key="tasks_person").options == (["alice (mine)"] if private else
+                                                        ["Everyone", "alice (mine)", "bob"])
+    assert [o.split(" ")[0] for o in at.selectbox(key="tasks_batch").options] == (
+        ["All", "#1"] if private else ["All", "#2", "#1"])
+    assert at.dataframe[0].value["id"].tolist() == [1]  # a member starts on "mine"
+    assert not any(b.label in ("Pause queue", "Resume queue") for b in at.button)  # the queue is an admin's
+    if private:
+        return
+    at.selectbox(key="tasks_person").set_value(None).run()
+    at.selectbox(key="tasks_batch").set_value(2).run()
+    assert at.dataframe[0].value["id"].tolist() == [2]
+    assert not any(b.label.endswith("batch 2") or b.label == "Run batch 2 next" for b in at.button)
+    at.session_state["tasks_table_2"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    assert [b.disabled for b in at.button if b.label.endswith(" selected")] == [True, True]
+    assert any("someone else submitted (2)" in c.value for c in at.caption)
+    at.selectbox(key="tasks_batch").set_value(1).run()
+    assert any(b.label == "Pause batch 1" for b in at.button)

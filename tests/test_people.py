@@ -285,3 +285,107 @@ def test_every_face_passes_the_acting_user_to_state_changing_front_door_calls():
                 if not any(k.arg == "actor" for k in node.keywords):
                     missing.append(f"{path.name}:{node.lineno}")
     assert seen >= 25 and missing == []
+
+
+# -- COMFYBATCH_PRIVATE_BATCHES: a member sees only their own batches -----------------------------------------
+def test_private_batches_limit_a_members_reads_in_the_engine_and_admins_see_all(people):
+    from core import overview, queries, visibility
+    from core.errors import NotFound
+    from tests.support import finish_next_task, png
+
+    settings, store = people
+    mine, theirs = submit(settings, store, ALICE), submit(settings, store, BOB)
+    images = {finish_next_task(settings, store, png((1, 2, 3)))["batch_id"] for _ in range(2)}
+    assert images == {mine, theirs}
+    bob_task, bob_image = store.task_ids(batch_id=theirs)[0], store.images_for_batch(theirs)[0]["id"]
+
+    def seen(s: Any, actor: Actor) -> tuple[Any, ...]:
+        person = visibility.person_for(s, actor)
+        return (queries.count_tasks(store, queries.TaskFilter(person=person)),
+                queries.count_images(store, queries.ImageFilter(person=person)),
+                [b["id"] for b in visibility.list_batches(store, 10, person)],
+                queries.summary_batch_ids(store, person=person), overview.active_batch_ids(store, person=person))
+
+    private = settings.with_overrides(private_batches=True)
+    assert seen(private, ALICE) == (1, 1, [mine], [mine], [])
+    assert seen(private, ROOT_ADMIN) == seen(settings, ALICE) == (2, 2, [theirs, mine], [theirs, mine], [])
+    # Asking for someone else's work by name matches nothing when private; off, it is theirs.
+    assert queries.count_tasks(store, queries.TaskFilter(person=visibility.person_for(private, ALICE, "bob"))) == 0
+    assert visibility.person_for(settings, ALICE, "bob") == "bob"
+    for read, message in ((lambda s, a: visibility.visible_batch(s, store, a, theirs), f"batch {theirs}"),
+                          (lambda s, a: visibility.visible_task(s, store, a, bob_task), f"task {bob_task}"),
+                          (lambda s, a: visibility.check_image(s, store, a, bob_image), f"image {bob_image}")):
+        with pytest.raises(NotFound) as hidden:
+            read(private, ALICE)
+        assert str(hidden.value) == f"{message} does not exist"  # the same answer as an id that never existed
+        read(private, ROOT_ADMIN)
+        read(settings, ALICE)
+    assert visibility.visible_batch(private, store, ALICE, mine)["submitted_by"] == "alice"
+    # The gallery's "picked" exports and count: only the member's own picks when private.
+    service.set_picked(store, [i["id"] for b in (mine, theirs) for i in store.images_for_batch(b)], True)
+    alice_only = visibility.person_for(private, ALICE)
+    assert (queries.count_picked(store, None, alice_only), queries.count_picked(store)) == (1, 2)
+    out = service.export_file(private, store, "csv", picked=True, person=alice_only)
+    assert [line.split(",")[0] for line in out.path.read_text("utf-8-sig").splitlines()[1:]] == [
+        str(store.task_ids(batch_id=mine)[0])]
+    assert b"".join(service.results_csv_chunks(private, store, person=alice_only)).count(b"\n") == 2
+
+
+def test_private_batches_through_the_http_api_and_the_image_routes(api_for):
+    from api.app import Api
+    from api.files import FileServer
+    from core import access
+    from tests.support import finish_next_task, png
+
+    _, settings, store = api_for
+    mine, theirs = submit(settings, store, ALICE), submit(settings, store, BOB)
+    for _ in range(2):
+        finish_next_task(settings, store, png((1, 2, 3)))
+    bob_task, bob_image = store.task_ids(batch_id=theirs)[0], store.images_for_batch(theirs)[0]["id"]
+    _, alice_token = accounts.create_token(store, ALICE, "")
+    _, root_token = accounts.create_token(store, ROOT_ADMIN, "")
+    from starlette.routing import Mount
+
+    from api import compat
+
+    api, files, old = Api(), FileServer(), compat.make()
+    with serve_api(api, [*files.routes, Mount("/compat", app=old)]) as base, requests.Session() as web:
+        root = base.removesuffix("/api/v1")
+
+        def view(token: str, private: bool) -> dict[str, Any]:
+            s = settings.with_overrides(private_batches=private)
+            for face in (api, files, old):
+                face.bind(s, store)
+            auth = {"Authorization": f"Bearer {token}"}
+
+            def get(url: str) -> Any:
+                return web.get(url, headers=auth, timeout=10)
+
+            return {
+                "batches": [b["id"] for b in get(f"{base}/batches").json()["batches"]],
+                "tasks": get(f"{base}/tasks").json()["total"],
+                "events": {e["batch_id"] for e in get(f"{base}/events").json()["events"]},
+                "compat": {int(t["task_id"]) for t in get(f"{root}/compat/tasks").json()["tasks"]},
+                "by id": [get(u).status_code for u in (
+                    f"{base}/batches/{theirs}", f"{base}/tasks/{bob_task}", f"{base}/tasks/{bob_task}/events",
+                    f"{base}/batches/{theirs}/images", f"{base}/batches/{theirs}/results.csv",
+                    f"{base}/images/{bob_image}", f"{base}/images/{bob_image}/thumbnail",
+                    f"{root}/files/image/{bob_image}", f"{root}/files/thumb/{bob_image}",
+                    f"{root}/compat/status/{bob_task}")],
+                "own csv": get(f"{base}/batches/{mine}/results.csv").status_code,
+                "acting": web.post(f"{base}/batches/{theirs}/cancel", headers=auth, timeout=10).status_code,
+            }
+
+        both = {"batches": [theirs, mine], "tasks": 2, "events": {mine, theirs}, "compat": {1, 2}, "by id": [200] * 10,
+                "own csv": 200}
+        assert view(alice_token, private=True) == {"batches": [mine], "tasks": 1, "events": {mine}, "compat": {1},
+                                                   "by id": [404] * 10, "own csv": 200, "acting": 404}
+        assert view(alice_token, private=False) == {**both, "acting": 403}
+        assert view(root_token, private=True) == {**both, "acting": 200}
+        missing = web.get(f"{base}/batches/{theirs}", headers={"Authorization": f"Bearer {alice_token}"},
+                          timeout=10)
+        assert missing.json()["error"] == f"batch {theirs} does not exist"  # (still private: bound last by root)
+        # A signed link keeps working: whoever holds it was given it.
+        api.bind(settings.with_overrides(private_batches=True), store)
+        files.bind(settings.with_overrides(private_batches=True), store)
+        assert web.get(root + access.image_url(settings, bob_image), timeout=10).status_code == 200

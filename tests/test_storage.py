@@ -24,6 +24,7 @@ from core.config import Settings
 from core.errors import ConfigError, NotFound, StorageError
 from core.scheduler import Scheduler
 from core.store import Store
+from core.users import LOCAL
 from tests.support import (
     ROOT,
     S3_KEY_ID,
@@ -246,7 +247,7 @@ def test_delete_local_after_a_verified_upload_keeps_thumbnails_links_and_zips(en
     assert (thumb.path is not None and thumb.path.is_file(), thumb.media_type) == (True, "image/webp")
     full = service.image_source(settings, store, row["id"], thumbnail=False)
     assert full.redirect is not None and requests.get(full.redirect, timeout=10).content == original
-    response = image_response(settings, store, row["id"], thumbnail=False)
+    response = image_response(settings, store, row["id"], False, LOCAL)
     assert (response.status_code, response.headers["location"].split("?")[0]) == (
         307, f"{s3.url}/{s3.bucket}/{row['remote_key']}")
     with zipfile.ZipFile(io.BytesIO(service.zip_bytes(settings, [row]))) as zf:
