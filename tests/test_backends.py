@@ -80,7 +80,10 @@ def test_backend_is_registered_runs_a_batch_survives_kill_9_and_leaves_nothing_b
     scheduler = Scheduler(settings, store)
     scheduler.start()
     try:
-        result = submit_rows(settings, store, "slow_blur", [{}] * 8)
+        # Distinct colours: ComfyUI answers a prompt identical to the last one from its cache in no time, and the
+        # whole batch would be done before the kill.
+        result = submit_rows(settings, store, "slow_blur", [{"1.color": i, "1.width": 768, "1.height": 768}
+                                                             for i in range(8)])
         wait_until(lambda: store.counts().get("succeeded", 0) >= 2 and store.in_flight_tasks(url), 240,
                    message="a batch half done with work on the backend")
         os.kill(first_pid, signal.SIGKILL)
