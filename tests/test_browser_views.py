@@ -12,9 +12,11 @@ import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect
 
 from core import grids, queries
@@ -164,10 +166,7 @@ def test_a_3x4_sweep_from_the_generate_page_its_grid_and_contact_sheet(app, brow
         settle(page)
         page.get_by_text("Sweep: give parameters several values").click()
         for name in ("color", "width"):
-            page.get_by_test_id("stMultiSelect").click()
-            page.get_by_role("option", name=name, exact=True).click()
-            settle(page)
-        page.keyboard.press("Escape")
+            choose_sweep_parameter(page, name)
         page.get_by_label("Values of color, one per line").fill("\n".join(map(str, COLORS)))
         page.get_by_label("Values of color, one per line").press("Control+Enter")
         settle(page)
@@ -219,3 +218,23 @@ def test_a_3x4_sweep_from_the_generate_page_its_grid_and_contact_sheet(app, brow
             assert len(zf.namelist()) == 12
     finally:
         context.close()
+
+
+def choose_sweep_parameter(page: Any, name: str) -> None:
+    """Add `name` to the Generate page's sweep parameters until its values box shows. Retried: the expander is
+    mounted anew when its `expanded` flag turns on with the first choice, which can close the open list."""
+    area = page.get_by_label(f"Values of {name}, one per line")
+    for _ in range(4):
+        if area.count():
+            return
+        try:
+            if not page.get_by_test_id("stMultiSelect").is_visible():
+                page.get_by_text("Sweep: give parameters several values").click(timeout=5000)
+            page.get_by_test_id("stMultiSelect").click(timeout=5000)
+            page.keyboard.type(name)  # filters the list: a long one is virtualised, later options not rendered
+            page.get_by_role("option", name=name, exact=True).click(timeout=5000)
+        except PlaywrightTimeout:
+            pass
+        page.keyboard.press("Escape")
+        settle(page)
+    expect(area).to_be_visible()
