@@ -15,20 +15,13 @@ import requests
 from api.files import FileServer
 from core import exports, overview, queries, service
 from core.errors import InputError, NotFound
-from core.store import Store
 from tests.support import finish_next_task, make_settings, png, serve_routes, submit_rows
 
 
 @pytest.fixture
 def settings(tmp_path):
+    """No ComfyUI server; conftest's `store` opens these settings' database."""
     return make_settings(tmp_path, [])
-
-
-@pytest.fixture
-def store(settings):
-    s = Store(settings.db_path)
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -21,14 +21,8 @@ WIDTHS = [32, 40, 48, 56]
 
 @pytest.fixture
 def settings(tmp_path):
+    """No ComfyUI server; conftest's `store` opens these settings' database."""
     return make_settings(tmp_path, [])
-
-
-@pytest.fixture
-def store(settings):
-    s = Store(settings.db_path)
-    yield s
-    s.close()
 
 
 def test_a_row_with_lists_makes_every_combination_in_order(settings, store):
