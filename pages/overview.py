@@ -94,26 +94,19 @@ def chart_data(db_path: str, _store: Store) -> tuple[list[dict[str, Any]], ...]:
 
 def charts(ctx: ui.Context) -> None:
     minutes, durations, failures = chart_data(str(ctx.settings.db_path), ctx.store)
-    c1, c2, c3 = st.columns(3)
-    with c1:
-        st.markdown("**Images per minute, last hour**")
-        if not minutes:
-            st.caption("No images in the last hour.")
-        else:
-            st.vega_lite_chart(stacked_bars(minutes, "minute", "images", "images", "server"), width="stretch")
-    with c2:
-        st.markdown("**Run time by workflow (latest tasks)**")
-        if not durations:
-            st.caption("No finished tasks in the last day.")
-        else:
-            st.vega_lite_chart(run_times(durations), width="stretch")
-    with c3:
-        st.markdown("**Failures by cause, last day**")
-        if not failures:
-            st.caption("No failures in the last day.")
-        else:
-            st.vega_lite_chart(stacked_bars(failures, "at", "failures", "failed tasks", "cause"), width="stretch")
-
+    panels = [("Images per minute, last hour", "No images in the last hour.", minutes,
+               lambda: stacked_bars(minutes, "minute", "images", "images", "server")),
+              ("Run time by workflow (latest tasks)", "No finished tasks in the last day.", durations,
+               lambda: run_times(durations)),
+              ("Failures by cause, last day", "No failures in the last day.", failures,
+               lambda: stacked_bars(failures, "at", "failures", "failed tasks", "cause"))]
+    for column, (title, empty, data, spec) in zip(st.columns(len(panels)), panels, strict=True):
+        with column:
+            st.markdown(f"**{title}**")
+            if not data:
+                st.caption(empty)
+            else:
+                st.vega_lite_chart(spec(), width="stretch")
 
 def servers_at_a_glance(ctx: ui.Context) -> None:
     st.markdown("**Servers**")
