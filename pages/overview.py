@@ -130,12 +130,12 @@ def servers_at_a_glance(ctx: ui.Context) -> None:
 
 
 ctx = ui.setup("Overview")
-ui.show_flash("overview")
 
 
 @st.fragment(run_every=BUSY_REFRESH if queries.has_unfinished_work(ctx.store) else IDLE_REFRESH)
 def live() -> None:
     ctx = ui.context()
+    ui.show_flash("overview")  # inside the fragment: its buttons rerun only the fragment, and say what they did
     with ui.guard():
         busy = queries.has_unfinished_work(ctx.store)
         ids = overview.active_batch_ids(ctx.store, person=visibility.person_for(ctx.settings, ctx.actor))

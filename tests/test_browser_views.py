@@ -74,12 +74,20 @@ def test_overview_shows_a_running_batch_live_and_pauses_and_cancels_it(app, brow
         assert page.locator("[class*='st-key-ov_card_1']").count() == 0  # the quick batch is done: no card
         shot(page, "overview-running")
         page.locator(".st-key-ov_pause_2 button").click()
+        expect(page.get_by_text("Batch 2 paused: what is on a server finishes.")).to_be_visible()
         expect(page.get_by_text(re.compile(r"^Batch 2: .* ETA paused$"))).to_be_visible()
         assert store.get_batch(2)["paused"] == 1
         page.locator(".st-key-ov_cancel_2 button").click()
-        settle(page)
-        wait_until(lambda: not store.counts(2).get("queued") and not store.counts(2).get("running")
-                   and not store.counts(2).get("submitted"), 60, message="the cancel")
+        # The fragment reruns alone and says what the button did: the click reached the engine.
+        expect(page.get_by_text(re.compile(r"^Batch 2: \d+ task\(s\) cancelled, \d+ being stopped"))).to_be_visible()
+        unfinished = ("queued", "running", "submitted")
+        try:
+            wait_until(lambda: not any(store.counts(2).get(s) for s in unfinished), 90, message="the cancel")
+        except AssertionError as exc:  # say where the tasks are stuck
+            stuck = [dict(t) for t in store.db.execute(
+                "SELECT id, status, server, prompt_id, cancel_requested FROM tasks "
+                "WHERE batch_id = 2 AND status IN ('queued', 'running', 'submitted')")]
+            raise AssertionError(f"{exc}: {stuck}") from None
         expect(page.get_by_text("Nothing is running.")).to_be_visible()
         assert store.counts(2).get("cancelled", 0) > 0
         shot(page, "overview-after-cancel")
