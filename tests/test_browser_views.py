@@ -84,7 +84,7 @@ def test_overview_shows_a_running_batch_live_and_pauses_and_cancels_it(app, brow
         try:
             wait_until(lambda: not any(store.counts(2).get(s) for s in unfinished), 90, message="the cancel")
         except AssertionError as exc:  # say where the tasks are stuck
-            stuck = [dict(t) for t in store.db.execute(
+            stuck = [tuple(t) for t in store.db.execute(
                 "SELECT id, status, server, prompt_id, cancel_requested FROM tasks "
                 "WHERE batch_id = 2 AND status IN ('queued', 'running', 'submitted')")]
             raise AssertionError(f"{exc}: {stuck}") from None
