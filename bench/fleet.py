@@ -6,7 +6,8 @@ server time spent running prompts between the moment the last server started its
 the first server ran out of work (start-up and the final drain left out), and **end-to-end** = ideal time /
 the worker's wall time from process start to exit. Also: collection lag (a task's `finished_at` in SQLite
 minus the moment its server finished it; p50 and p95), how long the worker took to exit after the last
-result, the scheduler's CPU (user+sys of the worker processes) per job, and, with several workers, how the
+result, the scheduler's CPU (user+sys of the worker processes) per job, the simulated fleet's own CPU per job (it
+shares the machine: the two together bound what one 2-core box can show), and, with several workers, how the
 fleet's servers were split between them (sampled from the leases table).
 
     .venv/bin/python bench/fleet.py                       # the issue 10 table
@@ -49,6 +50,12 @@ def start_fleet(servers: int, job: float, rtt: float) -> tuple[subprocess.Popen[
     return proc, urls
 
 
+def process_cpu(pid: int) -> float:
+    """user+sys CPU seconds a running process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(name: str, seconds: float, in_flight: int | None, profile: str | None) -> dict[str, Any]:
     servers, job, rtt, workers = SCENARIOS[name]
     tasks = max(20, int(servers / job * seconds))
@@ -87,6 +94,7 @@ def run(name: str, seconds: float, in_flight: int | None, profile: str | None) -
             store.close()
         with urllib.request.urlopen(urls[0] + "/_stats", timeout=30) as reply:
             stats = json.loads(reply.read())
+        fleet_cpu = process_cpu(fleet.pid)
     finally:
         fleet.terminate()
         fleet.wait()
@@ -104,6 +112,7 @@ def run(name: str, seconds: float, in_flight: int | None, profile: str | None) -
         "end_to_end": tasks * job / servers / wall, "wall_s": wall,
         "lag_p50": statistics.median(lags), "lag_p95": lags[int(0.95 * (len(lags) - 1))],
         "exit_after_last_s": max(exits) - max(finished.values()), "cpu_ms_per_job": 1000 * cpu / tasks,
+        "fleet_cpu_ms_per_job": 1000 * fleet_cpu / tasks,
         "split": Counter(splits).most_common(1)[0][0] if splits else (), "load": os.getloadavg(),
     }
 
@@ -117,13 +126,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="also print each result as JSON")
     args = parser.parse_args()
     print("| scenario | tasks | steady | end-to-end | wall s | lag p50 s | lag p95 s | exit after last s | "
-          "CPU ms/job | split | ok | load avg (1/5 min) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "CPU ms/job | fleet CPU ms/job | split | ok | load avg (1/5 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.only or list(SCENARIOS):
         r = run(name, args.seconds, args.in_flight, args.profile)
         ok = r["counts"] == {"succeeded": r["tasks"]} and r["prompts_received"] == r["tasks"] and not r["duplicates"]
         print(f"| {name} | {r['tasks']} | **{r['steady']:.3f}** | {r['end_to_end']:.3f} | {r['wall_s']:.2f} | "
               f"{r['lag_p50']:.3f} | {r['lag_p95']:.3f} | {r['exit_after_last_s']:.2f} | {r['cpu_ms_per_job']:.2f} | "
+              f"{r['fleet_cpu_ms_per_job']:.2f} | "
               f"{'/'.join(map(str, r['split']))} | {'yes' if ok else 'NO ' + str(r['counts'])} | "
               f"{r['load'][0]:.2f} / {r['load'][1]:.2f} |", flush=True)
         if args.json:

@@ -1,7 +1,8 @@
 """The ComfyUI client: the only module that imports requests, urllib3 or websocket-client.
 
-One `ComfyClient` per server (one urllib3 connection pool inside it, shared by the threads that call it: its
-connections are kept alive and reused by whichever thread asks next) and one `EventSocket` per server.
+One `ComfyClient` per server (one pool of kept-alive connections inside it, shared by the threads that call it:
+`core.wire.HttpPool`, or urllib3 when a proxy is configured for the server) and one `EventSocket` per server
+(websocket-client opens it; `core.wire.FrameReader` reads its frames).
 Every HTTP call has a (connect, read) timeout. Failures become the typed errors of `core.errors`:
 connection problems and 5xx -> ServerUnavailable; 400 on /prompt -> PromptRejected; an `execution_error`
 -> ExecutionFailed; `execution_interrupted` -> Interrupted.
@@ -15,17 +16,23 @@ import os
 import threading
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import requests
 import urllib3
 import websocket
 
+from core import wire
 from core.errors import ComfyError, ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
 
 log = logging.getLogger(__name__)
 TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 POOL_SIZE = 16  # kept-alive connections per server
+# Websocket messages the scheduler has no use for, recognised by how ComfyUI's json.dumps starts them: queue
+# counts (`status`, to every client at every queue change), cached nodes, newer servers' per-node state,
+# monitoring plugins.
+SKIPPED_EVENTS = tuple(b'{"type": "' + kind for kind in (b'status"', b'execution_cached"', b'progress_state"',
+                                                          b"crystools"))
 
 
 class Reply:
@@ -56,14 +63,18 @@ class ComfyClient:
         self.timeout = (connect_timeout, read_timeout)
         self._shared: urllib3.PoolManager | None = None
         self._lock = threading.Lock()
+        # The hot path (no proxy configured for this server): core.wire's lean HTTP/1.1 client.
+        self._direct: wire.HttpPool | None = None
+        if not _proxy_for(self.url):
+            ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+            self._direct = wire.HttpPool(self.url, connect_timeout, read_timeout, ca)
 
     def _pool(self) -> urllib3.PoolManager:
         pool = self._shared
         if pool is None:
             with self._lock:
                 if self._shared is None:
-                    proxies = requests.utils.get_environ_proxies(self.url)
-                    proxy = proxies.get(urlsplit(self.url).scheme) or proxies.get("all")
+                    proxy = _proxy_for(self.url)
                     ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
                     timeout = urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1])
                     options: dict[str, Any] = {"maxsize": POOL_SIZE, "retries": False, "timeout": timeout,
@@ -77,12 +88,34 @@ class ComfyClient:
             if self._shared is not None:
                 self._shared.clear()
             self._shared = None
+        if self._direct is not None:
+            self._direct.close()
 
-    def _request(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> Reply:
-        """`kwargs`: urllib3's `json=` (a JSON body) or `fields=` (a GET's query, a POST's multipart form)."""
-        try:
+    def _send(self, method: str, path: str, json_body: Any = None, fields: dict[str, Any] | None = None) -> Reply:
+        if self._direct is None:  # through a proxy: urllib3
+            kwargs: dict[str, Any] = {"json": json_body} if json_body is not None else {}
+            if fields is not None:
+                kwargs["fields"] = fields
             answer = self._pool().request(method, self.url + path, **kwargs)
-            response = Reply(answer.status, answer.data)
+            return Reply(answer.status, answer.data)
+        body: bytes | None = None
+        content_type = None
+        if json_body is not None:
+            body, content_type = json.dumps(json_body, separators=(",", ":")).encode(), "application/json"
+        elif fields is not None and method == "GET":
+            path += "?" + urlencode(fields)
+        elif fields is not None:
+            body, content_type = urllib3.encode_multipart_formdata(fields)
+        return Reply(*self._direct.request(method, path, body, content_type))
+
+    def _request(self, method: str, path: str, ok: tuple[int, ...] = (200,), json: Any = None,
+                 fields: dict[str, Any] | None = None) -> Reply:
+        """`json`: a JSON body; `fields`: a GET's query or a POST's multipart form."""
+        try:
+            response = self._send(method, path, json, fields)
+        except wire.WireError as exc:
+            raise ServerUnavailable(f"ComfyUI at {self.url} is unreachable ({exc})", self.url,
+                                    maybe_delivered=exc.sent) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             # Refused or never connected: the request cannot have reached ComfyUI. Anything else may have.
             delivered = not isinstance(exc, urllib3.exceptions.ConnectTimeoutError)
@@ -162,6 +195,12 @@ class ComfyClient:
         return dict(self._json("GET", "/object_info"))
 
 
+def _proxy_for(url: str) -> str | None:
+    """The proxy requests would use for `url` (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY), or None."""
+    proxies = requests.utils.get_environ_proxies(url)
+    return proxies.get(urlsplit(url).scheme) or proxies.get("all")
+
+
 def outcome(entry: dict[str, Any], server: str = "") -> dict[str, Any]:
     """Outputs of a finished history entry; raises ExecutionFailed / Interrupted when it did not succeed."""
     status = entry.get("status") or {}
@@ -202,8 +241,6 @@ class EventSocket:
         delay = 0.5
         while not stop.is_set():
             try:
-                # ComfyUI's frames are JSON it encoded itself; skipping websocket-client's pure-Python UTF-8
-                # validation roughly halves the CPU spent per frame.
                 self._ws = websocket.create_connection(self.ws_url, timeout=self.connect_timeout,
                                                        skip_utf8_validation=True)
             except (OSError, websocket.WebSocketException) as exc:
@@ -234,21 +271,32 @@ class EventSocket:
                 pass
 
     def _read(self, stop: threading.Event) -> None:
+        """Frames straight off the socket websocket-client opened (core.wire.FrameReader: a recv reads many
+        frames at once), answering pings through websocket-client."""
         assert self._ws is not None
+        reader = wire.FrameReader(self._ws.sock)
         while not stop.is_set():
             try:
-                opcode, data = self._ws.recv_data()
-            except websocket.WebSocketTimeoutException:
+                opcode, data = reader.next()
+            except TimeoutError:
                 continue
-            except (OSError, websocket.WebSocketException) as exc:
+            except (OSError, ValueError) as exc:
                 log.info("websocket %s closed: %s", self.ws_url, exc)
                 return
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
+            if opcode == wire.CLOSE:
                 return
-            if opcode != websocket.ABNF.OPCODE_TEXT:
-                continue  # binary preview frames
-            if data[:40].find(b'"progress_state"') >= 0 or data[:40].find(b'"crystools') >= 0:
-                continue  # chatty per-node state of newer servers: not needed, not worth decoding
+            if opcode == wire.PING:
+                try:
+                    self._ws.pong(data)
+                except (OSError, websocket.WebSocketException):
+                    return
+                continue
+            if opcode != wire.TEXT:
+                continue  # binary preview frames, pongs
+            if data.startswith(SKIPPED_EVENTS):
+                # Not about the progress or outcome of a prompt: not decoded, only a sign the server is alive.
+                self.on_event("status", {})
+                continue
             try:
                 message = json.loads(data)
             except ValueError:

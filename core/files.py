@@ -27,9 +27,15 @@ def image_name(task_id: int, node_id: str, idx: int, comfy_filename: str) -> str
     return f"task-{task_id:06d}_{safe_node}_{idx:02d}{ext}"
 
 
+_made_dirs: set[Path] = set()  # folders this process made or found: no mkdir call per image
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file and rename, so a crash never leaves half an image under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent not in _made_dirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if len(_made_dirs) < 10_000:
+            _made_dirs.add(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -41,8 +47,20 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG colour type -> Pillow's mode, for 8-bit channels (what ComfyUI's SaveImage writes).
+PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
+
+
 def describe_image(data: bytes) -> dict[str, Any]:
-    """Width, height and mode read from the header only (no decode of the pixels)."""
+    """Width, height and mode read from the header only (no decode of the pixels). An 8-bit PNG is read
+    straight from its IHDR chunk (the collector describes every image a fleet makes; Pillow's open costs
+    about 0.2 ms of CPU each); anything else through Pillow."""
+    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 33 and data[24] == 8:
+        mode = PNG_MODES.get(data[25])
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if mode is not None and width > 0 and height > 0:
+            return {"width": width, "height": height, "mode": mode}
     try:
         with Image.open(io.BytesIO(data)) as im:
             return {"width": im.width, "height": im.height, "mode": im.mode}

@@ -311,16 +311,18 @@ class Store:
         if self.db.execute("SELECT 1 FROM tasks WHERE status = 'queued' LIMIT 1").fetchone() is None:
             return None
         with self.write() as conn:
-            if self._queue_paused(conn):
+            # One read for the four gates, in the claim's own transaction: the whole queue paused; the server's
+            # lease not ours; the server draining or quarantined. A drain or a quarantine that lands a moment
+            # before a claim is always seen by it (a check before the claim could race the collector's quarantine).
+            paused, leased, draining, quarantined = conn.execute(
+                "SELECT (SELECT value FROM meta WHERE key = 'queue_paused'), "
+                "(SELECT 1 FROM leases WHERE name = :lease AND owner = :owner AND expires_at > :now), "
+                "(SELECT draining FROM servers WHERE url = :server), "
+                "(SELECT quarantined_until FROM servers WHERE url = :server)",
+                {"lease": SERVER_LEASE + server, "owner": lease_owner, "now": now, "server": server}).fetchone()
+            if paused == "1" or (lease_owner is not None and leased is None):
                 return None
-            if lease_owner is not None and conn.execute(
-                    "SELECT 1 FROM leases WHERE name = ? AND owner = ? AND expires_at > ?",
-                    (SERVER_LEASE + server, lease_owner, now)).fetchone() is None:
-                return None
-            # Checked in the claim's own transaction: a drain or a quarantine that lands a moment before a
-            # claim is always seen by it (a check before the claim could race the collector's quarantine).
-            held = conn.execute("SELECT draining, quarantined_until FROM servers WHERE url = ?", (server,)).fetchone()
-            if held is not None and (held[0] or (held[1] is not None and held[1] > now)):
+            if draining or (quarantined is not None and quarantined > now):
                 return None
             top = conn.execute(
                 f"SELECT t.priority FROM tasks t WHERE {_ELIGIBLE} AND t.batch_id NOT IN "

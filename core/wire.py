@@ -1,0 +1,306 @@
+"""The two byte-level pieces of the ComfyUI edge on the hot path, written for CPU per call:
+
+- `HttpPool`: HTTP/1.1 requests on kept-alive connections to one server (plain or TLS), no proxy.
+- `FrameReader`: the server-to-client frames of an open websocket.
+
+Why our own and not urllib3 / websocket-client here: a fleet of 64 servers running 0.2 s jobs makes about 640
+HTTP calls and 3,000 websocket frames a second, and a profile of `bench/fleet.py` put urllib3 + http.client
+(header parsing through the `email` package) at about 2.9 ms of CPU per call and websocket-client's frame
+reading (a recv per frame header and per payload) at about 0.3 ms per frame: together two thirds of the
+scheduler's CPU per job. The HTTP we speak is tiny (a JSON post, a GET, Content-Length or chunked replies,
+keep-alive), and a frame is a 2-14 byte header. Proxies (HTTP_PROXY and friends) and multipart bodies stay
+with urllib3 in `core.comfy`; the websocket handshake stays with websocket-client.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+MAX_HEADER = 64 * 1024  # bytes of status line + headers accepted in one reply
+MAX_BODY = 512 * 1024 * 1024  # a reply larger than this is refused (an image is a few MB)
+MAX_FRAME = 64 * 1024 * 1024  # a websocket message larger than this is refused
+POOL_SIZE = 16  # idle kept-alive connections kept per server
+
+
+class WireError(OSError):
+    """A connection or protocol failure. `sent`: whether any of the request may have reached the server."""
+
+    def __init__(self, message: str, sent: bool):
+        super().__init__(message)
+        self.sent = sent
+
+
+class _Stale(Exception):
+    """A kept-alive connection was found closed before any byte of the reply came."""
+
+
+class _Connection:
+    __slots__ = ("sock", "buf", "received")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = bytearray()
+        self.received = 0  # bytes read for the current reply
+
+    def dropped(self) -> bool:
+        """An idle kept-alive connection the server closed (or sent something unasked on) is not reused."""
+        if self.buf:
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def fill(self) -> None:
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.received += len(chunk)
+        self.buf += chunk
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.fill()
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    def read_line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[:end + 2]
+                return line
+            if len(self.buf) > MAX_HEADER:
+                raise ValueError("a line of the reply is too long")
+            self.fill()
+
+
+class HttpPool:
+    """Kept-alive HTTP/1.1 connections to one `http://` or `https://` server, shared by threads (each call takes
+    an idle connection or opens one, and gives it back after a complete reply)."""
+
+    def __init__(self, url: str, connect_timeout: float, read_timeout: float, ca_file: str | None = None):
+        parts = urlsplit(url)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or "localhost"
+        self.port = parts.port or (443 if self.tls else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.host_header = parts.netloc.rsplit("@", 1)[-1]
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.context = ssl.create_default_context(cafile=ca_file) if self.tls else None
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            _close(conn.sock)
+
+    def _take(self, reuse: bool = True) -> tuple[_Connection, bool]:
+        """A connection and whether it was reused (kept alive from an earlier request)."""
+        while reuse:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                break
+            if not conn.dropped():
+                return conn, True
+            _close(conn.sock)
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.context is not None:
+                sock = self.context.wrap_socket(sock, server_hostname=self.host)
+        except OSError as exc:
+            raise WireError(f"could not connect: {type(exc).__name__}: {exc}", sent=False) from None
+        sock.settimeout(self.read_timeout)
+        return _Connection(sock), False
+
+    def _give_back(self, conn: _Connection) -> None:
+        with self._lock:
+            if len(self._idle) < POOL_SIZE:
+                self._idle.append(conn)
+                return
+        _close(conn.sock)
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                content_type: str | None = None) -> tuple[int, bytes]:
+        """(status, body) of one request. Raises WireError (with `sent`) on any connection or protocol failure.
+        A GET whose kept-alive connection turns out closed before any byte of the reply is sent again once on
+        a new connection (the server may close an idle connection at any moment); a POST never is."""
+        try:
+            return self._request(method, path, body, content_type, reuse=True)
+        except _Stale:
+            if method != "GET":
+                raise WireError("the kept-alive connection was closed by the server", sent=True) from None
+            return self._request(method, path, body, content_type, reuse=False)
+
+    def _request(self, method: str, path: str, body: bytes | None, content_type: str | None,
+                 reuse: bool) -> tuple[int, bytes]:
+        conn, reused = self._take(reuse)
+        head = [f"{method} {self.prefix}{path} HTTP/1.1", f"Host: {self.host_header}", "Accept-Encoding: identity",
+                "Connection: keep-alive"]
+        if body is not None:
+            head.append(f"Content-Length: {len(body)}")
+            if content_type:
+                head.append(f"Content-Type: {content_type}")
+        conn.received = 0
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
+        try:
+            conn.sock.sendall(data)
+        except OSError as exc:
+            _close(conn.sock)
+            if reused:
+                raise _Stale() from None
+            raise WireError(f"sending failed: {type(exc).__name__}: {exc}", sent=True) from None
+        try:
+            status, content, keep = _read_reply(conn, method)
+        except (OSError, ValueError) as exc:
+            _close(conn.sock)
+            if reused and conn.received == 0 and isinstance(exc, ConnectionError):
+                raise _Stale() from None
+            raise WireError(f"reading the reply failed: {type(exc).__name__}: {exc}", sent=True) from None
+        if keep:
+            self._give_back(conn)
+        else:
+            _close(conn.sock)
+        return status, content
+
+
+def _read_reply(conn: _Connection, method: str) -> tuple[int, bytes, bool]:
+    while True:
+        status_line = conn.read_line()
+        parts = status_line.split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+            raise ValueError(f"not an HTTP reply: {status_line[:80]!r}")
+        status = int(parts[1])
+        headers: dict[bytes, bytes] = {}
+        size = len(status_line)
+        while True:
+            line = conn.read_line()
+            if not line:
+                break
+            size += len(line)
+            if size > MAX_HEADER:
+                raise ValueError("the reply's headers are too long")
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if status >= 200 or status == 101:
+            break  # 1xx (100 Continue) replies are skipped
+    keep = parts[0] == b"HTTP/1.1" and headers.get(b"connection", b"").lower() != b"close"
+    if method == "HEAD" or status in (204, 304):
+        return status, b"", keep
+    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        return status, _read_chunked(conn), keep
+    length = headers.get(b"content-length")
+    if length is not None:
+        n = int(length)
+        if n < 0 or n > MAX_BODY:
+            raise ValueError(f"a reply of {n} bytes is out of bounds")
+        return status, conn.read_exact(n), keep
+    # No length: the body runs to the end of the connection.
+    while True:
+        try:
+            conn.fill()
+        except ConnectionError:
+            break
+        if len(conn.buf) > MAX_BODY:
+            raise ValueError("the reply is too large")
+    return status, bytes(conn.buf), False
+
+
+def _read_chunked(conn: _Connection) -> bytes:
+    body = bytearray()
+    while True:
+        size = int(conn.read_line().split(b";", 1)[0].strip(), 16)
+        if size == 0:
+            while conn.read_line():  # trailers
+                pass
+            return bytes(body)
+        if len(body) + size > MAX_BODY:
+            raise ValueError("the reply is too large")
+        body += conn.read_exact(size)
+        if conn.read_exact(2) != b"\r\n":
+            raise ValueError("a chunk does not end with CRLF")
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+# -- websocket frames ----------------------------------------------------------------------------------
+TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 1, 2, 8, 9, 10, 0
+
+
+class FrameReader:
+    """Messages (opcode, payload) from the server side of an open websocket, read in large chunks: one recv
+    usually holds several frames. Fragmented messages are joined; control frames are returned as they come."""
+
+    def __init__(self, sock: Any):
+        self.sock = sock
+        self.buf = bytearray()
+        self.pos = 0
+        self.parts: list[bytes] = []
+        self.first_opcode = TEXT
+
+    def _need(self, n: int) -> bool:
+        """At least n unread bytes buffered, reading more if needed; False at a timeout with too few."""
+        while len(self.buf) - self.pos < n:
+            if self.pos:
+                del self.buf[:self.pos]
+                self.pos = 0
+            chunk = self.sock.recv(262144)  # socket.timeout propagates to the caller
+            if not chunk:
+                raise ConnectionError("the server closed the websocket")
+            self.buf += chunk
+        return True
+
+    def next(self) -> tuple[int, bytes]:
+        """The next message or control frame. Raises socket.timeout (nothing complete yet: call again, the
+        partial frame stays buffered), ConnectionError, or ValueError on a protocol violation."""
+        while True:
+            self._need(2)
+            b0, b1 = self.buf[self.pos], self.buf[self.pos + 1]
+            length, header = b1 & 0x7F, 2
+            if length == 126:
+                self._need(4)
+                length, header = int.from_bytes(self.buf[self.pos + 2:self.pos + 4], "big"), 4
+            elif length == 127:
+                self._need(10)
+                length, header = int.from_bytes(self.buf[self.pos + 2:self.pos + 10], "big"), 10
+            masked = b1 & 0x80
+            if masked:
+                header += 4
+            if length > MAX_FRAME:
+                raise ValueError(f"a websocket frame of {length} bytes is too large")
+            self._need(header + length)
+            start = self.pos + header
+            payload = bytes(self.buf[start:start + length])
+            if masked:
+                key = self.buf[start - 4:start]
+                payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+            self.pos = start + length
+            opcode, fin = b0 & 0x0F, b0 & 0x80
+            if opcode >= 8:
+                return opcode, payload  # control frames are never fragmented
+            if opcode != CONTINUATION:
+                self.first_opcode, self.parts = opcode, []
+            self.parts.append(payload)
+            if sum(len(p) for p in self.parts) > MAX_FRAME:
+                raise ValueError("a fragmented websocket message is too large")
+            if fin:
+                message, self.parts = b"".join(self.parts), []
+                return self.first_opcode, message
