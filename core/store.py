@@ -168,10 +168,12 @@ _MIGRATIONS: dict[int, str] = {
     """,
 }
 POLICIES = ("fair", "fifo")  # COMFYBATCH_POLICY: batches take turns at equal priority, or oldest first
-# The batches with queued tasks, one index probe each (a skip-scan of tasks_queued_batch).
-_OPEN_BATCHES = ("WITH RECURSIVE open(id) AS (SELECT (SELECT MIN(batch_id) FROM tasks WHERE status = 'queued') "
-                 "UNION ALL SELECT (SELECT MIN(batch_id) FROM tasks WHERE status = 'queued' AND batch_id > open.id) "
-                 "FROM open WHERE open.id IS NOT NULL) ")
+# The batches with queued tasks, one index probe each (a skip scan of the partial index). INDEXED BY: left to
+# itself the planner walks tasks_claim through every queued task for each MIN, ~0.4 ms per 3,000 queued tasks
+# (0.006 ms this way) on every claim.
+_OPEN_BATCHES = ("WITH RECURSIVE open(id) AS (SELECT (SELECT MIN(batch_id) FROM tasks INDEXED BY tasks_queued_batch "
+                 "WHERE status = 'queued') UNION ALL SELECT (SELECT MIN(batch_id) FROM tasks INDEXED BY "
+                 "tasks_queued_batch WHERE status = 'queued' AND batch_id > open.id) FROM open WHERE open.id IS NOT NULL) ")
 SERVER_LEASE = "server:"  # + url: the scheduler feeding that server
 MEMBER_LEASE = "member:"  # + owner: a live scheduler (counted to split the servers)
 _ELIGIBLE = ("t.status = 'queued' AND t.cancel_requested = 0 "
