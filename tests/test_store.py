@@ -150,3 +150,19 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
                               "remote_next_at", "remote_claim", "remote_claim_until", "uploaded_at",
                               "local_deleted_at"]
     store.close()
+
+
+def test_the_claim_finds_open_batches_by_index_probes_not_by_walking_the_queue(db):
+    """Each claim lists the batches with queued tasks; that must cost a probe per batch, not a walk over every
+    queued task (which made each claim ~0.4 ms slower per 3,000 queued tasks). Checked on the query plan: no
+    step may search tasks by status alone."""
+    from core import store as store_module
+
+    add(db, 50)
+    add(db, 50)
+    plan = [row[3] for row in db.db.conn.execute(
+        "EXPLAIN QUERY PLAN " + store_module._OPEN_BATCHES + "SELECT id FROM open")]
+    searches = [step for step in plan if step.startswith("SEARCH tasks")]
+    assert searches and all("tasks_queued_batch" in step for step in searches), plan
+    assert [r[0] for r in db.db.conn.execute(store_module._OPEN_BATCHES + "SELECT id FROM open WHERE id IS NOT NULL")
+            ] == [1, 2]
