@@ -146,6 +146,7 @@ class ServerWorker:
         self.rtt: float | None = None  # and a post to it
         self.reconciling: set[str] | None = None  # prompts dropped while reconcile() waits on the server
         self.cancels_checked = float("-inf")
+        self.runs_clear = False  # this server's failure count is known to be 0 (only this worker changes it)
         self.recounted = time.monotonic()
         self.activity: dict[str, float] = {}  # prompt_id -> monotonic time of the latest sign of life (watchdog)
         self.limits: dict[str, tuple[float, watchdog.StallLimit]] = {}  # workflow -> (read at, stall limit)
@@ -423,8 +424,8 @@ class ServerWorker:
     def _collect(self, prompt_id: str, task_id: int, result: dict[str, Any] | ComfyError | None,
                  started_at: float | None = None) -> None:
         try:
-            task = self.store.get_task(task_id)
-            if task["status"] not in IN_FLIGHT or task["prompt_id"] != prompt_id:
+            task = self.store.task_head(task_id)
+            if task is None or task["status"] not in IN_FLIGHT or task["prompt_id"] != prompt_id:
                 return
             if result is None:
                 entry = self._await_history(prompt_id)
@@ -440,8 +441,7 @@ class ServerWorker:
             if isinstance(result, ComfyError):
                 if started_at is not None:  # a failed run keeps its `running` event (rare: a write of its own)
                     self.store.record_running(task_id, started_at)
-                    task = self.store.get_task(task_id)
-                self._failed_run(task, result)
+                self._failed_run(task, result)  # it reads the whole task afresh
                 return
             self._save_outputs(task, result, started_at)
         except ServerUnavailable as exc:
@@ -480,8 +480,10 @@ class ServerWorker:
                             "size_bytes": len(data), **files.describe_image(data),
                             "remote_state": "pending" if self.settings.storage_enabled else None})
         if self.store.complete_task(task["id"], records, started_at):
-            self.store.record_server_run(self.url, None, self.settings.quarantine_after,
-                                         self.settings.quarantine_seconds)
+            if not self.runs_clear:  # the circuit breaker's count goes back to 0 (known 0 after that, in memory)
+                self.store.record_server_run(self.url, None, self.settings.quarantine_after,
+                                             self.settings.quarantine_seconds)
+                self.runs_clear = True
             log.info("task %s succeeded on %s: %d image(s)", task["id"], self.url, len(records))
             if records and self.settings.storage_enabled:
                 self.scheduler.upload_wake.set()
@@ -514,6 +516,7 @@ class ServerWorker:
 
     def _count_failure(self, reason: str) -> None:
         """The circuit breaker: a failed run here; the Nth in a row quarantines the server."""
+        self.runs_clear = False  # before the write: a success collected meanwhile then resets the count
         until = self.store.record_server_run(self.url, reason, self.settings.quarantine_after,
                                              self.settings.quarantine_seconds)
         if until is None:
