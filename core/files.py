@@ -30,21 +30,39 @@ def image_name(task_id: int, node_id: str, idx: int, comfy_filename: str) -> str
 _made_dirs: set[Path] = set()  # folders this process made or found: no mkdir call per image
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file and rename, so a crash never leaves half an image under the final name."""
+def write_atomic(path: Path, data: bytes, sole_writer: bool = False) -> None:
+    """Write via a temp file and rename, so a crash never leaves half an image under the final name.
+    `sole_writer`: the caller is the only one that can write this path (the collector: one worker collects a
+    task at a time), so the temp name can follow the final one: no random-name retries, os-level calls, about
+    0.07 ms per image here against 0.11 through mkstemp. Everyone else gets a temp file of their own."""
     if path.parent not in _made_dirs:
         path.parent.mkdir(parents=True, exist_ok=True)
         if len(_made_dirs) < 10_000:
             _made_dirs.add(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        fd, tmp = _open_temp(path, sole_writer)
+    except FileNotFoundError:  # the folder was removed since this process last wrote there
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _open_temp(path, sole_writer)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _open_temp(path: Path, sole_writer: bool) -> tuple[int, str]:
+    if sole_writer:
+        tmp = str(path.with_name(f".{path.name}.part"))
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644), tmp
+    return tempfile.mkstemp(dir=path.parent, prefix=".part-")
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -473,7 +473,7 @@ class ServerWorker:
             if self.store.image_exists(task["id"], node_id, idx) and path.is_file():
                 continue
             data = self.client.view(img)
-            files.write_atomic(path, data)
+            files.write_atomic(path, data, sole_writer=True)
             records.append({"batch_id": task["batch_id"], "node_id": node_id, "idx": idx,
                             "path": str(path.relative_to(out_dir)), "filename": img.get("filename"),
                             "subfolder": img.get("subfolder", ""), "type": img.get("type", "output"),

@@ -1,6 +1,7 @@
-"""core.wire: the lean HTTP/1.1 client and websocket frame reader, against real sockets on loopback serving
-replies byte for byte as written here (chunked bodies, closed kept-alive connections, fragmented and masked
-frames: shapes ComfyUI's aiohttp does not produce on cue)."""
+"""The collector's hot path. core.wire, the lean HTTP/1.1 client and websocket frame reader, against real sockets
+on loopback serving replies byte for byte as written here (chunked bodies, closed kept-alive connections,
+fragmented and masked frames: shapes ComfyUI's aiohttp does not produce on cue); the PNG header read and the
+atomic image write."""
 
 from __future__ import annotations
 
@@ -231,3 +232,19 @@ def test_describe_image_reads_a_png_header_as_pillow_does(mode):
         assert files.describe_image(buf.getvalue()) == {"width": im.width, "height": im.height, "mode": im.mode}
     truncated = buf.getvalue()[:20]
     assert files.describe_image(truncated) == {"width": None, "height": None, "mode": None}
+
+
+def test_write_atomic_writes_whole_files_and_survives_a_removed_folder(tmp_path):
+    import shutil
+
+    from core import files
+
+    target = tmp_path / "batch-00001" / "task-000001_9_00.png"
+    for sole in (True, False):
+        files.write_atomic(target, b"a" * 100_000, sole_writer=sole)
+        assert target.read_bytes() == b"a" * 100_000
+        shutil.rmtree(target.parent)  # a folder this process already made, removed behind its back
+        files.write_atomic(target, b"b", sole_writer=sole)
+        assert target.read_bytes() == b"b"
+        assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temp file left
+        shutil.rmtree(target.parent)
