@@ -389,8 +389,9 @@ class ServerWorker:
             if began is not None:
                 self.job_time = _average(self.job_time, now - began[1])
             written = prompt_id in self.progress_written
+            steps = self.progress.get(prompt_id, (None, None))[1]  # a run too short for a progress write: its steps
             self._drop(prompt_id)
-            self.collect(prompt_id, task_id, result, None if began is None or written else began[0])
+            self.collect(prompt_id, task_id, result, None if began is None or written else began[0], steps)
 
     def _show_progress(self, prompt_id: str, task_id: int, now: float) -> None:
         """Write what a page shows of a running prompt when it changed: `running` (with its start time and
@@ -411,18 +412,19 @@ class ServerWorker:
 
     # -- collection -------------------------------------------------------------------------------
     def collect(self, prompt_id: str, task_id: int, result: dict[str, Any] | ComfyError | None = None,
-                started_at: float | None = None) -> None:
+                started_at: float | None = None, steps: int | None = None) -> None:
         """Finish a prompt in the pool: `result` is the outputs or the error its events reported, or None
         to read the outcome from /history (after a gap, or for prompts of a previous process). `started_at`:
-        its execution start, when its `running` was not written yet."""
+        its execution start, when its `running` was not written yet; `steps`: the sampler steps its progress
+        events counted (a finished task shows steps/steps however short its run)."""
         with self.slot_free:
             if prompt_id in self.collecting:
                 return
             self.collecting.add(prompt_id)
-        self.scheduler.pool.submit(self._collect, prompt_id, task_id, result, started_at)
+        self.scheduler.pool.submit(self._collect, prompt_id, task_id, result, started_at, steps)
 
     def _collect(self, prompt_id: str, task_id: int, result: dict[str, Any] | ComfyError | None,
-                 started_at: float | None = None) -> None:
+                 started_at: float | None = None, steps: int | None = None) -> None:
         try:
             task = self.store.task_head(task_id)
             if task is None or task["status"] not in IN_FLIGHT or task["prompt_id"] != prompt_id:
@@ -443,7 +445,7 @@ class ServerWorker:
                     self.store.record_running(task_id, started_at)
                 self._failed_run(task, result)  # it reads the whole task afresh
                 return
-            self._save_outputs(task, result, started_at)
+            self._save_outputs(task, result, started_at, steps)
         except ServerUnavailable as exc:
             self._mark_down(exc)
             self.needs_reconcile = True
@@ -464,7 +466,8 @@ class ServerWorker:
             entry = self.client.history(prompt_id)
         return entry
 
-    def _save_outputs(self, task: dict[str, Any], outputs: dict[str, Any], started_at: float | None = None) -> None:
+    def _save_outputs(self, task: dict[str, Any], outputs: dict[str, Any], started_at: float | None = None,
+                      steps: int | None = None) -> None:
         out_dir = self.settings.output_dir
         folder = files.batch_dir(out_dir, task["batch_id"])
         records = []
@@ -479,7 +482,7 @@ class ServerWorker:
                             "subfolder": img.get("subfolder", ""), "type": img.get("type", "output"),
                             "size_bytes": len(data), **files.describe_image(data),
                             "remote_state": "pending" if self.settings.storage_enabled else None})
-        if self.store.complete_task(task["id"], records, started_at):
+        if self.store.complete_task(task["id"], records, started_at, steps):
             if not self.runs_clear:  # the circuit breaker's count goes back to 0 (known 0 after that, in memory)
                 self.store.record_server_run(self.url, None, self.settings.quarantine_after,
                                              self.settings.quarantine_seconds)

@@ -505,11 +505,13 @@ class Store:
         with self.write() as conn:
             conn.execute("UPDATE tasks SET graph = ? WHERE id = ?", (json.dumps(graph, ensure_ascii=False), task_id))
 
-    def complete_task(self, task_id: int, images: list[dict[str, Any]], started_at: float | None = None) -> bool:
+    def complete_task(self, task_id: int, images: list[dict[str, Any]], started_at: float | None = None,
+                      steps: int | None = None) -> bool:
         """Record the images and mark the task succeeded, in one transaction. Images already recorded
         (same task, node, index) are kept as they are, so collecting a task twice never duplicates.
         `started_at`: when its execution started, for a task that finished before its `running` was written
-        (record_running): the start time and the `running` event are written here, in the same transaction."""
+        (record_running): the start time and the `running` event are written here, in the same transaction.
+        `steps`: its sampler steps, when its progress was never written (a short run): it shows steps/steps."""
         now = time.time()
         with self.write() as conn:
             status = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
@@ -529,7 +531,8 @@ class Store:
                  for img in images])
             conn.execute(
                 "UPDATE tasks SET status = 'succeeded', finished_at = ?, updated_at = ?, error = NULL, "
-                "progress_value = COALESCE(progress_max, progress_value) WHERE id = ?", (now, now, task_id))
+                "progress_max = COALESCE(progress_max, ?), progress_value = COALESCE(progress_max, ?, progress_value) "
+                "WHERE id = ?", (now, now, steps, steps, task_id))
             conn.execute("INSERT INTO events (task_id, batch_id, status, at) SELECT id, batch_id, 'succeeded', ? "
                          "FROM tasks WHERE id = ?", (now, task_id))
         return True

@@ -283,7 +283,8 @@ def test_a_short_run_costs_two_write_transactions_and_keeps_its_running_event(wo
     worker.on_event("execution_success", {"prompt_id": pid}, now=100.2)
     assert len(writes) == 2  # the claim and the completion (with its start time and `running` event)
     row = store.get_task(task_id)
-    assert (row["status"], row["progress_value"], row["progress_max"]) == ("succeeded", None, None)
+    # Its progress was never written while it ran; the completion records the steps it counted: 4 of 4.
+    assert (row["status"], row["progress_value"], row["progress_max"]) == ("succeeded", 4, 4)
     assert row["started_at"] is not None and row["finished_at"] >= row["started_at"]
     assert history_of(store, task_id) == [("queued", None), ("submitted", URL), ("running", None),
                                           ("succeeded", None)]
