@@ -248,3 +248,33 @@ def test_write_atomic_writes_whole_files_and_survives_a_removed_folder(tmp_path)
         assert target.read_bytes() == b"b"
         assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temp file left
         shutil.rmtree(target.parent)
+
+
+def test_the_log_file_rotates_by_the_size_it_counted(tmp_path):
+    """core.logs.RotatingFile keeps count instead of seeking per record: files still rotate near maxBytes,
+    every line lands whole in order, and a reopened handler picks up the size already on disk."""
+    import logging
+
+    from core.logs import RotatingFile
+
+    log = logging.getLogger("comfybatch.test.rotation")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    path = tmp_path / "x.log"
+    (tmp_path / "x.log").write_text("x" * 900, encoding="utf-8")  # left by an earlier run
+    handler = RotatingFile(path, maxBytes=1000, backupCount=3, encoding="utf-8")
+    log.addHandler(handler)
+    try:
+        for i in range(30):
+            log.info("line %02d 一只小猪在花园里 ....................", i)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    assert (tmp_path / "x.log.1").exists() and not (tmp_path / "x.log.4").exists()
+    assert all(p.stat().st_size < 1000 * 3 for p in tmp_path.iterdir())  # ~1000 characters of up to 3 bytes
+    lines = [line for name in ("x.log.3", "x.log.2", "x.log.1", "x.log") if (tmp_path / name).exists()
+             for line in (tmp_path / name).read_text(encoding="utf-8").splitlines() if line.startswith("line")]
+    assert lines[-1].startswith("line 29") and [int(x.split()[1]) for x in lines] == sorted(
+        int(x.split()[1]) for x in lines)
+    oldest = max((p for p in tmp_path.iterdir() if p.name != "x.log"), key=lambda p: p.name)
+    assert oldest.read_text(encoding="utf-8").startswith("x" * 900)  # the earlier run's file, rotated first
