@@ -181,6 +181,18 @@ _ELIGIBLE = ("t.status = 'queued' AND t.cancel_requested = 0 "
              "AND (t.servers IS NULL OR instr(',' || t.servers || ',', ',' || :server || ',') > 0)")
 
 
+class _Completion:
+    """One complete_task call waiting for its group's commit."""
+
+    __slots__ = ("task_id", "images", "started_at", "steps", "done", "result", "error")
+
+    def __init__(self, task_id: int, images: list[dict[str, Any]], started_at: float | None, steps: int | None):
+        self.task_id, self.images, self.started_at, self.steps = task_id, images, started_at, steps
+        self.done = False
+        self.result = False
+        self.error: Exception | None = None
+
+
 class Store:
     """Thread-safe access to one SQLite file: each thread reads on a connection of its own; every write
     transaction of this process goes through one shared connection, taken in turn (the write lock).
@@ -199,6 +211,8 @@ class Store:
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()
         self._writer: sqlite3.Connection | None = None
+        self._pending_lock = threading.Lock()
+        self._completions: list[_Completion] = []  # waiting for a group commit (complete_task)
         self._has_fts: bool | None = None
         self._columns: dict[str, list[str]] = {}
         self.migrate()
@@ -530,30 +544,70 @@ class Store:
         (same task, node, index) are kept as they are, so collecting a task twice never duplicates.
         `started_at`: when its execution started, for a task that finished before its `running` was written
         (record_running): the start time and the `running` event are written here, in the same transaction.
-        `steps`: its sampler steps, when its progress was never written (a short run): it shows steps/steps."""
+        `steps`: its sampler steps, when its progress was never written (a short run): it shows steps/steps.
+        Returns False for a task no longer in flight (nothing written).
+
+        Group commit: completions that arrive while another thread holds the write lock are written together,
+        in one transaction, by the first of them to get the lock (each caller still returns only once its own
+        completion is committed). A fleet's collectors finish hundreds of tasks a second, and a transaction's
+        cost is mostly its commit (the pages it changed, the task indexes' above all, written to the WAL), which
+        neighbouring tasks share. Should the group's transaction fail, each completion is retried alone."""
+        item = _Completion(task_id, images, started_at, steps)
+        with self._pending_lock:
+            self._completions.append(item)
+        with self._write_lock:
+            if not item.done:
+                with self._pending_lock:
+                    group, self._completions = self._completions, []
+                self._complete_group(group)
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _complete_group(self, group: list[_Completion]) -> None:
+        try:
+            try:
+                with self.write() as conn:
+                    for item in group:
+                        item.result = self._complete_one(conn, item)
+            except Exception as exc:
+                if len(group) == 1:
+                    group[0].error = exc
+                    return
+                for item in group:
+                    try:
+                        with self.write() as conn:
+                            item.result = self._complete_one(conn, item)
+                    except Exception as one:
+                        item.error = one
+        finally:
+            for item in group:
+                item.done = True
+
+    @staticmethod
+    def _complete_one(conn: sqlite3.Connection, item: _Completion) -> bool:
         now = time.time()
-        with self.write() as conn:
-            status = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            if status is None or status[0] not in IN_FLIGHT:
-                return False
-            if status[0] == TaskStatus.SUBMITTED.value and started_at is not None:
-                conn.execute("UPDATE tasks SET started_at = COALESCE(started_at, ?) WHERE id = ?",
-                             (started_at, task_id))
-                conn.execute("INSERT INTO events (task_id, batch_id, status, at) SELECT id, batch_id, 'running', ? "
-                             "FROM tasks WHERE id = ?", (started_at, task_id))
-            conn.executemany(
-                "INSERT OR IGNORE INTO images (task_id, batch_id, node_id, idx, path, filename, subfolder, type, "
-                "width, height, mode, size_bytes, created_at, remote_state) VALUES (:task_id, :batch_id, :node_id, "
-                ":idx, :path, :filename, :subfolder, :type, :width, :height, :mode, :size_bytes, :created_at, "
-                ":remote_state)",
-                [{**img, "task_id": task_id, "created_at": now, "remote_state": img.get("remote_state")}
-                 for img in images])
-            conn.execute(
-                "UPDATE tasks SET status = 'succeeded', finished_at = ?, updated_at = ?, error = NULL, "
-                "progress_max = COALESCE(progress_max, ?), progress_value = COALESCE(progress_max, ?, progress_value) "
-                "WHERE id = ?", (now, now, steps, steps, task_id))
-            conn.execute("INSERT INTO events (task_id, batch_id, status, at) SELECT id, batch_id, 'succeeded', ? "
-                         "FROM tasks WHERE id = ?", (now, task_id))
+        task_id, started_at, steps = item.task_id, item.started_at, item.steps
+        status = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if status is None or status[0] not in IN_FLIGHT:
+            return False
+        if status[0] == TaskStatus.SUBMITTED.value and started_at is not None:
+            conn.execute("UPDATE tasks SET started_at = COALESCE(started_at, ?) WHERE id = ?", (started_at, task_id))
+            conn.execute("INSERT INTO events (task_id, batch_id, status, at) SELECT id, batch_id, 'running', ? "
+                         "FROM tasks WHERE id = ?", (started_at, task_id))
+        conn.executemany(
+            "INSERT OR IGNORE INTO images (task_id, batch_id, node_id, idx, path, filename, subfolder, type, "
+            "width, height, mode, size_bytes, created_at, remote_state) VALUES (:task_id, :batch_id, :node_id, "
+            ":idx, :path, :filename, :subfolder, :type, :width, :height, :mode, :size_bytes, :created_at, "
+            ":remote_state)",
+            [{**img, "task_id": task_id, "created_at": now, "remote_state": img.get("remote_state")}
+             for img in item.images])
+        conn.execute(
+            "UPDATE tasks SET status = 'succeeded', finished_at = ?, updated_at = ?, error = NULL, "
+            "progress_max = COALESCE(progress_max, ?), progress_value = COALESCE(progress_max, ?, progress_value) "
+            "WHERE id = ?", (now, now, steps, steps, task_id))
+        conn.execute("INSERT INTO events (task_id, batch_id, status, at) SELECT id, batch_id, 'succeeded', ? "
+                     "FROM tasks WHERE id = ?", (now, task_id))
         return True
 
     def image_exists(self, task_id: int, node_id: str, idx: int) -> bool:

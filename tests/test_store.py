@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
+from typing import Any
 
 import pytest
 
@@ -166,3 +168,50 @@ def test_the_claim_finds_open_batches_by_index_probes_not_by_walking_the_queue(d
     assert searches and all("tasks_queued_batch" in step for step in searches), plan
     assert [r[0] for r in db.db.conn.execute(store_module._OPEN_BATCHES + "SELECT id FROM open WHERE id IS NOT NULL")
             ] == [1, 2]
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_completions_waiting_on_the_write_lock_commit_together_and_a_bad_one_fails_alone(db, bad):
+    """Group commit: completions that queue behind a held write lock go in one transaction; each caller gets
+    its own answer, and one that cannot be written fails alone (its group is retried one by one)."""
+    ids = add(db, 9)
+    for i, _ in enumerate(ids):
+        db.claim_next_task("s", f"p{i}")
+    image = {"batch_id": 1, "node_id": "9", "idx": 0, "path": "x.png", "filename": "x.png", "subfolder": "",
+             "type": "output", "width": 1, "height": 1, "mode": "RGB", "size_bytes": 1}
+    commits = []
+    write = db.write
+
+    def counted() -> Any:
+        commits.append(threading.get_ident())
+        return write()
+
+    db.write = counted  # type: ignore[method-assign]
+    results: dict[int, Any] = {}
+
+    def complete(task_id: int) -> None:
+        images = [{**image, "path": f"{task_id}.png"}]
+        if bad and task_id == ids[4]:
+            images = [{"batch_id": 1}]  # not a whole image record: this one cannot be written
+        try:
+            results[task_id] = db.complete_task(task_id, images, steps=2)
+        except Exception as exc:
+            results[task_id] = type(exc).__name__
+
+    with db._write_lock:  # another transaction holds the lock while eight completions arrive
+        threads = [threading.Thread(target=complete, args=(t,)) for t in ids[1:]]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(db._completions) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert results == {t: ("ProgrammingError" if bad and t == ids[4] else True) for t in ids[1:]}
+    # One transaction for the eight; when it failed, then each of them alone.
+    assert len(commits) == (1 + 8 if bad else 1)
+    assert db.counts() == ({"submitted": 2, "succeeded": 7} if bad else {"submitted": 1, "succeeded": 8})
+    assert db.complete_task(ids[0], [{**image, "path": "first.png"}]) is True  # alone: its own transaction
+    assert db.complete_task(ids[0], []) is False  # already final: nothing written
+    rows = db.db.execute("SELECT progress_value, progress_max FROM tasks WHERE id = ?", (ids[1],)).fetchone()
+    assert rows == (2, 2)
