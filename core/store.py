@@ -181,15 +181,15 @@ _ELIGIBLE = ("t.status = 'queued' AND t.cancel_requested = 0 "
              "AND (t.servers IS NULL OR instr(',' || t.servers || ',', ',' || :server || ',') > 0)")
 
 
-class _Completion:
-    """One complete_task call waiting for its group's commit."""
+class _Pending:
+    """One write waiting for its group's commit (Store._group_write)."""
 
-    __slots__ = ("task_id", "images", "started_at", "steps", "done", "result", "error")
+    __slots__ = ("op", "done", "result", "error")
 
-    def __init__(self, task_id: int, images: list[dict[str, Any]], started_at: float | None, steps: int | None):
-        self.task_id, self.images, self.started_at, self.steps = task_id, images, started_at, steps
+    def __init__(self, op: Callable[[sqlite3.Connection], Any]):
+        self.op = op
         self.done = False
-        self.result = False
+        self.result: Any = None
         self.error: Exception | None = None
 
 
@@ -212,7 +212,7 @@ class Store:
         self._write_lock = threading.RLock()
         self._writer: sqlite3.Connection | None = None
         self._pending_lock = threading.Lock()
-        self._completions: list[_Completion] = []  # waiting for a group commit (complete_task)
+        self._pending: list[_Pending] = []  # claims and completions waiting for a group commit
         self._has_fts: bool | None = None
         self._columns: dict[str, list[str]] = {}
         self.migrate()
@@ -265,6 +265,46 @@ class Store:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    def _group_write(self, op: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `op(conn)` in a write transaction and return its result; group commit: writes that queue while
+        another thread holds the write lock are run together, in arrival order, in one transaction, by the first
+        of them to get the lock (each caller returns once its own write is committed). A fleet's scheduler
+        claims and completes hundreds of tasks a second, and a transaction's cost is mostly its commit (the
+        pages it changed, the task indexes' above all, written to the WAL), which neighbouring tasks share.
+        Should a group's transaction fail, each of its writes is run again alone, so one bad write fails alone.
+        Never call it inside a `write()` block."""
+        item = _Pending(op)
+        with self._pending_lock:
+            self._pending.append(item)
+        with self._write_lock:
+            if not item.done:
+                with self._pending_lock:
+                    group, self._pending = self._pending, []
+                self._run_group(group)
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _run_group(self, group: list[_Pending]) -> None:
+        try:
+            try:
+                with self.write() as conn:
+                    for item in group:
+                        item.result = item.op(conn)
+            except Exception as exc:
+                if len(group) == 1:
+                    group[0].error = exc
+                    return
+                for item in group:
+                    try:
+                        with self.write() as conn:
+                            item.result = item.op(conn)
+                    except Exception as one:
+                        item.error = one
+        finally:
+            for item in group:
+                item.done = True
 
     def migrate(self) -> None:
         db = self.db
@@ -340,63 +380,68 @@ class Store:
         With `lease_owner`, nothing is claimed unless that scheduler holds the server's lease (checked in the
         claim's transaction: a scheduler whose lease ran out can never feed a server another one now feeds).
         """
-        now = time.time()
-        args = {"server": server}
         # Most empty claims (an idle fleet polling) end here, on a read, without taking the write lock.
         if self.db.execute("SELECT 1 FROM tasks WHERE status = 'queued' LIMIT 1").fetchone() is None:
             return None
-        with self.write() as conn:
-            # One read for the four gates, in the claim's own transaction: the whole queue paused; the server's
-            # lease not ours; the server draining or quarantined. A drain or a quarantine that lands a moment
-            # before a claim is always seen by it (a check before the claim could race the collector's quarantine).
-            paused, leased, draining, quarantined = conn.execute(
-                "SELECT (SELECT value FROM meta WHERE key = 'queue_paused'), "
-                "(SELECT 1 FROM leases WHERE name = :lease AND owner = :owner AND expires_at > :now), "
-                "(SELECT draining FROM servers WHERE url = :server), "
-                "(SELECT quarantined_until FROM servers WHERE url = :server)",
-                {"lease": SERVER_LEASE + server, "owner": lease_owner, "now": now, "server": server}).fetchone()
-            if paused == "1" or (lease_owner is not None and leased is None):
-                return None
-            if draining or (quarantined is not None and quarantined > now):
-                return None
-            top = conn.execute(
-                f"SELECT t.priority FROM tasks t WHERE {_ELIGIBLE} AND t.batch_id NOT IN "
-                "(SELECT id FROM batches WHERE paused = 1) ORDER BY t.priority DESC, t.id LIMIT 1", args).fetchone()
-            if top is None:
-                return None
-            # Fair: between people first (the person whose latest claim is oldest), then that person's batches.
-            fairness = ("(SELECT MAX(p.turn) FROM batches p WHERE p.submitted_by IS b.submitted_by), b.turn, b.id"
-                        if policy == "fair" else "b.id")
-            # One probe of the (batch_id, status) index per batch, instead of sorting every queued task.
-            pick = (_OPEN_BATCHES + "SELECT b.id, (SELECT t.id FROM tasks t WHERE t.batch_id = b.id AND "
-                    "{eligible} AND t.priority = :priority {match} ORDER BY t.id LIMIT 1) AS task, b.turn, b.run_next "
-                    "FROM batches b WHERE b.id IN (SELECT id FROM open) AND b.paused = 0 AND task IS NOT NULL "
-                    "ORDER BY b.run_next IS NULL, b.run_next DESC, {fairness} LIMIT 1")
-            params = {**args, "priority": top[0]}
-            row = conn.execute(pick.format(eligible=_ELIGIBLE, match="", fairness=fairness), params).fetchone()
-            if row is None:
-                return None
-            batch_id, task_id = row[0], row[1]
-            if affinity_patience > 0 and row[3] is None:
-                loaded = conn.execute("SELECT models FROM servers WHERE url = ?", (server,)).fetchone()
-                wanted = conn.execute("SELECT models FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]
-                clock = conn.execute("SELECT COALESCE(MAX(turn), 0) FROM batches").fetchone()[0]
-                if loaded and loaded[0] is not None and wanted != loaded[0] and clock - row[2] < affinity_patience:
-                    same = conn.execute(pick.format(eligible=_ELIGIBLE, match="AND t.models = :models",
-                                                    fairness=fairness), {**params, "models": loaded[0]}).fetchone()
-                    if same is not None and same[3] is None:
-                        batch_id, task_id = same[0], same[1]
-            conn.execute("UPDATE batches SET turn = (SELECT COALESCE(MAX(turn), 0) + 1 FROM batches) WHERE id = ?",
-                         (batch_id,))
-            conn.execute("UPDATE servers SET models = (SELECT models FROM tasks WHERE id = ?) WHERE url = ?",
-                         (task_id, server))
-            conn.execute(
-                "UPDATE tasks SET status = 'submitted', server = ?, prompt_id = ?, attempts = attempts + 1, "
-                "submitted_at = ?, started_at = NULL, progress_value = NULL, progress_max = NULL, "
-                "updated_at = ? WHERE id = ?", (server, prompt_id, now, now, task_id))
-            conn.execute("INSERT INTO events (task_id, batch_id, status, at, detail) VALUES (?, ?, ?, ?, ?)",
-                         (task_id, batch_id, "submitted", now, server))
-            row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        result: dict[str, Any] | None = self._group_write(
+            lambda conn: self._claim(conn, server, prompt_id, policy, affinity_patience, lease_owner))
+        return result
+
+    def _claim(self, conn: sqlite3.Connection, server: str, prompt_id: str, policy: str, affinity_patience: int,
+               lease_owner: str | None) -> dict[str, Any] | None:
+        now = time.time()
+        args = {"server": server}
+        # One read for the four gates, in the claim's own transaction: the whole queue paused; the server's
+        # lease not ours; the server draining or quarantined. A drain or a quarantine that lands a moment
+        # before a claim is always seen by it (a check before the claim could race the collector's quarantine).
+        paused, leased, draining, quarantined = conn.execute(
+            "SELECT (SELECT value FROM meta WHERE key = 'queue_paused'), "
+            "(SELECT 1 FROM leases WHERE name = :lease AND owner = :owner AND expires_at > :now), "
+            "(SELECT draining FROM servers WHERE url = :server), "
+            "(SELECT quarantined_until FROM servers WHERE url = :server)",
+            {"lease": SERVER_LEASE + server, "owner": lease_owner, "now": now, "server": server}).fetchone()
+        if paused == "1" or (lease_owner is not None and leased is None):
+            return None
+        if draining or (quarantined is not None and quarantined > now):
+            return None
+        top = conn.execute(
+            f"SELECT t.priority FROM tasks t WHERE {_ELIGIBLE} AND t.batch_id NOT IN "
+            "(SELECT id FROM batches WHERE paused = 1) ORDER BY t.priority DESC, t.id LIMIT 1", args).fetchone()
+        if top is None:
+            return None
+        # Fair: between people first (the person whose latest claim is oldest), then that person's batches.
+        fairness = ("(SELECT MAX(p.turn) FROM batches p WHERE p.submitted_by IS b.submitted_by), b.turn, b.id"
+                    if policy == "fair" else "b.id")
+        # One probe of the (batch_id, status) index per batch, instead of sorting every queued task.
+        pick = (_OPEN_BATCHES + "SELECT b.id, (SELECT t.id FROM tasks t WHERE t.batch_id = b.id AND "
+                "{eligible} AND t.priority = :priority {match} ORDER BY t.id LIMIT 1) AS task, b.turn, b.run_next "
+                "FROM batches b WHERE b.id IN (SELECT id FROM open) AND b.paused = 0 AND task IS NOT NULL "
+                "ORDER BY b.run_next IS NULL, b.run_next DESC, {fairness} LIMIT 1")
+        params = {**args, "priority": top[0]}
+        row = conn.execute(pick.format(eligible=_ELIGIBLE, match="", fairness=fairness), params).fetchone()
+        if row is None:
+            return None
+        batch_id, task_id = row[0], row[1]
+        if affinity_patience > 0 and row[3] is None:
+            loaded = conn.execute("SELECT models FROM servers WHERE url = ?", (server,)).fetchone()
+            wanted = conn.execute("SELECT models FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]
+            clock = conn.execute("SELECT COALESCE(MAX(turn), 0) FROM batches").fetchone()[0]
+            if loaded and loaded[0] is not None and wanted != loaded[0] and clock - row[2] < affinity_patience:
+                same = conn.execute(pick.format(eligible=_ELIGIBLE, match="AND t.models = :models",
+                                                fairness=fairness), {**params, "models": loaded[0]}).fetchone()
+                if same is not None and same[3] is None:
+                    batch_id, task_id = same[0], same[1]
+        conn.execute("UPDATE batches SET turn = (SELECT COALESCE(MAX(turn), 0) + 1 FROM batches) WHERE id = ?",
+                     (batch_id,))
+        conn.execute("UPDATE servers SET models = (SELECT models FROM tasks WHERE id = ?) WHERE url = ?",
+                     (task_id, server))
+        conn.execute(
+            "UPDATE tasks SET status = 'submitted', server = ?, prompt_id = ?, attempts = attempts + 1, "
+            "submitted_at = ?, started_at = NULL, progress_value = NULL, progress_max = NULL, "
+            "updated_at = ? WHERE id = ?", (server, prompt_id, now, now, task_id))
+        conn.execute("INSERT INTO events (task_id, batch_id, status, at, detail) VALUES (?, ?, ?, ?, ?)",
+                     (task_id, batch_id, "submitted", now, server))
+        row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return _decode(dict(zip(self.columns("tasks"), row, strict=True)))
 
     @staticmethod
@@ -547,47 +592,13 @@ class Store:
         `steps`: its sampler steps, when its progress was never written (a short run): it shows steps/steps.
         Returns False for a task no longer in flight (nothing written).
 
-        Group commit: completions that arrive while another thread holds the write lock are written together,
-        in one transaction, by the first of them to get the lock (each caller still returns only once its own
-        completion is committed). A fleet's collectors finish hundreds of tasks a second, and a transaction's
-        cost is mostly its commit (the pages it changed, the task indexes' above all, written to the WAL), which
-        neighbouring tasks share. Should the group's transaction fail, each completion is retried alone."""
-        item = _Completion(task_id, images, started_at, steps)
-        with self._pending_lock:
-            self._completions.append(item)
-        with self._write_lock:
-            if not item.done:
-                with self._pending_lock:
-                    group, self._completions = self._completions, []
-                self._complete_group(group)
-        if item.error is not None:
-            raise item.error
-        return item.result
-
-    def _complete_group(self, group: list[_Completion]) -> None:
-        try:
-            try:
-                with self.write() as conn:
-                    for item in group:
-                        item.result = self._complete_one(conn, item)
-            except Exception as exc:
-                if len(group) == 1:
-                    group[0].error = exc
-                    return
-                for item in group:
-                    try:
-                        with self.write() as conn:
-                            item.result = self._complete_one(conn, item)
-                    except Exception as one:
-                        item.error = one
-        finally:
-            for item in group:
-                item.done = True
+        Group-committed with other completions and claims (`_group_write`)."""
+        now = time.time()
+        return bool(self._group_write(lambda conn: self._complete_one(conn, task_id, images, started_at, steps, now)))
 
     @staticmethod
-    def _complete_one(conn: sqlite3.Connection, item: _Completion) -> bool:
-        now = time.time()
-        task_id, started_at, steps = item.task_id, item.started_at, item.steps
+    def _complete_one(conn: sqlite3.Connection, task_id: int, images: list[dict[str, Any]],
+                      started_at: float | None, steps: int | None, now: float) -> bool:
         status = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
         if status is None or status[0] not in IN_FLIGHT:
             return False
@@ -601,7 +612,7 @@ class Store:
             ":idx, :path, :filename, :subfolder, :type, :width, :height, :mode, :size_bytes, :created_at, "
             ":remote_state)",
             [{**img, "task_id": task_id, "created_at": now, "remote_state": img.get("remote_state")}
-             for img in item.images])
+             for img in images])
         conn.execute(
             "UPDATE tasks SET status = 'succeeded', finished_at = ?, updated_at = ?, error = NULL, "
             "progress_max = COALESCE(progress_max, ?), progress_value = COALESCE(progress_max, ?, progress_value) "

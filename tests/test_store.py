@@ -203,7 +203,7 @@ def test_completions_waiting_on_the_write_lock_commit_together_and_a_bad_one_fai
         for t in threads:
             t.start()
         deadline = time.monotonic() + 10
-        while len(db._completions) < 8 and time.monotonic() < deadline:
+        while len(db._pending) < 8 and time.monotonic() < deadline:
             time.sleep(0.01)
     for t in threads:
         t.join()
