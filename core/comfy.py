@@ -48,7 +48,8 @@ class Reply:
         return self.content.decode("utf-8", "replace")
 
     def json(self) -> Any:
-        return json.loads(self.content)  # a ValueError when it is not JSON
+        # Decoded first: json.loads of bytes sniffs their encoding on every call. A ValueError when not JSON.
+        return json.loads(self.content.decode("utf-8", "replace"))
 
 
 class ComfyClient:
@@ -298,7 +299,7 @@ class EventSocket:
                 self.on_event("status", {})
                 continue
             try:
-                message = json.loads(data)
+                message = json.loads(data.decode("utf-8", "replace"))  # str: no encoding sniffing per frame
             except ValueError:
                 continue
             if isinstance(message, dict) and isinstance(message.get("data"), dict):
