@@ -403,7 +403,10 @@ def schemas(settings: Settings) -> dict[str, Any]:
                                       "state": {"type": "string", "enum": SERVER_STATES},
                                       "draining": {"type": "boolean"}, "in_flight": INTEGER,
                                       "models": _list(STRING),
-                                      "quarantined_until": nullable_num, "quarantine_reason": nullable_str},
+                                      "quarantined_until": nullable_num, "quarantine_reason": nullable_str,
+                                      "fed_by": {**nullable_str, "description": "The scheduler process feeding "
+                                                 "it (`pid N on HOST`: the app or a `python -m core worker`); "
+                                                 "null while none holds its lease."}},
                                      required=True))}),
     }
 

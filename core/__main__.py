@@ -228,7 +228,8 @@ def cmd_servers(settings: Settings, store: Store, args: argparse.Namespace) -> i
         if s.get("quarantined_until"):
             drain += (f"(quarantined until {time.strftime('%H:%M:%S', time.localtime(s['quarantined_until']))}: "
                       f"{s['quarantine_reason']}) ")
-        print(f"{s['url']}\t{state}\t{'' if s['enabled'] else '(disabled) '}{drain}{extra}")
+        fed = f"\tfed by {s['fed_by']}" if s.get("fed_by") else ""
+        print(f"{s['url']}\t{state}\t{'' if s['enabled'] else '(disabled) '}{drain}{extra}{fed}")
     return 0 if all(s["up"] for s in report if s["enabled"]) else 1
 
 

@@ -594,9 +594,13 @@ def server_health(settings: Settings, store: Store, timeout: float = 3.0) -> lis
     store.sync_servers(settings.comfyui_urls, lambda: uuid.uuid4().hex)
     report = []
     now = time.time()
+    feeders = store.server_feeders()
     for server in store.servers():
+        feeder = feeders.get(server["url"])
         entry: dict[str, Any] = {"url": server["url"], "enabled": bool(server["enabled"]),
-                                 "source": server["source"], **_server_state(store, server)}
+                                 "source": server["source"], **_server_state(store, server),
+                                 # which scheduler process feeds it (the app or a `python -m core worker`)
+                                 "fed_by": f"pid {feeder['pid']} on {feeder['host']}" if feeder else None}
         if server.get("health") and now - (server.get("health_at") or 0) < HEALTH_FRESH:
             entry.update(json.loads(server["health"]))
         else:

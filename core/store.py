@@ -946,6 +946,12 @@ class Store:
         return {r[0][len(SERVER_LEASE):]: r[1] for r in self.db.execute(
             "SELECT name, owner FROM leases WHERE name LIKE ? AND expires_at > ?", (SERVER_LEASE + "%", time.time()))}
 
+    def server_feeders(self) -> dict[str, dict[str, Any]]:
+        """url -> {owner, pid, host} of the scheduler process holding each live server lease."""
+        return {r[0][len(SERVER_LEASE):]: {"owner": r[1], "pid": r[2], "host": r[3]} for r in self.db.execute(
+            "SELECT name, owner, pid, host FROM leases WHERE name LIKE ? AND expires_at > ?",
+            (SERVER_LEASE + "%", time.time()))}
+
     def release_lease(self, name: str, owner: str) -> None:
         with self.write() as conn:
             conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))

@@ -50,10 +50,11 @@ def health_table(servers: list[dict]) -> pd.DataFrame:
             "work": s.get("state", ""), "model": ", ".join(s.get("models") or []),
             "running": s.get("queue_running"), "pending": s.get("queue_pending"), "device": s.get("device") or "",
             "VRAM free / total": f"{ui_format.format_bytes(free)} / {ui_format.format_bytes(total)}" if total else "",
-            "ComfyUI": s.get("version") or "", "problem": ui.short_reason(s.get("error")) if s.get("error") else "",
+            "ComfyUI": s.get("version") or "", "fed by": s.get("fed_by") or "no scheduler",
+            "problem": ui.short_reason(s.get("error")) if s.get("error") else "",
         })
     return pd.DataFrame(rows, columns=["server", "enabled", "from", "status", "work", "model", "running", "pending",
-                                       "device", "VRAM free / total", "ComfyUI", "problem"])
+                                       "device", "VRAM free / total", "ComfyUI", "fed by", "problem"])
 
 
 def local_backends_section(ctx: ui.Context) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from core import service
 from core.store import Store
 from tests.fake_fleet import Fleet
 from tests.support import make_settings, wait_until, worker_env
@@ -47,6 +49,10 @@ def test_two_workers_split_the_fleet_and_one_killed_mid_batch_is_taken_over(tmp_
         try:
             wait_until(lambda: Counter(owners_by_pid(store).values()) == {first.pid: 2, second.pid: 2}, 60,
                        message="the two workers to hold two servers each")
+            # The Servers page, /health and `python -m core servers` say which process feeds each server.
+            fed = Counter(s["fed_by"] for s in service.server_health(settings, store))
+            host = socket.gethostname()
+            assert fed == {f"pid {first.pid} on {host}": 2, f"pid {second.pid} on {host}": 2}, fed
             wait_until(lambda: store.counts().get("succeeded", 0) >= 10, 60, message="ten tasks done")
             victims = [url for url, pid in owners_by_pid(store).items() if pid == first.pid]
             assert len(victims) == 2 and store.counts().get("queued", 0) > 10  # mid-batch, both feeding
