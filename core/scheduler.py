@@ -472,13 +472,14 @@ class ServerWorker:
         folder = files.batch_dir(out_dir, task["batch_id"])
         records = []
         for node_id, idx, img in output_images(outputs):
-            path = folder / files.image_name(task["id"], node_id, idx, img.get("filename", ""))
-            if self.store.image_exists(task["id"], node_id, idx) and path.is_file():
+            name = files.image_name(task["id"], node_id, idx, img.get("filename", ""))
+            path = folder / name
+            if path.is_file() and self.store.image_exists(task["id"], node_id, idx):  # stat first: no query
                 continue
             data = self.client.view(img)
             files.write_atomic(path, data, sole_writer=True)
             records.append({"batch_id": task["batch_id"], "node_id": node_id, "idx": idx,
-                            "path": str(path.relative_to(out_dir)), "filename": img.get("filename"),
+                            "path": f"{folder.name}/{name}", "filename": img.get("filename"),
                             "subfolder": img.get("subfolder", ""), "type": img.get("type", "output"),
                             "size_bytes": len(data), **files.describe_image(data),
                             "remote_state": "pending" if self.settings.storage_enabled else None})
