@@ -71,6 +71,20 @@ class _Connection:
         del self.buf[:n]
         return data
 
+    def read_head(self) -> bytes:
+        """Everything up to the blank line that ends a reply's headers (consumed with it, not returned)."""
+        start = 0
+        while True:
+            end = self.buf.find(b"\r\n\r\n", start)
+            if end >= 0:
+                head = bytes(self.buf[:end])
+                del self.buf[:end + 4]
+                return head
+            if len(self.buf) > MAX_HEADER:
+                raise ValueError("the reply's headers are too long")
+            start = max(0, len(self.buf) - 3)
+            self.fill()
+
     def read_line(self) -> bytes:
         while True:
             end = self.buf.find(b"\r\n")
@@ -179,20 +193,14 @@ class HttpPool:
 
 def _read_reply(conn: _Connection, method: str) -> tuple[int, bytes, bool]:
     while True:
-        status_line = conn.read_line()
+        lines = conn.read_head().split(b"\r\n")  # the status line and headers, split at once
+        status_line = lines[0]
         parts = status_line.split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
             raise ValueError(f"not an HTTP reply: {status_line[:80]!r}")
         status = int(parts[1])
         headers: dict[bytes, bytes] = {}
-        size = len(status_line)
-        while True:
-            line = conn.read_line()
-            if not line:
-                break
-            size += len(line)
-            if size > MAX_HEADER:
-                raise ValueError("the reply's headers are too long")
+        for line in lines[1:]:
             name, _, value = line.partition(b":")
             headers[name.strip().lower()] = value.strip()
         if status >= 200 or status == 101:

@@ -278,3 +278,12 @@ def test_the_log_file_rotates_by_the_size_it_counted(tmp_path):
         int(x.split()[1]) for x in lines)
     oldest = max((p for p in tmp_path.iterdir() if p.name != "x.log"), key=lambda p: p.name)
     assert oldest.read_text(encoding="utf-8").startswith("x" * 900)  # the earlier run's file, rotated first
+
+
+def test_a_reply_arriving_a_byte_at_a_time_is_read_whole():
+    """Headers and body split across many reads (a slow link): the blank line after the headers is found
+    however the bytes are cut."""
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Long: " + b"y" * 300 + b"\r\n\r\nhello" + b"HTTP/1.1 204 No"
+    conn = wire._Connection(FakeSock([raw[i:i + 1] for i in range(len(raw))]))  # type: ignore[arg-type]
+    assert wire._read_reply(conn, "GET") == (200, b"hello", True)
+    assert bytes(conn.buf) == b""  # nothing of the next reply read ahead yet
