@@ -273,7 +273,10 @@ class Store:
         claims and completes hundreds of tasks a second, and a transaction's cost is mostly its commit (the
         pages it changed, the task indexes' above all, written to the WAL), which neighbouring tasks share.
         Should a group's transaction fail, each of its writes is run again alone, so one bad write fails alone.
-        Never call it inside a `write()` block."""
+        Inside a `write()` block of the same thread, `op` simply joins that transaction."""
+        if self._write_lock._is_owned() and self._writer is not None and self._writer.in_transaction:  # type: ignore[attr-defined]
+            # This thread holds the write lock (only its holder uses the writer): the open transaction is ours.
+            return op(self._writer)
         item = _Pending(op)
         with self._pending_lock:
             self._pending.append(item)

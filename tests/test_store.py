@@ -215,3 +215,18 @@ def test_completions_waiting_on_the_write_lock_commit_together_and_a_bad_one_fai
     assert db.complete_task(ids[0], []) is False  # already final: nothing written
     rows = db.db.execute("SELECT progress_value, progress_max FROM tasks WHERE id = ?", (ids[1],)).fetchone()
     assert rows == (2, 2)
+
+
+def test_a_grouped_write_inside_a_write_block_joins_that_transaction(db):
+    """complete_task / claim_next_task called inside `store.write()` run in that transaction (no nested BEGIN,
+    no other thread's write pulled in), and roll back with it."""
+    ids = add(db, 2)
+    claimed = db.claim_next_task("s", "p0")
+    with pytest.raises(RuntimeError), db.write() as conn:
+        assert db.complete_task(claimed["id"], []) is True
+        assert conn.execute("SELECT status FROM tasks WHERE id = ?", (claimed["id"],)).fetchone()[0] == "succeeded"
+        raise RuntimeError("abandon the transaction")
+    assert db.get_task(ids[0])["status"] == "submitted"  # rolled back with the block
+    with db.write():
+        assert db.claim_next_task("s", "p1")["id"] == ids[1]
+    assert db.counts() == {"submitted": 2}
