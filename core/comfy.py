@@ -64,11 +64,11 @@ class ComfyClient:
         self.timeout = (connect_timeout, read_timeout)
         self._shared: urllib3.PoolManager | None = None
         self._lock = threading.Lock()
+        self._ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
         # The hot path (no proxy configured for this server): core.wire's lean HTTP/1.1 client.
         self._direct: wire.HttpPool | None = None
         if not _proxy_for(self.url):
-            ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-            self._direct = wire.HttpPool(self.url, connect_timeout, read_timeout, ca)
+            self._direct = wire.HttpPool(self.url, connect_timeout, read_timeout, self._ca)
 
     def _pool(self) -> urllib3.PoolManager:
         pool = self._shared
@@ -76,10 +76,9 @@ class ComfyClient:
             with self._lock:
                 if self._shared is None:
                     proxy = _proxy_for(self.url)
-                    ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
                     timeout = urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1])
                     options: dict[str, Any] = {"maxsize": POOL_SIZE, "retries": False, "timeout": timeout,
-                                               **({"ca_certs": ca} if ca else {})}
+                                               **({"ca_certs": self._ca} if self._ca else {})}
                     self._shared = urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
                 pool = self._shared
         return pool

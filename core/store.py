@@ -444,8 +444,7 @@ class Store:
             "updated_at = ? WHERE id = ?", (server, prompt_id, now, now, task_id))
         conn.execute("INSERT INTO events (task_id, batch_id, status, at, detail) VALUES (?, ?, ?, ?, ?)",
                      (task_id, batch_id, "submitted", now, server))
-        row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        return _decode(dict(zip(self.columns("tasks"), row, strict=True)))
+        return self._task(conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone())
 
     @staticmethod
     def _queue_paused(conn: sqlite3.Connection) -> bool:
@@ -670,6 +669,10 @@ class Store:
         row = self.db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         if row is None:
             raise NotFound(f"task {task_id} does not exist")
+        return self._task(row)
+
+    def _task(self, row: tuple[Any, ...]) -> dict[str, Any]:
+        """A `SELECT * FROM tasks` row as a dict, JSON columns decoded."""
         return _decode(dict(zip(self.columns("tasks"), row, strict=True)))
 
     def task_head(self, task_id: int) -> dict[str, Any] | None:
@@ -943,11 +946,6 @@ class Store:
                                  (SERVER_LEASE + url, owner, until, *me))
                     held.add(url)
         return [u for u in urls if u in held] + sorted(held - set(urls)), share
-
-    def server_lease_owners(self) -> dict[str, str]:
-        """url -> owner of every live server lease."""
-        return {r[0][len(SERVER_LEASE):]: r[1] for r in self.db.execute(
-            "SELECT name, owner FROM leases WHERE name LIKE ? AND expires_at > ?", (SERVER_LEASE + "%", time.time()))}
 
     def server_feeders(self) -> dict[str, dict[str, Any]]:
         """url -> {owner, pid, host} of the scheduler process holding each live server lease."""

@@ -73,27 +73,23 @@ class _Connection:
 
     def read_head(self) -> bytes:
         """Everything up to the blank line that ends a reply's headers (consumed with it, not returned)."""
-        start = 0
-        while True:
-            end = self.buf.find(b"\r\n\r\n", start)
-            if end >= 0:
-                head = bytes(self.buf[:end])
-                del self.buf[:end + 4]
-                return head
-            if len(self.buf) > MAX_HEADER:
-                raise ValueError("the reply's headers are too long")
-            start = max(0, len(self.buf) - 3)
-            self.fill()
+        return self._read_until(b"\r\n\r\n")
 
     def read_line(self) -> bytes:
+        return self._read_until(b"\r\n")
+
+    def _read_until(self, end_mark: bytes) -> bytes:
+        """The bytes before `end_mark` (consumed with it, not returned); at most MAX_HEADER of them."""
+        start = 0
         while True:
-            end = self.buf.find(b"\r\n")
+            end = self.buf.find(end_mark, start)
             if end >= 0:
-                line = bytes(self.buf[:end])
-                del self.buf[:end + 2]
-                return line
+                found = bytes(self.buf[:end])
+                del self.buf[:end + len(end_mark)]
+                return found
             if len(self.buf) > MAX_HEADER:
-                raise ValueError("a line of the reply is too long")
+                raise ValueError("a header or chunk line of the reply is too long")
+            start = max(0, len(self.buf) - len(end_mark) + 1)  # a mark cut in two by a recv is still found
             self.fill()
 
 
@@ -112,7 +108,6 @@ class HttpPool:
         self.context = ssl.create_default_context(cafile=ca_file) if self.tls else None
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
-        self._closed = False
 
     def close(self) -> None:
         with self._lock:
@@ -264,17 +259,17 @@ class FrameReader:
         self.parts: list[bytes] = []
         self.first_opcode = TEXT
 
-    def _need(self, n: int) -> bool:
-        """At least n unread bytes buffered, reading more if needed; False at a timeout with too few."""
+    def _need(self, n: int) -> None:
+        """At least n unread bytes buffered, reading more if needed (socket.timeout propagates: what was read
+        stays buffered for the next call)."""
         while len(self.buf) - self.pos < n:
             if self.pos:
                 del self.buf[:self.pos]
                 self.pos = 0
-            chunk = self.sock.recv(262144)  # socket.timeout propagates to the caller
+            chunk = self.sock.recv(262144)
             if not chunk:
                 raise ConnectionError("the server closed the websocket")
             self.buf += chunk
-        return True
 
     def next(self) -> tuple[int, bytes]:
         """The next message or control frame. Raises socket.timeout (nothing complete yet: call again, the

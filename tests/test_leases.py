@@ -36,7 +36,7 @@ def start_worker(env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
 
 def owners_by_pid(store: Store) -> dict[str, int]:
     """url -> pid of the scheduler process holding that server's lease (owners are named `<pid>-<random>`)."""
-    return {url: int(owner.split("-")[0]) for url, owner in store.server_lease_owners().items()}
+    return {url: int(feeder["owner"].split("-")[0]) for url, feeder in store.server_feeders().items()}
 
 
 def test_two_workers_split_the_fleet_and_one_killed_mid_batch_is_taken_over(tmp_path):
