@@ -327,6 +327,23 @@ class Store:
                 db.table("tasks").enable_fts(["prompt"], tokenize="trigram", create_triggers=True)
             except sqlite3.OperationalError:
                 pass  # SQLite older than 3.34 has no trigram tokenizer: search falls back to LIKE
+        self._narrow_fts_trigger()
+
+    def _narrow_fts_trigger(self) -> None:
+        """sqlite-utils' update trigger re-indexes a task's prompt (every trigram of it) on ANY update of the
+        row: the claim, `running`, progress and the completion each paid for it. A prompt never changes after
+        its insert in practice, so the trigger fires on an update OF prompt only (idempotent: databases made
+        before this get the narrow trigger at their next start)."""
+        with self.write() as conn:
+            row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = 'tasks_au'").fetchone()
+            if row is None or "UPDATE OF" in row[0].upper():
+                return
+            conn.execute("DROP TRIGGER tasks_au")
+            conn.execute(
+                'CREATE TRIGGER "tasks_au" AFTER UPDATE OF "prompt" ON "tasks" BEGIN\n'
+                '  INSERT INTO "tasks_fts" ("tasks_fts", rowid, "prompt") '
+                'VALUES(\'delete\', old.rowid, old."prompt");\n'
+                '  INSERT INTO "tasks_fts" (rowid, "prompt") VALUES (new.rowid, new."prompt");\nEND')
 
     @property
     def has_fts(self) -> bool:

@@ -230,3 +230,34 @@ def test_a_grouped_write_inside_a_write_block_joins_that_transaction(db):
     with db.write():
         assert db.claim_next_task("s", "p1")["id"] == ids[1]
     assert db.counts() == {"submitted": 2}
+
+
+def _changes_of_status_update(store: Store, task_id: int) -> int:
+    """Rows a status update changes, its triggers' included (SQLite counts trigger writes in total_changes)."""
+    with store.write() as conn:
+        before = conn.total_changes
+        conn.execute("UPDATE tasks SET updated_at = updated_at + 1 WHERE id = ?", (task_id,))
+        return conn.total_changes - before
+
+
+def test_the_prompt_index_is_rewritten_only_when_a_prompt_changes(tmp_path):
+    """sqlite-utils' FTS update trigger re-indexed every trigram of the prompt on any update of a task (claim,
+    running, progress, completion): it now fires on an update of the prompt only, in new and older databases."""
+    store = Store(tmp_path / "t.db")
+    (task_id,) = add(store, 1, prompt="a watercolor fox reading under a tree, 绘本插画")
+    assert _changes_of_status_update(store, task_id) == 1
+    with store.write() as conn:
+        conn.execute("UPDATE tasks SET prompt = 'a red bicycle' WHERE id = ?", (task_id,))
+    assert (store.count_tasks(text="bicycle"), store.count_tasks(text="watercolor")) == (1, 0)
+    # A database made before: sqlite-utils' trigger on any update is replaced when it opens.
+    with store.write() as conn:
+        conn.execute("DROP TRIGGER tasks_au")
+        conn.execute('CREATE TRIGGER "tasks_au" AFTER UPDATE ON "tasks" BEGIN INSERT INTO "tasks_fts" ("tasks_fts", '
+                     'rowid, "prompt") VALUES(\'delete\', old.rowid, old."prompt"); INSERT INTO "tasks_fts" (rowid, '
+                     '"prompt") VALUES (new.rowid, new."prompt"); END')
+    assert _changes_of_status_update(store, task_id) > 1
+    store.close()
+    again = Store(tmp_path / "t.db")
+    assert _changes_of_status_update(again, task_id) == 1
+    assert again.count_tasks(text="bicycle") == 1
+    again.close()
