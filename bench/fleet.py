@@ -7,8 +7,9 @@ the first server ran out of work (start-up and the final drain left out), and **
 the worker's wall time from process start to exit. Also: collection lag (a task's `finished_at` in SQLite
 minus the moment its server finished it; p50 and p95), how long the worker took to exit after the last
 result, the scheduler's CPU (user+sys of the worker processes) per job, the simulated fleet's own CPU per job (it
-shares the machine: the two together bound what one 2-core box can show), and, with several workers, how the
-fleet's servers were split between them (sampled from the leases table).
+shares the machine: the two together bound what one 2-core box can show), the CPU one small file write costs in
+the batch's image folder (`file_create_ms`: this machine's ext4 varies 30-fold by folder), and, with several
+workers, how the fleet's servers were split between them (sampled from the leases table).
 
     .venv/bin/python bench/fleet.py                       # the issue 10 table
     .venv/bin/python bench/fleet.py --only 64x0.2 --profile prof.out   # one scenario, worker under cProfile
@@ -32,6 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core import files  # noqa: E402
 from core.store import Store  # noqa: E402
 from tests.support import make_settings, worker_env  # noqa: E402
 
@@ -40,6 +42,28 @@ SCENARIOS = {"1x0.2": (1, 0.2, 0.0, 1), "8x0.2": (8, 0.2, 0.0, 1), "32x0.2": (32
              "64x0.2": (64, 0.2, 0.0, 1), "32x0.1": (32, 0.1, 0.0, 1), "32x0.2-rtt80": (32, 0.2, 0.08, 1),
              "64x0.2-2workers": (64, 0.2, 0.0, 2)}
 GRAPH = {"9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "fleet"}}}
+# Every task carries a prompt of the length our users write (it is indexed for search, like theirs).
+PROMPT = ("masterpiece, best quality, a watercolor picture-book illustration of a small fox reading a book under "
+          "an oak tree, soft afternoon light, 绘本插画, 柔和的色彩, falling autumn leaves")
+
+
+def file_create_ms(folder: Path, n: int = 300) -> float:
+    """CPU ms to write one small file the way the collector does (create a temp name, write, rename) in `folder`.
+    On this machine's ext4 it ranges from about 0.03 to 0.9 ms by folder (where the folder's inodes landed),
+    and it is part of the worker's CPU per job: the column tells a slow folder from a slow scheduler."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = bytes(300)
+    start = time.process_time()
+    for i in range(n):
+        tmp, final = folder / f".calib-{i}.part", folder / f".calib-{i}.png"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+        os.replace(tmp, final)
+    spent = time.process_time() - start
+    for i in range(n):
+        (folder / f".calib-{i}.png").unlink()
+    return 1000 * spent / n
 
 
 def start_fleet(servers: int, job: float, rtt: float) -> tuple[subprocess.Popen[str], list[str]]:
@@ -56,7 +80,8 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(name: str, seconds: float, in_flight: int | None, profile: str | None) -> dict[str, Any]:
+def run(name: str, seconds: float, in_flight: int | None, profile: str | None,
+        thread_cpu: bool = False) -> dict[str, Any]:
     servers, job, rtt, workers = SCENARIOS[name]
     tasks = max(20, int(servers / job * seconds))
     fleet, urls = start_fleet(servers, job, rtt)
@@ -64,14 +89,18 @@ def run(name: str, seconds: float, in_flight: int | None, profile: str | None) -
         with tempfile.TemporaryDirectory() as tmp:
             settings = make_settings(Path(tmp), urls)
             store = Store(settings.db_path)
-            store.create_batch("fleet", "fleet", [{"params": {}, "graph": GRAPH} for _ in range(tasks)])
+            batch_id, _ = store.create_batch("fleet", "fleet", [{"params": {"prompt": PROMPT}, "prompt": PROMPT,
+                                                                "graph": GRAPH} for _ in range(tasks)])
+            create_ms = file_create_ms(files.batch_dir(settings.output_dir, batch_id))
             env = {**worker_env(settings), "COMFYBATCH_LEASE_SECONDS": "5"}
             if in_flight:
                 env["COMFYBATCH_IN_FLIGHT"] = str(in_flight)
-            wrap = [str(ROOT / "bench" / "profile_threads.py"), profile] if profile else []
+            wrap = ([str(ROOT / "bench" / "profile_threads.py"), profile] if profile
+                    else [str(ROOT / "bench" / "thread_cpu.py")] if thread_cpu else [])
             cmd = [sys.executable, *wrap, "-m", "core", "worker", "--until-idle", "--quiet"]
             start = time.time()
-            procs = [subprocess.Popen(cmd, cwd=tmp, env=env) for _ in range(workers)]
+            procs = [subprocess.Popen(cmd, cwd=tmp, env=env, stderr=subprocess.PIPE if thread_cpu else None,
+                                      text=True) for _ in range(workers)]
             cpu, exits, splits = 0.0, [], []
             left = {p.pid for p in procs}
             while left:
@@ -88,6 +117,8 @@ def run(name: str, seconds: float, in_flight: int | None, profile: str | None) -
                     splits.append(tuple(sorted(owners.values(), reverse=True)))
                 time.sleep(0.2)
             wall = max(exits) - start
+            by_thread = [line for p in procs if p.stderr for line in p.stderr.read().splitlines()
+                         if line.startswith("THREAD-CPU ")]
             counts = store.counts()
             finished = {r[0]: r[1] for r in store.db.execute(
                 "SELECT prompt_id, finished_at FROM tasks WHERE status = 'succeeded'")}
@@ -112,7 +143,9 @@ def run(name: str, seconds: float, in_flight: int | None, profile: str | None) -
         "end_to_end": tasks * job / servers / wall, "wall_s": wall,
         "lag_p50": statistics.median(lags), "lag_p95": lags[int(0.95 * (len(lags) - 1))],
         "exit_after_last_s": max(exits) - max(finished.values()), "cpu_ms_per_job": 1000 * cpu / tasks,
-        "fleet_cpu_ms_per_job": 1000 * fleet_cpu / tasks,
+        "fleet_cpu_ms_per_job": 1000 * fleet_cpu / tasks, "file_create_ms": create_ms,
+        "thread_cpu_ms_per_job": {k: round(1000 * float(v) / tasks, 3) for line in by_thread
+                                  for k, v in (kv.split("=") for kv in line.split()[1:])},
         "split": Counter(splits).most_common(1)[0][0] if splits else (), "load": os.getloadavg(),
     }
 
@@ -123,19 +156,23 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="ideal duration of each scenario's queue")
     parser.add_argument("--in-flight", type=int, help="COMFYBATCH_IN_FLIGHT for the worker")
     parser.add_argument("--profile", help="run the (single) worker under cProfile, writing this file")
+    parser.add_argument("--thread-cpu", action="store_true",
+                        help="print the worker's CPU ms per job by thread kind (ws, dispatch, collect, ...)")
     parser.add_argument("--json", action="store_true", help="also print each result as JSON")
     args = parser.parse_args()
     print("| scenario | tasks | steady | end-to-end | wall s | lag p50 s | lag p95 s | exit after last s | "
-          "CPU ms/job | fleet CPU ms/job | split | ok | load avg (1/5 min) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "CPU ms/job | file create ms | fleet CPU ms/job | split | ok | load avg (1/5 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.only or list(SCENARIOS):
-        r = run(name, args.seconds, args.in_flight, args.profile)
+        r = run(name, args.seconds, args.in_flight, args.profile, args.thread_cpu)
         ok = r["counts"] == {"succeeded": r["tasks"]} and r["prompts_received"] == r["tasks"] and not r["duplicates"]
         print(f"| {name} | {r['tasks']} | **{r['steady']:.3f}** | {r['end_to_end']:.3f} | {r['wall_s']:.2f} | "
               f"{r['lag_p50']:.3f} | {r['lag_p95']:.3f} | {r['exit_after_last_s']:.2f} | {r['cpu_ms_per_job']:.2f} | "
-              f"{r['fleet_cpu_ms_per_job']:.2f} | "
+              f"{r['file_create_ms']:.2f} | {r['fleet_cpu_ms_per_job']:.2f} | "
               f"{'/'.join(map(str, r['split']))} | {'yes' if ok else 'NO ' + str(r['counts'])} | "
               f"{r['load'][0]:.2f} / {r['load'][1]:.2f} |", flush=True)
+        if args.thread_cpu:
+            print(f"  CPU ms/job by thread: {r['thread_cpu_ms_per_job']}", flush=True)
         if args.json:
             print(json.dumps(r), flush=True)
 

@@ -1,0 +1,43 @@
+"""Run a module and print, at exit, the CPU time (time.thread_time: user+sys of that thread alone) its threads
+used, summed by thread kind (the name up to its first '-' after 'comfybatch-', or the name itself), without a
+profiler's overhead: `python bench/thread_cpu.py -m core worker --until-idle` (bench/fleet.py --thread-cpu)."""
+
+from __future__ import annotations
+
+import re
+import runpy
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+flag, module, *rest = sys.argv[1:]
+assert flag == "-m", "usage: thread_cpu.py -m MODULE [ARGS...]"
+sys.argv = [module, *rest]
+spent: Counter[str] = Counter()
+lock = threading.Lock()
+thread_run = threading.Thread.run
+
+
+def kind(name: str) -> str:
+    match = re.match(r"comfybatch-([a-z]+)", name)
+    return match.group(1) if match else re.sub(r"[-_ ]?\d+.*$", "", name) or name
+
+
+def timed_run(self: threading.Thread, *args: Any) -> None:
+    try:
+        thread_run(self)
+    finally:
+        with lock:
+            spent[kind(self.name)] += time.thread_time()
+
+
+threading.Thread.run = timed_run  # type: ignore[method-assign]
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+finally:
+    spent["main"] += time.thread_time()
+    print("THREAD-CPU " + " ".join(f"{k}={v:.3f}" for k, v in spent.most_common()), file=sys.stderr, flush=True)
