@@ -40,4 +40,8 @@ except SystemExit:
     pass
 finally:
     spent["main"] += time.thread_time()
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    spent["voluntary_switches_k"] = usage.ru_nvcsw / 1000  # so fleet.py prints switches per job
+    spent["forced_switches_k"] = usage.ru_nivcsw / 1000
     print("THREAD-CPU " + " ".join(f"{k}={v:.3f}" for k, v in spent.most_common()), file=sys.stderr, flush=True)

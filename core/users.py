@@ -21,6 +21,7 @@ written by `python -m core users add NAME --role ROLE` (the password read from s
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from dataclasses import dataclass
@@ -38,8 +39,14 @@ ROLES = (ADMIN, MEMBER)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}$")
 MAX_PASSWORD = 1024  # characters: a bound on what is hashed
 _hasher = PasswordHasher()
-# A hash of nothing anyone types, verified when the user name is unknown so that timing does not tell.
-_DUMMY = _hasher.hash("no such user: this hash is only verified to spend the same time")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash of nothing anyone types, verified when the user name is unknown so that timing does not tell.
+    Made on first use: hashing costs about 0.2 s of CPU, which every process (each CLI call, each worker)
+    paid at import."""
+    return _hasher.hash("no such user: this hash is only verified to spend the same time")
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,7 @@ def verify_password(password_hash: str | None, password: str) -> bool:
     if len(password) > MAX_PASSWORD:
         return False
     try:
-        return _hasher.verify(password_hash or _DUMMY, password) and password_hash is not None
+        return _hasher.verify(password_hash or _dummy_hash(), password) and password_hash is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 
