@@ -147,6 +147,7 @@ class ServerWorker:
         self.reconciling: set[str] | None = None  # prompts dropped while reconcile() waits on the server
         self.cancels_checked = float("-inf")
         self.runs_clear = False  # this server's failure count is known to be 0 (only this worker changes it)
+        self.claimed = False  # the latest claim found a task
         self.recounted = time.monotonic()
         self.activity: dict[str, float] = {}  # prompt_id -> monotonic time of the latest sign of life (watchdog)
         self.limits: dict[str, tuple[float, watchdog.StallLimit]] = {}  # workflow -> (read at, stall limit)
@@ -227,7 +228,8 @@ class ServerWorker:
         # A draining or quarantined server gets nothing: the claim itself checks, in its transaction.
         task = self.store.claim_next_task(self.url, str(uuid.uuid4()), self.settings.policy,
                                           self.settings.affinity_patience if self.settings.affinity else 0,
-                                          lease_owner=self.lease_owner)
+                                          lease_owner=self.lease_owner, probe=not self.claimed)
+        self.claimed = task is not None  # busy: the next claim goes straight to its transaction
         if task is not None:
             self.submit(task)
         return task

@@ -384,7 +384,8 @@ class Store:
         return batch_id, [r[0] for r in rows]
 
     def claim_next_task(self, server: str, prompt_id: str, policy: str = "fair",
-                        affinity_patience: int = 0, lease_owner: str | None = None) -> dict[str, Any] | None:
+                        affinity_patience: int = 0, lease_owner: str | None = None,
+                        probe: bool = True) -> dict[str, Any] | None:
         """Atomically move the next queued task for `server` to `submitted` (None when there is none, the
         queue is paused, every waiting batch is paused, or the server is draining or quarantined).
 
@@ -400,9 +401,11 @@ class Store:
         The prompt_id is stored before anything is posted, so a crash after the post can be reconciled.
         With `lease_owner`, nothing is claimed unless that scheduler holds the server's lease (checked in the
         claim's transaction: a scheduler whose lease ran out can never feed a server another one now feeds).
+        `probe`: look for a queued task with a read first (default), so an idle poll never takes the write lock.
         """
-        # Most empty claims (an idle fleet polling) end here, on a read, without taking the write lock.
-        if self.db.execute("SELECT 1 FROM tasks WHERE status = 'queued' LIMIT 1").fetchone() is None:
+        # Most empty claims (an idle fleet polling) end here, on a read, without taking the write lock. `probe`
+        # False skips that read (a busy server's claims: its previous claim found a task).
+        if probe and self.db.execute("SELECT 1 FROM tasks WHERE status = 'queued' LIMIT 1").fetchone() is None:
             return None
         result: dict[str, Any] | None = self._group_write(
             lambda conn: self._claim(conn, server, prompt_id, policy, affinity_patience, lease_owner))
@@ -443,25 +446,29 @@ class Store:
         if row is None:
             return None
         batch_id, task_id = row[0], row[1]
+        models_known = False  # whether the server's models already are those of the task it gets
         if affinity_patience > 0 and row[3] is None:
-            loaded = conn.execute("SELECT models FROM servers WHERE url = ?", (server,)).fetchone()
-            wanted = conn.execute("SELECT models FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]
-            clock = conn.execute("SELECT COALESCE(MAX(turn), 0) FROM batches").fetchone()[0]
-            if loaded and loaded[0] is not None and wanted != loaded[0] and clock - row[2] < affinity_patience:
+            loaded, wanted, clock = conn.execute(
+                "SELECT (SELECT models FROM servers WHERE url = ?), (SELECT models FROM tasks WHERE id = ?), "
+                "(SELECT COALESCE(MAX(turn), 0) FROM batches)", (server, task_id)).fetchone()
+            models_known = loaded == wanted
+            if loaded is not None and wanted != loaded and clock - row[2] < affinity_patience:
                 same = conn.execute(pick.format(eligible=_ELIGIBLE, match="AND t.models = :models",
-                                                fairness=fairness), {**params, "models": loaded[0]}).fetchone()
+                                                fairness=fairness), {**params, "models": loaded}).fetchone()
                 if same is not None and same[3] is None:
-                    batch_id, task_id = same[0], same[1]
+                    batch_id, task_id, models_known = same[0], same[1], True
         conn.execute("UPDATE batches SET turn = (SELECT COALESCE(MAX(turn), 0) + 1 FROM batches) WHERE id = ?",
                      (batch_id,))
-        conn.execute("UPDATE servers SET models = (SELECT models FROM tasks WHERE id = ?) WHERE url = ?",
-                     (task_id, server))
+        if not models_known:
+            conn.execute("UPDATE servers SET models = (SELECT models FROM tasks WHERE id = ?) WHERE url = ?",
+                         (task_id, server))
         conn.execute(
             "UPDATE tasks SET status = 'submitted', server = ?, prompt_id = ?, attempts = attempts + 1, "
             "submitted_at = ?, started_at = NULL, progress_value = NULL, progress_max = NULL, "
             "updated_at = ? WHERE id = ?", (server, prompt_id, now, now, task_id))
         conn.execute("INSERT INTO events (task_id, batch_id, status, at, detail) VALUES (?, ?, ?, ?, ?)",
                      (task_id, batch_id, "submitted", now, server))
+        # (Not UPDATE ... RETURNING: SQLite's RETURNING costs about 4x the update itself.)
         return self._task(conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone())
 
     @staticmethod
@@ -619,26 +626,31 @@ class Store:
     @staticmethod
     def _complete_one(conn: sqlite3.Connection, task_id: int, images: list[dict[str, Any]],
                       started_at: float | None, steps: int | None, now: float) -> bool:
-        status = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        if status is None or status[0] not in IN_FLIGHT:
+        # Four statements: the check (nothing is written for a task no longer in flight), the update, the
+        # images, and the events. (UPDATE ... RETURNING would save the read but costs 4x a plain update here.)
+        row = conn.execute("SELECT status, batch_id, started_at FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None or row[0] not in IN_FLIGHT:
             return False
-        if status[0] == TaskStatus.SUBMITTED.value and started_at is not None:
-            conn.execute("UPDATE tasks SET started_at = COALESCE(started_at, ?) WHERE id = ?", (started_at, task_id))
-            conn.execute("INSERT INTO events (task_id, batch_id, status, at) SELECT id, batch_id, 'running', ? "
-                         "FROM tasks WHERE id = ?", (started_at, task_id))
-        conn.executemany(
-            "INSERT OR IGNORE INTO images (task_id, batch_id, node_id, idx, path, filename, subfolder, type, "
-            "width, height, mode, size_bytes, created_at, remote_state) VALUES (:task_id, :batch_id, :node_id, "
-            ":idx, :path, :filename, :subfolder, :type, :width, :height, :mode, :size_bytes, :created_at, "
-            ":remote_state)",
-            [{**img, "task_id": task_id, "created_at": now, "remote_state": img.get("remote_state")}
-             for img in images])
+        batch_id, started = row[1], row[2]
         conn.execute(
-            "UPDATE tasks SET status = 'succeeded', finished_at = ?, updated_at = ?, error = NULL, "
-            "progress_max = COALESCE(progress_max, ?), progress_value = COALESCE(progress_max, ?, progress_value) "
-            "WHERE id = ?", (now, now, steps, steps, task_id))
-        conn.execute("INSERT INTO events (task_id, batch_id, status, at) SELECT id, batch_id, 'succeeded', ? "
-                     "FROM tasks WHERE id = ?", (now, task_id))
+            "UPDATE tasks SET status = 'succeeded', finished_at = :now, updated_at = :now, error = NULL, "
+            "started_at = COALESCE(started_at, :started), progress_max = COALESCE(progress_max, :steps), "
+            "progress_value = COALESCE(progress_max, :steps, progress_value) WHERE id = :id",
+            {"now": now, "started": started_at, "steps": steps, "id": task_id})
+        if images:
+            conn.executemany(
+                "INSERT OR IGNORE INTO images (task_id, batch_id, node_id, idx, path, filename, subfolder, type, "
+                "width, height, mode, size_bytes, created_at, remote_state) VALUES (:task_id, :batch_id, :node_id, "
+                ":idx, :path, :filename, :subfolder, :type, :width, :height, :mode, :size_bytes, :created_at, "
+                ":remote_state)",
+                [{**img, "task_id": task_id, "created_at": now, "remote_state": img.get("remote_state")}
+                 for img in images])
+        if started_at is not None and started is None:  # its `running` was never written: recorded here
+            conn.execute("INSERT INTO events (task_id, batch_id, status, at) VALUES (?, ?, 'running', ?), "
+                         "(?, ?, 'succeeded', ?)", (task_id, batch_id, started_at, task_id, batch_id, now))
+        else:
+            conn.execute("INSERT INTO events (task_id, batch_id, status, at) VALUES (?, ?, 'succeeded', ?)",
+                         (task_id, batch_id, now))
         return True
 
     def image_exists(self, task_id: int, node_id: str, idx: int) -> bool:
