@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ import websocket
 
 from core import wire
 from core.errors import ComfyError, ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
+from core.eventhub import EventHub
 
 log = logging.getLogger(__name__)
 TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
@@ -225,84 +227,120 @@ def output_images(outputs: dict[str, Any]) -> list[tuple[str, int, dict[str, Any
 
 
 class EventSocket:
-    """One websocket per server. `run()` blocks (the scheduler gives it a thread), reconnecting with
-    backoff; `on_connect` is called after every (re)connect so the caller can reconcile the gap."""
+    """One websocket per server. `run()` blocks (the scheduler gives it a thread) while it connects, with
+    backoff, and waits; the frames are read by the `hub` (core.eventhub: one thread for every server's socket),
+    which calls `on_event` on its thread. `on_connect` is called after every (re)connect so the caller can
+    reconcile the gap."""
 
     def __init__(self, url: str, client_id: str, on_event: Callable[[str, dict[str, Any]], None],
-                 on_connect: Callable[[], None], connect_timeout: float = 10.0):
+                 on_connect: Callable[[], None], connect_timeout: float = 10.0, hub: EventHub | None = None):
         self.ws_url = url.replace("https://", "wss://").replace("http://", "ws://") + f"/ws?clientId={client_id}"
         self.on_event = on_event
         self.on_connect = on_connect
         self.connect_timeout = connect_timeout
+        self._own_hub = hub is None  # a socket used on its own reads through a hub of its own, stopped with it
+        self.hub = hub if hub is not None else EventHub()
         self.connected = threading.Event()
         self._ws: websocket.WebSocket | None = None
+        self._lost = threading.Event()
+        self._reader = wire.FrameReader()
 
     def run(self, stop: threading.Event) -> None:
         delay = 0.5
         while not stop.is_set():
             try:
-                self._ws = websocket.create_connection(self.ws_url, timeout=self.connect_timeout,
-                                                       skip_utf8_validation=True)
+                ws = websocket.create_connection(self.ws_url, timeout=self.connect_timeout,
+                                                 skip_utf8_validation=True)
             except (OSError, websocket.WebSocketException) as exc:
                 log.debug("websocket %s: connect failed: %s", self.ws_url, exc)
                 stop.wait(delay)
                 delay = min(delay * 2, 10.0)
                 continue
             delay = 0.5
-            self._ws.settimeout(1.0)
+            assert ws.sock is not None
+            ws.sock.setblocking(False)  # read only when the hub saw it readable: never waits on the hub's thread
+            self._ws, self._reader = ws, wire.FrameReader()
+            self._lost.clear()
             self.connected.set()
             try:
                 self.on_connect()
-                self._read(stop)
+                self.hub.attach(self)
+                while not self._lost.wait(1.0) and not stop.is_set():
+                    pass
             except Exception:
                 log.exception("websocket %s: handler failed", self.ws_url)
             finally:
+                self.hub.detach(self)
                 self.connected.clear()
-                self._ws.close()
+                ws.shutdown()  # no closing handshake: waiting for the server's answer could hold a stop up 3 s
                 self._ws = None
+        if self._own_hub:
+            self.hub.stop()
 
     def close(self) -> None:
-        """Unblock a reader waiting in recv (called from another thread at stop)."""
-        ws = self._ws
-        if ws is not None and ws.sock is not None:
-            try:
-                ws.sock.shutdown(2)
-            except OSError:
-                pass
+        """End the current connection (called from another thread at stop): run() then detaches and closes it."""
+        self._lost.set()
 
-    def _read(self, stop: threading.Event) -> None:
-        """Frames straight off the socket websocket-client opened (core.wire.FrameReader: a recv reads many
-        frames at once), answering pings through websocket-client."""
-        assert self._ws is not None
-        reader = wire.FrameReader(self._ws.sock)
-        while not stop.is_set():
+    # -- called by the hub ---------------------------------------------------------------------------
+    def fileno(self) -> int:
+        ws = self._ws
+        return ws.sock.fileno() if ws is not None and ws.sock is not None else -1
+
+    def lost(self) -> None:
+        self._lost.set()
+
+    def readable(self) -> bool:
+        """Read what the socket has and handle every complete message; False once the connection is over."""
+        ws = self._ws
+        if ws is None or ws.sock is None:
+            return False
+        sock = ws.sock
+        try:
+            chunk = sock.recv(262144)
+            while isinstance(sock, ssl.SSLSocket) and sock.pending():
+                chunk += sock.recv(262144)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return True
+        except OSError as exc:
+            log.info("websocket %s closed: %s", self.ws_url, exc)
+            return False
+        if not chunk:
+            log.info("websocket %s closed by the server", self.ws_url)
+            return False
+        self._reader.feed(chunk)
+        while True:
             try:
-                opcode, data = reader.next()
-            except TimeoutError:
-                continue
-            except (OSError, ValueError) as exc:
+                message = self._reader.pop()
+            except ValueError as exc:
                 log.info("websocket %s closed: %s", self.ws_url, exc)
-                return
-            if opcode == wire.CLOSE:
-                return
-            if opcode == wire.PING:
-                try:
-                    self._ws.pong(data)
-                except (OSError, websocket.WebSocketException):
-                    return
-                continue
-            if opcode != wire.TEXT:
-                continue  # binary preview frames, pongs
-            if data.startswith(SKIPPED_EVENTS):
-                # Not about the progress or outcome of a prompt: not decoded, only a sign the server is alive.
-                self.on_event("status", {})
-                continue
+                return False
+            if message is None:
+                return True
+            if not self._handle(ws, *message):
+                return False
+
+    def _handle(self, ws: websocket.WebSocket, opcode: int, data: bytes) -> bool:
+        if opcode == wire.CLOSE:
+            return False
+        if opcode == wire.PING:
             try:
-                message = json.loads(data.decode("utf-8", "replace"))  # str: no encoding sniffing per frame
-            except ValueError:
-                continue
-            if isinstance(message, dict) and isinstance(message.get("data"), dict):
-                self.on_event(str(message.get("type")), message["data"])
+                ws.pong(data)
+            except (OSError, websocket.WebSocketException):
+                return False
+            return True
+        if opcode != wire.TEXT:
+            return True  # binary preview frames, pongs
+        if data.startswith(SKIPPED_EVENTS):
+            # Not about the progress or outcome of a prompt: not decoded, only a sign the server is alive.
+            self.on_event("status", {})
+            return True
+        try:
+            message = json.loads(data.decode("utf-8", "replace"))  # str: no encoding sniffing per frame
+        except ValueError:
+            return True
+        if isinstance(message, dict) and isinstance(message.get("data"), dict):
+            self.on_event(str(message.get("type")), message["data"])
+        return True
 
 
 def probe(url: str, client_id: str, timeout: float) -> dict[str, Any]:

@@ -5,7 +5,8 @@
 (`in_flight`, more when a round trip is long against a run: `ServerWorker.window`), so the GPU never waits on
 us while the rest of the work can still go to other servers. Events come
 over one websocket per server (a stable client_id per server, kept in the database, so a restarted scheduler
-receives the events of prompts its predecessor posted); after any gap, or a quiet spell, the worker
+receives the events of prompts its predecessor posted), all read by one thread (`core.eventhub`), whose
+handler (`on_event`) only updates memory and hands finished prompts on; after any gap, or a quiet spell, the worker
 reconciles its in-flight tasks through `/queue` and `/history/{prompt_id}`. Finished prompts are collected
 (images downloaded, saved, recorded) by a shared thread pool, off the dispatch path.
 
@@ -18,7 +19,8 @@ the scheduler's), never in `time.sleep`, so `Scheduler.stop()` returns promptly.
 
 Writes per run: the claim and the completion (which also records a short run's start and `running` event);
 a run longer than PROGRESS_INTERVAL also gets `running` with its progress in one write, then its progress
-whenever the whole percent changes, at most every PROGRESS_INTERVAL (`_show_progress`).
+whenever the whole percent changes, at most every PROGRESS_INTERVAL (`_show_progress`, on the dispatch loop,
+which wakes at least every half second while prompts are in flight).
 
 With object storage on (COMFYBATCH_S3_BUCKET), the leader (the holder of the database-wide lease) also runs one
 uploader thread (core.uploads):
@@ -71,6 +73,7 @@ from core import files, storage, uploads, watchdog, webhooks
 from core.comfy import TERMINAL_EVENTS, ComfyClient, EventSocket, health, outcome, output_images
 from core.config import Settings
 from core.errors import ComfyError, ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
+from core.eventhub import EventHub
 from core.models import TaskStatus
 from core.store import IN_FLIGHT, SERVER_LEASE, Store
 
@@ -111,7 +114,8 @@ class EventSource(Protocol):
 
 
 class ServerWorker:
-    """Feeds one ComfyUI server. Two threads: the websocket reader and the dispatch loop.
+    """Feeds one ComfyUI server. Two threads: the dispatch loop, and one that keeps the websocket connected
+    (its frames are read by the scheduler's `EventHub`, one thread for all servers, which calls `on_event`).
 
     `client`, `events` and `probe_health` replace the real ComfyUI edge (HTTP client, websocket, health
     probe); left out, they are built for `url` from the settings. `lease_owner`: claim only while that
@@ -130,7 +134,8 @@ class ServerWorker:
         self.client: ComfyApi = (client if client is not None
                                  else ComfyClient(url, client_id, timeout, self.settings.read_timeout))
         self.socket: EventSource = (events if events is not None
-                                    else EventSocket(url, client_id, self.on_event, self.on_connect, timeout))
+                                    else EventSocket(url, client_id, self.on_event, self.on_connect, timeout,
+                                                     hub=scheduler.hub))
         # The health snapshot goes through this worker's client: its connections are kept alive.
         self.probe_health = probe_health if probe_health is not None else (lambda: health(self.client))
         self.stop_event = threading.Event()
@@ -373,8 +378,9 @@ class ServerWorker:
             self.started.add(prompt_id)
             self.began[prompt_id] = (time.time(), now)
         elif kind == "progress":
+            # Written by the dispatch loop (`_show_progress`): this runs on the event hub's thread, which reads
+            # every server's websocket and never waits on the database.
             self.progress[prompt_id] = (int(data.get("value", 0)), int(data.get("max", 0)))
-            self._show_progress(prompt_id, task_id, now)
         elif kind == "executed" and isinstance(data.get("output"), dict):
             self.outputs.setdefault(prompt_id, {})[str(data.get("node"))] = data["output"]
         elif kind in TERMINAL_EVENTS or (kind == "executing" and data.get("node") is None):
@@ -691,6 +697,7 @@ class Scheduler:
         self._upload_stop = threading.Event()
         self._upload_thread: threading.Thread | None = None
         self.webhooks = webhooks.WebhookThread(settings, self.store)  # calls finished batches' webhooks while leading
+        self.hub = EventHub()  # reads every worker's websocket on one thread (started by the first worker)
 
     def start(self) -> None:
         self.store.sync_servers(self.settings.comfyui_urls, lambda: uuid.uuid4().hex)
@@ -702,6 +709,7 @@ class Scheduler:
         if self._thread:
             self._thread.join(timeout)
         self._stop_workers()
+        self.hub.stop()
         self._stop_uploader()
         self.webhooks.stop()
         self.pool.shutdown(wait=True)

@@ -250,50 +250,64 @@ TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 1, 2, 8, 9, 10, 0
 
 class FrameReader:
     """Messages (opcode, payload) from the server side of an open websocket, read in large chunks: one recv
-    usually holds several frames. Fragmented messages are joined; control frames are returned as they come."""
+    usually holds several frames. Fragmented messages are joined; control frames are returned as they come.
+    Either pulling (`next()` reads `sock` until a message is complete) or pushed (`feed()` what a readiness
+    loop received, then `pop()` every complete message: `core.eventhub`)."""
 
-    def __init__(self, sock: Any):
+    def __init__(self, sock: Any = None):
         self.sock = sock
         self.buf = bytearray()
         self.pos = 0
         self.parts: list[bytes] = []
         self.first_opcode = TEXT
 
-    def _need(self, n: int) -> None:
-        """At least n unread bytes buffered, reading more if needed (socket.timeout propagates: what was read
-        stays buffered for the next call)."""
-        while len(self.buf) - self.pos < n:
-            if self.pos:
-                del self.buf[:self.pos]
-                self.pos = 0
+    def feed(self, chunk: bytes) -> None:
+        """Add received bytes (what was parsed already is dropped from the buffer first)."""
+        if self.pos:
+            del self.buf[:self.pos]
+            self.pos = 0
+        self.buf += chunk
+
+    def next(self) -> tuple[int, bytes]:
+        """The next message or control frame, reading `sock` as needed. Raises socket.timeout (nothing complete
+        yet: call again, the partial frame stays buffered), ConnectionError, or ValueError on a protocol
+        violation."""
+        while (message := self.pop()) is None:
             chunk = self.sock.recv(262144)
             if not chunk:
                 raise ConnectionError("the server closed the websocket")
-            self.buf += chunk
+            self.feed(chunk)
+        return message
 
-    def next(self) -> tuple[int, bytes]:
-        """The next message or control frame. Raises socket.timeout (nothing complete yet: call again, the
-        partial frame stays buffered), ConnectionError, or ValueError on a protocol violation."""
+    def pop(self) -> tuple[int, bytes] | None:
+        """The next complete message or control frame among the bytes fed so far, or None. Raises ValueError
+        on a protocol violation (a frame or message over MAX_FRAME: checked from its header, before buffering)."""
         while True:
-            self._need(2)
-            b0, b1 = self.buf[self.pos], self.buf[self.pos + 1]
+            buf, pos = self.buf, self.pos
+            avail = len(buf) - pos
+            if avail < 2:
+                return None
+            b0, b1 = buf[pos], buf[pos + 1]
             length, header = b1 & 0x7F, 2
             if length == 126:
-                self._need(4)
-                length, header = int.from_bytes(self.buf[self.pos + 2:self.pos + 4], "big"), 4
+                if avail < 4:
+                    return None
+                length, header = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
             elif length == 127:
-                self._need(10)
-                length, header = int.from_bytes(self.buf[self.pos + 2:self.pos + 10], "big"), 10
+                if avail < 10:
+                    return None
+                length, header = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
             masked = b1 & 0x80
             if masked:
                 header += 4
             if length > MAX_FRAME:
                 raise ValueError(f"a websocket frame of {length} bytes is too large")
-            self._need(header + length)
-            start = self.pos + header
-            payload = bytes(self.buf[start:start + length])
+            if avail < header + length:
+                return None
+            start = pos + header
+            payload = bytes(buf[start:start + length])
             if masked:
-                key = self.buf[start - 4:start]
+                key = buf[start - 4:start]
                 payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
             self.pos = start + length
             opcode, fin = b0 & 0x0F, b0 & 0x80

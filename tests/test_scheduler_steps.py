@@ -246,6 +246,8 @@ def test_progress_is_written_with_running_then_when_the_percent_changes_at_most_
     seen = []
     for value, at in ((1, 100.0), (2, 100.2), (3, 100.5), (4, 100.7), (5, 101.0), (30, 101.2)):
         worker.on_event("progress", {"value": value, "max": 30, "prompt_id": pid, "node": "3"}, now=at)
+        assert store.get_task(task_id)["progress_value"] == (seen[-1][1] if seen else None)  # events never write
+        worker.loop_once(now=at)  # the dispatch loop writes what is due
         row = store.get_task(task_id)
         seen.append((row["status"], row["progress_value"]))
     # Nothing for the first half second; then `running` and its progress in one write; then a new whole percent
