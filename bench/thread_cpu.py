@@ -25,12 +25,22 @@ def kind(name: str) -> str:
     return match.group(1) if match else re.sub(r"[-_ ]?\d+.*$", "", name) or name
 
 
+def switches() -> int:
+    """This thread's voluntary context switches so far (Linux)."""
+    try:
+        with open("/proc/thread-self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt_switches"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def timed_run(self: threading.Thread, *args: Any) -> None:
     try:
         thread_run(self)
     finally:
         with lock:
             spent[kind(self.name)] += time.thread_time()
+            spent[kind(self.name) + "_switches_k"] += switches() / 1000
 
 
 threading.Thread.run = timed_run  # type: ignore[method-assign]
