@@ -263,10 +263,11 @@ class EventSocket:
             self._lost.clear()
             self.connected.set()
             try:
+                if stop.is_set():  # a stop (which calls close(), setting _lost) that came before the clear
+                    break
                 self.on_connect()
                 self.hub.attach(self)
-                while not self._lost.wait(1.0) and not stop.is_set():
-                    pass
+                self._lost.wait()  # the hub (connection over) or close() (stop) sets it: no timed wake-ups
             except Exception:
                 log.exception("websocket %s: handler failed", self.ws_url)
             finally:

@@ -505,7 +505,6 @@ class Store:
         """Count a finished run for the circuit breaker: a success resets the count; the `threshold`-th failure
         in a row quarantines the server for `cooldown` seconds (and starts the count again). Returns the end of
         a quarantine this call began, else None."""
-        now = time.time()
         # The common case, a success after a success: a read, not a write transaction per task.
         if failure is None and self.db.execute("SELECT failures FROM servers WHERE url = ?",
                                                (url,)).fetchone() in (None, (0,)):
@@ -518,7 +517,9 @@ class Store:
                                (url,)).fetchone()
             if row is None or row[0] < threshold:
                 return None
-            until = now + cooldown
+            # Its start is read once the write lock is ours: every claim stamped later (claims read the clock in
+            # their transaction) sees the quarantine.
+            until = time.time() + cooldown
             conn.execute("UPDATE servers SET failures = 0, quarantined_until = ?, quarantine_reason = ? WHERE url = ?",
                          (until, f"its last {row[0]} tasks failed; the last one: {failure}"[:500], url))
             return until
