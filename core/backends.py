@@ -14,7 +14,9 @@ listens on 127.0.0.1 at the i-th port of COMFYBATCH_BACKEND_PORTS; COMFYBATCH_BA
   it, so a `kill -9` of ComfyBatch does not leave it running. All starts and stops happen on that thread;
 - before a start, a stale backend of ours on the port (its state file names a live process whose ComfyBatch is
   gone) is killed; a port held by another program, or by a live ComfyBatch, is waited on with a message;
-- starting -> running once /system_stats answers; when it dies, its in-flight tasks are requeued at once
+- starting -> running once /system_stats answers; asked again every 5 s, one that stays silent for
+  COMFYBATCH_BACKEND_HANG_SECONDS while its process lives (hung) is killed; when it dies, its in-flight tasks
+  are requeued at once
   (`Store.release_in_flight`, the scheduler's rule for a server that lost its prompts) and it is restarted after
   a backoff of 1 s doubling to 60 s (back to 1 s after a minute of running);
 - stdout and stderr go to logs/backends/<name>.log; past LOG_CAP bytes it is copied to <name>.log.1 and
@@ -59,6 +61,7 @@ LOG_CAP = 5 * 1024 * 1024
 TAIL_BYTES = 16 * 1024
 BACKOFF_FIRST, BACKOFF_MAX, STABLE_AFTER = 1.0, 60.0, 60.0
 READY_TIMEOUT = 300.0  # seconds a backend may take to answer /system_stats before it is restarted
+HANG_PROBE_EVERY, HANG_PROBE_TIMEOUT = 5.0, 3.0  # a running backend is asked this often, given this long
 MAX_BACKENDS = 64
 STEP = 0.5
 
@@ -213,13 +216,15 @@ def detect_gpus() -> tuple[str, ...]:
 class Backend:
     spec: BackendSpec
     proc: subprocess.Popen[bytes] | None = None
-    state: str = "starting"  # starting, running, backoff, waiting (port held), stopped
+    state: str = "starting"  # starting, running, backoff, waiting (port held), stopped; "hung" while killed
     restarts: int = 0
     last_exit: int | None = None
     message: str = ""
     next_start: float = 0.0
     backoff: float = BACKOFF_FIRST
     started_at: float = 0.0
+    answered_at: float = 0.0  # the latest /system_stats answer while running (monotonic)
+    probed_at: float = 0.0
     written: dict[str, Any] = field(default_factory=dict)
 
 
@@ -276,22 +281,48 @@ class Supervisor:
         if code is None and b.state == "starting":
             if probe(b.spec.url, "comfybatch-supervisor", 1.0)["up"]:
                 b.state, b.message, b.started_at = "running", "", now
+                b.answered_at = b.probed_at = now
                 log.info("local backend %s is up at %s (pid %s)", b.spec.name, b.spec.url, b.proc.pid)
             elif now - b.started_at > READY_TIMEOUT:
                 log.warning("local backend %s did not answer within %.0f s; restarting", b.spec.name, READY_TIMEOUT)
                 _kill_group(b.proc.pid, signal.SIGKILL)
                 code = b.proc.wait(10)
-        elif code is None and b.state == "running" and now - b.started_at > STABLE_AFTER:
-            b.backoff = BACKOFF_FIRST
+        elif code is None and b.state == "running":
+            if now - b.started_at > STABLE_AFTER:
+                b.backoff = BACKOFF_FIRST
+            code = self._kill_if_hung(b, now)
         if code is None:
             return
+        hung = b.state == "hung"
         b.proc, b.last_exit = None, code
         b.state, b.next_start = "backoff", now + b.backoff
-        b.message = f"exited with code {code}; restarting in {b.backoff:g} s (see its log)"
+        b.message = (f"did not answer for {self.settings.backend_hang_seconds:g} s while running: killed; "
+                     f"restarting in {b.backoff:g} s (see its log)" if hung
+                     else f"exited with code {code}; restarting in {b.backoff:g} s (see its log)")
         b.backoff = min(b.backoff * 2, BACKOFF_MAX)
-        n = self.store.release_in_flight(b.spec.url, f"local backend {b.spec.name} exited with code {code}",
-                                         self.settings.max_attempts)
-        log.warning("local backend %s exited with code %s; %d task(s) requeued; restarting", b.spec.name, code, n)
+        why = "stopped answering and was killed" if hung else f"exited with code {code}"
+        n = self.store.release_in_flight(b.spec.url, f"local backend {b.spec.name} {why}", self.settings.max_attempts)
+        log.warning("local backend %s %s; %d task(s) requeued; restarting", b.spec.name, why, n)
+
+    def _kill_if_hung(self, b: Backend, now: float) -> int | None:
+        """Ask a running backend for /system_stats every HANG_PROBE_EVERY s; one whose process is alive but that
+        has not answered for COMFYBATCH_BACKEND_HANG_SECONDS (a deadlock, a wedged driver) is killed. Returns its
+        exit code then (state "hung"), else None. (ComfyUI answers while it runs a prompt: the server is
+        asynchronous and prompts run on a thread of their own.)"""
+        assert b.proc is not None
+        if now - b.probed_at < HANG_PROBE_EVERY:
+            return None
+        b.probed_at = now
+        if probe(b.spec.url, "comfybatch-supervisor", HANG_PROBE_TIMEOUT)["up"]:
+            b.answered_at = now
+            return None
+        if now - b.answered_at <= self.settings.backend_hang_seconds:
+            return None
+        log.warning("local backend %s has not answered for %.0f s; killing it (pid %s)", b.spec.name,
+                    now - b.answered_at, b.proc.pid)
+        _kill_group(b.proc.pid, signal.SIGKILL)
+        b.state = "hung"
+        return b.proc.wait(10)
 
     def _spawn(self, b: Backend, now: float) -> None:
         blocker = self._clear_stale(b)

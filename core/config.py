@@ -149,6 +149,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Port range of local backends on 127.0.0.1: backend i listens on the i-th port."),
     Setting("COMFYBATCH_BACKEND_ARGS", "backend_args", "", str,
             "Extra ComfyUI arguments for every local backend (e.g. `--highvram --preview-method none`)."),
+    Setting("COMFYBATCH_BACKEND_HANG_SECONDS", "backend_hang_seconds", "120", float,
+            "A running local backend whose process is alive but which has not answered `/system_stats` for this "
+            "long (asked every 5 s) is killed and restarted, its in-flight tasks requeued."),
     Setting("COMFYBATCH_DEMO", "demo", "auto", str,
             "`auto`: with no `COMFYUI_URL` and no local backend set, run the demo ComfyUI that `scripts/setup.sh` "
             "installed (CPU, a random-weight checkpoint: noise images); `off`: never.", choices=("auto", "off")),
@@ -223,6 +226,7 @@ class Settings:
     backend_gpus: str = "auto"
     backend_ports: str = "8188-8199"
     backend_args: str = ""
+    backend_hang_seconds: float = 120.0
     demo: str = "auto"
     compat_workflow: str = "qwen_image_t2i"
     compat_edit_workflow: str = "qwen_edit_i2i"

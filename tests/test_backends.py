@@ -241,6 +241,56 @@ def test_a_port_held_by_another_program_waits_with_a_message(tmp_path):
             store.close()
 
 
+# A stand-in "ComfyUI" that answers /system_stats and /queue until the file named by --hang-flag exists, then
+# accepts connections and never answers (what a deadlocked server looks like from outside).
+HANGING = (f"{shlex.quote(sys.executable)} -c \"import http.server, json, os, sys, time\n"
+           "port = int(sys.argv[sys.argv.index('--port') + 1]); flag = sys.argv[sys.argv.index('--hang-flag') + 1]\n"
+           "class H(http.server.BaseHTTPRequestHandler):\n"
+           "    def do_GET(self):\n"
+           "        while os.path.exists(flag): time.sleep(0.1)\n"
+           "        body = json.dumps({'system': {}, 'devices': [], 'queue_running': [], 'queue_pending': []})\n"
+           "        body = body.encode()\n"
+           "        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()\n"
+           "        self.wfile.write(body)\n"
+           "    def log_message(self, *a): pass\n"
+           "http.server.ThreadingHTTPServer(('127.0.0.1', port), H).serve_forever()\"")
+
+
+def test_a_backend_that_stops_answering_is_killed_restarted_and_its_tasks_requeued(tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "HANG_PROBE_TIMEOUT", 0.5)
+    port, flag = harness.free_port(), tmp_path / "hang"
+    settings = make_settings(tmp_path, [], backend_command=HANGING, backend_gpus="cpu", backend_ports=str(port),
+                             backend_args=f"--hang-flag {flag}", backend_hang_seconds=20)
+    store = Store(settings.db_path)
+    supervisor = backends.Supervisor(settings, store, backends.plan(settings), grace=5.0)
+    supervisor.folder.mkdir(parents=True)
+    b = supervisor.backends[0]
+    try:
+        supervisor.step(now=0.0)
+        wait_until(lambda: (supervisor.step(now=1.0), b.state)[1] == "running", 30, message="the backend answering")
+        first = b.proc.pid
+        store.sync_servers([b.spec.url], lambda: "c")
+        store.create_batch("b", "wf", [{"params": {}, "graph": {}}])
+        assert store.claim_next_task(b.spec.url, "p1")["status"] == "submitted"
+        supervisor.step(now=10.0)  # answers: still running
+        assert (b.state, b.proc.pid) == ("running", first)
+        flag.touch()
+        supervisor.step(now=20.0)  # silent, but for less than 20 s since its last answer (at 10)
+        assert (b.state, b.proc.pid) == ("running", first)
+        supervisor.step(now=31.0)  # silent for 21 s: killed, its task back in the queue
+        assert b.state == "backoff" and b.proc is None and not alive(first)
+        assert b.message == "did not answer for 20 s while running: killed; restarting in 1 s (see its log)"
+        assert store.counts() == {"queued": 1}
+        flag.unlink()
+        supervisor.step(now=33.0)
+        assert b.state == "starting" and b.proc is not None and b.proc.pid != first and b.restarts == 1
+        wait_until(lambda: (supervisor.step(now=34.0), b.state)[1] == "running", 30, message="the restarted backend")
+    finally:
+        flag.unlink(missing_ok=True)
+        supervisor.stop()
+        store.close()
+
+
 def test_the_log_is_capped_on_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(backends, "LOG_CAP", 200_000)
     settings = make_settings(tmp_path, [], backend_command=CHATTY, backend_gpus="cpu",
