@@ -215,9 +215,13 @@ def form(wf: Workflow) -> tuple[dict[str, Any], dict[str, bytes], int]:
 
 def sweep_panel(wf: Workflow, names: list[str]) -> dict[str, list[str]]:
     """Lists of values for any parameters: the batch is every combination (X/Y/Z). One value per line."""
-    chosen_key = key(wf, "sweep")
+    chosen_key, open_key = key(wf, "sweep"), key(wf, "sweep_open")
+    # `expanded` is fixed once per workflow and session: Streamlit mounts an expander anew when it changes, and
+    # turning it on with the first choice closed the list being chosen from (the browser keeps it open meanwhile).
+    if open_key not in st.session_state:
+        st.session_state[open_key] = bool(st.session_state.get(chosen_key))
     with st.expander("Sweep: give parameters several values (every combination is one task)",
-                     expanded=bool(st.session_state.get(chosen_key))):
+                     expanded=st.session_state[open_key]):
         chosen = st.multiselect("Parameters to vary", names, key=chosen_key, max_selections=sweeps.MAX_AXES)
         lists: dict[str, list[str]] = {}
         cols = st.columns(max(1, min(3, len(chosen))))

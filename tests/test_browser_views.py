@@ -229,8 +229,8 @@ def test_a_3x4_sweep_from_the_generate_page_its_grid_and_contact_sheet(app, brow
 
 
 def choose_sweep_parameter(page: Any, name: str) -> None:
-    """Add `name` to the Generate page's sweep parameters until its values box shows. Retried: the expander is
-    mounted anew when its `expanded` flag turns on with the first choice, which can close the open list."""
+    """Add `name` to the Generate page's sweep parameters until its values box shows. Retried: a click on an
+    option can be lost to a rerun that redraws the list (seen 1 in 2 without the retry, the expander stable)."""
     area = page.get_by_label(f"Values of {name}, one per line")
     for _ in range(4):
         if area.count():
