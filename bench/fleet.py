@@ -172,7 +172,8 @@ def main() -> None:
               f"{'/'.join(map(str, r['split']))} | {'yes' if ok else 'NO ' + str(r['counts'])} | "
               f"{r['load'][0]:.2f} / {r['load'][1]:.2f} |", flush=True)
         if args.thread_cpu:
-            print(f"  CPU ms/job by thread: {r['thread_cpu_ms_per_job']}", flush=True)
+            print(f"  per job by thread kind (CPU ms; *_switches_k: context switches): "
+                  f"{r['thread_cpu_ms_per_job']}", flush=True)
         if args.json:
             print(json.dumps(r), flush=True)
 

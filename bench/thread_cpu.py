@@ -5,6 +5,7 @@ profiler's overhead: `python bench/thread_cpu.py -m core worker --until-idle` (b
 from __future__ import annotations
 
 import re
+import resource
 import runpy
 import sys
 import threading
@@ -50,7 +51,6 @@ except SystemExit:
     pass
 finally:
     spent["main"] += time.thread_time()
-    import resource
     usage = resource.getrusage(resource.RUSAGE_SELF)
     spent["voluntary_switches_k"] = usage.ru_nvcsw / 1000  # so fleet.py prints switches per job
     spent["forced_switches_k"] = usage.ru_nivcsw / 1000

@@ -216,7 +216,7 @@ def detect_gpus() -> tuple[str, ...]:
 class Backend:
     spec: BackendSpec
     proc: subprocess.Popen[bytes] | None = None
-    state: str = "starting"  # starting, running, backoff, waiting (port held), stopped; "hung" while killed
+    state: str = "starting"  # starting, running, backoff, waiting (port held), stopped
     restarts: int = 0
     last_exit: int | None = None
     message: str = ""
@@ -277,7 +277,7 @@ class Supervisor:
 
     def _watch(self, b: Backend, now: float) -> None:
         assert b.proc is not None
-        code = b.proc.poll()
+        code, hung = b.proc.poll(), False
         if code is None and b.state == "starting":
             if probe(b.spec.url, "comfybatch-supervisor", 1.0)["up"]:
                 b.state, b.message, b.started_at = "running", "", now
@@ -291,23 +291,22 @@ class Supervisor:
             if now - b.started_at > STABLE_AFTER:
                 b.backoff = BACKOFF_FIRST
             code = self._kill_if_hung(b, now)
+            hung = code is not None
         if code is None:
             return
-        hung = b.state == "hung"
+        why = (f"did not answer for {self.settings.backend_hang_seconds:g} s while running: killed" if hung
+               else f"exited with code {code}")
         b.proc, b.last_exit = None, code
         b.state, b.next_start = "backoff", now + b.backoff
-        b.message = (f"did not answer for {self.settings.backend_hang_seconds:g} s while running: killed; "
-                     f"restarting in {b.backoff:g} s (see its log)" if hung
-                     else f"exited with code {code}; restarting in {b.backoff:g} s (see its log)")
+        b.message = f"{why}; restarting in {b.backoff:g} s (see its log)"
         b.backoff = min(b.backoff * 2, BACKOFF_MAX)
-        why = "stopped answering and was killed" if hung else f"exited with code {code}"
         n = self.store.release_in_flight(b.spec.url, f"local backend {b.spec.name} {why}", self.settings.max_attempts)
         log.warning("local backend %s %s; %d task(s) requeued; restarting", b.spec.name, why, n)
 
     def _kill_if_hung(self, b: Backend, now: float) -> int | None:
         """Ask a running backend for /system_stats every HANG_PROBE_EVERY s; one whose process is alive but that
         has not answered for COMFYBATCH_BACKEND_HANG_SECONDS (a deadlock, a wedged driver) is killed. Returns its
-        exit code then (state "hung"), else None. (ComfyUI answers while it runs a prompt: the server is
+        exit code then, else None. (ComfyUI answers while it runs a prompt: the server is
         asynchronous and prompts run on a thread of their own.)"""
         assert b.proc is not None
         if now - b.probed_at < HANG_PROBE_EVERY:
@@ -321,7 +320,6 @@ class Supervisor:
         log.warning("local backend %s has not answered for %.0f s; killing it (pid %s)", b.spec.name,
                     now - b.answered_at, b.proc.pid)
         _kill_group(b.proc.pid, signal.SIGKILL)
-        b.state = "hung"
         return b.proc.wait(10)
 
     def _spawn(self, b: Backend, now: float) -> None:

@@ -233,13 +233,12 @@ class EventSocket:
     reconcile the gap."""
 
     def __init__(self, url: str, client_id: str, on_event: Callable[[str, dict[str, Any]], None],
-                 on_connect: Callable[[], None], connect_timeout: float = 10.0, hub: EventHub | None = None):
+                 on_connect: Callable[[], None], hub: EventHub, connect_timeout: float = 10.0):
         self.ws_url = url.replace("https://", "wss://").replace("http://", "ws://") + f"/ws?clientId={client_id}"
         self.on_event = on_event
         self.on_connect = on_connect
         self.connect_timeout = connect_timeout
-        self._own_hub = hub is None  # a socket used on its own reads through a hub of its own, stopped with it
-        self.hub = hub if hub is not None else EventHub()
+        self.hub = hub
         self.connected = threading.Event()
         self._ws: websocket.WebSocket | None = None
         self._lost = threading.Event()
@@ -275,8 +274,6 @@ class EventSocket:
                 self.connected.clear()
                 ws.shutdown()  # no closing handshake: waiting for the server's answer could hold a stop up 3 s
                 self._ws = None
-        if self._own_hub:
-            self.hub.stop()
 
     def close(self) -> None:
         """End the current connection (called from another thread at stop): run() then detaches and closes it."""

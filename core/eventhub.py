@@ -22,6 +22,7 @@ import threading
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
+THREAD_NAME = "comfybatch-events"
 DETACH_WAIT = 5.0  # seconds detach() waits for the hub to let go of a socket before its owner closes it
 
 
@@ -34,8 +35,7 @@ class Member(Protocol):
 class EventHub:
     """Starts its thread on the first attach (and again after `stop()`)."""
 
-    def __init__(self, name: str = "comfybatch-events"):
-        self.name = name
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._changes: list[tuple[str, Any, threading.Event | None]] = []
         self._thread: threading.Thread | None = None
@@ -80,7 +80,7 @@ class EventHub:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, args=(self._selector, self._wake_r), name=self.name,
+        self._thread = threading.Thread(target=self._run, args=(self._selector, self._wake_r), name=THREAD_NAME,
                                         daemon=True)
         self._thread.start()
 

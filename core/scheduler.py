@@ -134,8 +134,8 @@ class ServerWorker:
         self.client: ComfyApi = (client if client is not None
                                  else ComfyClient(url, client_id, timeout, self.settings.read_timeout))
         self.socket: EventSource = (events if events is not None
-                                    else EventSocket(url, client_id, self.on_event, self.on_connect, timeout,
-                                                     hub=scheduler.hub))
+                                    else EventSocket(url, client_id, self.on_event, self.on_connect, scheduler.hub,
+                                                     timeout))
         # The health snapshot goes through this worker's client: its connections are kept alive.
         self.probe_health = probe_health if probe_health is not None else (lambda: health(self.client))
         self.stop_event = threading.Event()

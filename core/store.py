@@ -333,9 +333,14 @@ class Store:
         """sqlite-utils' update trigger re-indexes a task's prompt (every trigram of it) on ANY update of the
         row: the claim, `running`, progress and the completion each paid for it. A prompt never changes after
         its insert in practice, so the trigger fires on an update OF prompt only (idempotent: databases made
-        before this get the narrow trigger at their next start)."""
+        before this get the narrow trigger at their next start). Checked with a read: opening a store whose
+        trigger is already narrow takes no write lock."""
+        find = "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = 'tasks_au'"
+        row = self.db.execute(find).fetchone()
+        if row is None or "UPDATE OF" in row[0].upper():
+            return
         with self.write() as conn:
-            row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = 'tasks_au'").fetchone()
+            row = conn.execute(find).fetchone()  # again in the transaction: another process may have done it
             if row is None or "UPDATE OF" in row[0].upper():
                 return
             conn.execute("DROP TRIGGER tasks_au")

@@ -18,7 +18,6 @@ import select
 import socket
 import ssl
 import threading
-from typing import Any
 from urllib.parse import urlsplit
 
 MAX_HEADER = 64 * 1024  # bytes of status line + headers accepted in one reply
@@ -249,13 +248,11 @@ TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 1, 2, 8, 9, 10, 0
 
 
 class FrameReader:
-    """Messages (opcode, payload) from the server side of an open websocket, read in large chunks: one recv
-    usually holds several frames. Fragmented messages are joined; control frames are returned as they come.
-    Either pulling (`next()` reads `sock` until a message is complete) or pushed (`feed()` what a readiness
-    loop received, then `pop()` every complete message: `core.eventhub`)."""
+    """Messages (opcode, payload) from the server side of an open websocket. A readiness loop (`core.eventhub`)
+    `feed()`s what it received, in chunks that often hold several frames, then `pop()`s every complete message.
+    Fragmented messages are joined; control frames are returned as they come."""
 
-    def __init__(self, sock: Any = None):
-        self.sock = sock
+    def __init__(self) -> None:
         self.buf = bytearray()
         self.pos = 0
         self.parts: list[bytes] = []
@@ -267,17 +264,6 @@ class FrameReader:
             del self.buf[:self.pos]
             self.pos = 0
         self.buf += chunk
-
-    def next(self) -> tuple[int, bytes]:
-        """The next message or control frame, reading `sock` as needed. Raises socket.timeout (nothing complete
-        yet: call again, the partial frame stays buffered), ConnectionError, or ValueError on a protocol
-        violation."""
-        while (message := self.pop()) is None:
-            chunk = self.sock.recv(262144)
-            if not chunk:
-                raise ConnectionError("the server closed the websocket")
-            self.feed(chunk)
-        return message
 
     def pop(self) -> tuple[int, bytes] | None:
         """The next complete message or control frame among the bytes fed so far, or None. Raises ValueError
