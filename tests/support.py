@@ -98,6 +98,21 @@ def settle(page: Any) -> None:
     page.wait_for_selector("[data-test-script-state=notRunning]", timeout=30_000)
 
 
+def settle_after_change(page: Any) -> None:
+    """Wait for the rerun that a widget change asks for, then for it to end. A changed widget sends its rerun
+    request without touching the script state, which reads "notRunning" until the server answers; `settle`
+    alone can return in that window, and the next action then lands on the page before the rerun redraws it
+    (a value typed into the previous workflow's form, seen in CI). A rerun too quick to be seen running is
+    waited for 2 s at most, and is over by then."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_selector("[data-testid=stApp]:not([data-test-script-state=notRunning])", timeout=2_000)
+    except PlaywrightTimeout:
+        pass
+    settle(page)
+
+
 # -- browser tests: pages in real Chromium ------------------------------------------------------------
 SHOTS = ROOT / "test-artifacts" / "screenshots"
 
@@ -118,7 +133,28 @@ def choose(page: Any, label: str, option: str) -> None:
     """Pick the option whose text contains `option` in the selectbox labelled `label`."""
     page.get_by_test_id("stSelectbox").filter(has_text=label).first.click()
     page.get_by_role("option").filter(has_text=option).first.click()
-    settle(page)
+    settle_after_change(page)
+
+
+def open_expander(page: Any, title: str) -> None:
+    """Open the expander titled `title` and wait for its opening animation to end. A list opened inside it
+    meanwhile is closed again by the moving layout (react-aria closes a popover whose anchor moves)."""
+    page.get_by_text(title).click()
+    page.wait_for_function("() => !document.getAnimations().some(a => a.effect?.target?.tagName === 'DETAILS')")
+
+
+def add_option(page: Any, label: str, option: str) -> None:
+    """Add `option` to the multiselect labelled `label`: open its list, type to filter it (a long list is
+    virtualised, later options not rendered), click the option, and wait for the rerun."""
+    from playwright.sync_api import expect
+
+    box = page.get_by_test_id("stMultiSelect").filter(has_text=label)
+    box.get_by_role("button", name="Open").click()
+    expect(page.get_by_role("listbox")).to_be_visible()
+    page.keyboard.type(option)
+    page.get_by_role("option", name=option, exact=True).click()
+    page.keyboard.press("Escape")
+    settle_after_change(page)
 
 
 def upload(page: Any, path: Path, index: int = 0) -> None:

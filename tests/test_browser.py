@@ -22,7 +22,7 @@ from playwright.sync_api import expect
 from core.scheduler import LEASE, Scheduler
 from core.store import Store
 from tests.appserver import AppServer, start_app
-from tests.support import choose, make_settings, open_page, settle, shot, upload
+from tests.support import choose, make_settings, open_page, settle, settle_after_change, shot, upload
 
 pytestmark = pytest.mark.browser
 expect.set_options(timeout=20_000)
@@ -173,7 +173,8 @@ def test_results_csv_and_a_second_app_waits_for_the_lease(comfy, browser, tmp_pa
             choose(page, "Workflow", "(empty_image)")
             page.get_by_label("Width").fill("24")
             page.get_by_label("Width").press("Enter")
-            settle(page)
+            settle_after_change(page)
+            expect(page.get_by_label("Width")).to_have_value("24")
             page.get_by_role("button", name="Generate", exact=True).click()
             settle(page)
             expect(page.get_by_text("Batch 1: 1/1 done (100%) - 1 succeeded")).to_be_visible(timeout=60_000)

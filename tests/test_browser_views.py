@@ -12,17 +12,15 @@ import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect
 
 from core import grids, queries
 from core.store import Store
 from tests.appserver import AppServer, start_app
-from tests.support import open_page, settle, shot, submit_rows, wait_until
+from tests.support import add_option, choose, open_expander, open_page, settle, shot, submit_rows, wait_until
 
 pytestmark = pytest.mark.browser
 expect.set_options(timeout=30_000)
@@ -169,12 +167,10 @@ def test_a_3x4_sweep_from_the_generate_page_its_grid_and_contact_sheet(app, brow
     context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1400})
     try:
         page = open_page(context.new_page(), app.url + "/generate")
-        page.get_by_test_id("stSelectbox").filter(has_text="Workflow").first.click()
-        page.get_by_role("option").filter(has_text="(empty_image)").first.click()
-        settle(page)
-        page.get_by_text("Sweep: give parameters several values").click()
+        choose(page, "Workflow", "(empty_image)")
+        open_expander(page, "Sweep: give parameters several values")
         for name in ("color", "width"):
-            choose_sweep_parameter(page, name)
+            add_option(page, "Parameters to vary", name)
         page.get_by_label("Values of color, one per line").fill("\n".join(map(str, COLORS)))
         page.get_by_label("Values of color, one per line").press("Control+Enter")
         settle(page)
@@ -226,23 +222,3 @@ def test_a_3x4_sweep_from_the_generate_page_its_grid_and_contact_sheet(app, brow
             assert len(zf.namelist()) == 12
     finally:
         context.close()
-
-
-def choose_sweep_parameter(page: Any, name: str) -> None:
-    """Add `name` to the Generate page's sweep parameters until its values box shows. Retried: a click on an
-    option can be lost to a rerun that redraws the list (seen 1 in 2 without the retry, the expander stable)."""
-    area = page.get_by_label(f"Values of {name}, one per line")
-    for _ in range(4):
-        if area.count():
-            return
-        try:
-            if not page.get_by_test_id("stMultiSelect").is_visible():
-                page.get_by_text("Sweep: give parameters several values").click(timeout=5000)
-            page.get_by_test_id("stMultiSelect").click(timeout=5000)
-            page.keyboard.type(name)  # filters the list: a long one is virtualised, later options not rendered
-            page.get_by_role("option", name=name, exact=True).click(timeout=5000)
-        except PlaywrightTimeout:
-            pass
-        page.keyboard.press("Escape")
-        settle(page)
-    expect(area).to_be_visible()
