@@ -41,7 +41,7 @@ async def lifespan(app: st.App) -> AsyncIterator[dict[str, Any]]:
         logging.getLogger("core").error("not starting the scheduler: %s", exc)
         yield {}
         return
-    setup_logging(settings.log_dir)
+    setup_logging(settings.log_dir, level=logging.getLevelName(settings.log_level))
     store = Store(settings.db_path)
     try:  # local ComfyUI backends first, so the scheduler finds their servers registered
         backends = service.start_local_backends(settings, store)

@@ -13,6 +13,7 @@ workers, how the fleet's servers were split between them (sampled from the lease
 
     .venv/bin/python bench/fleet.py                       # the issue 10 table
     .venv/bin/python bench/fleet.py --only 64x0.2 --profile prof.out   # one scenario, worker under cProfile
+    .venv/bin/python bench/fleet.py --dir /dev/shm        # database and images on tmpfs: no file system noise
 """
 
 from __future__ import annotations
@@ -81,12 +82,12 @@ def process_cpu(pid: int) -> float:
 
 
 def run(name: str, seconds: float, in_flight: int | None, profile: str | None,
-        thread_cpu: bool = False) -> dict[str, Any]:
+        thread_cpu: bool = False, where: str | None = None) -> dict[str, Any]:
     servers, job, rtt, workers = SCENARIOS[name]
     tasks = max(20, int(servers / job * seconds))
     fleet, urls = start_fleet(servers, job, rtt)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=where) as tmp:
             settings = make_settings(Path(tmp), urls)
             store = Store(settings.db_path)
             batch_id, _ = store.create_batch("fleet", "fleet", [{"params": {"prompt": PROMPT}, "prompt": PROMPT,
@@ -159,12 +160,14 @@ def main() -> None:
     parser.add_argument("--thread-cpu", action="store_true",
                         help="print the worker's CPU ms per job by thread kind (ws, dispatch, collect, ...)")
     parser.add_argument("--json", action="store_true", help="also print each result as JSON")
+    parser.add_argument("--dir", help="make each run's database and images under this folder (e.g. /dev/shm, a "
+                                      "tmpfs: the scheduler's CPU without this machine's ext4 file creation cost)")
     args = parser.parse_args()
     print("| scenario | tasks | steady | end-to-end | wall s | lag p50 s | lag p95 s | exit after last s | "
           "CPU ms/job | file create ms | fleet CPU ms/job | split | ok | load avg (1/5 min) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.only or list(SCENARIOS):
-        r = run(name, args.seconds, args.in_flight, args.profile, args.thread_cpu)
+        r = run(name, args.seconds, args.in_flight, args.profile, args.thread_cpu, args.dir)
         ok = r["counts"] == {"succeeded": r["tasks"]} and r["prompts_received"] == r["tasks"] and not r["duplicates"]
         print(f"| {name} | {r['tasks']} | **{r['steady']:.3f}** | {r['end_to_end']:.3f} | {r['wall_s']:.2f} | "
               f"{r['lag_p50']:.3f} | {r['lag_p95']:.3f} | {r['exit_after_last_s']:.2f} | {r['cpu_ms_per_job']:.2f} | "

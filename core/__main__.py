@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.load()
         setup_logging(settings.log_dir, stderr=args.command == "worker" and not args.quiet,
-                      level=logging.INFO)
+                      level=logging.getLevelName(settings.log_level))
         store = Store(settings.db_path)
         try:
             return int(args.func(settings, store, args) or 0)

@@ -39,6 +39,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Where result images are saved, one folder per batch."),
     Setting("COMFYBATCH_WORKFLOWS_DIR", "workflows_dir", "workflows", Path, "Folder of workflow templates."),
     Setting("COMFYBATCH_LOG_DIR", "log_dir", "logs", Path, "Folder of the rotating log file."),
+    Setting("COMFYBATCH_LOG_LEVEL", "log_level", "INFO", str,
+            "Level of the log file and the worker's stderr: `INFO` logs each scheduler's tasks finished once a "
+            "minute, `DEBUG` also a line per task posted and per task finished (two lines per task: a fleet at 200 "
+            "jobs/s would roll a capped log file over in minutes), `WARNING` only problems.",
+            choices=("DEBUG", "INFO", "WARNING")),
     Setting("COMFYBATCH_IN_FLIGHT", "in_flight", "2", int,
             "Prompts kept queued or running on each ComfyUI server at once, at least (more for a server "
             "far away or with short jobs: the window follows its round trip and run time)."),
@@ -179,6 +184,7 @@ class Settings:
     output_dir: Path = Path("generated_images")
     workflows_dir: Path = Path("workflows")
     log_dir: Path = Path("logs")
+    log_level: str = "INFO"
     in_flight: int = 2
     connect_timeout: float = 10.0
     read_timeout: float = 60.0

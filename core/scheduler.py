@@ -88,6 +88,7 @@ QUIET_RECONCILE = 3.0  # reconcile in-flight prompts after this long without any
 RECOUNT_INTERVAL = 10.0  # seconds between checks that the database's in-flight tasks here are all tracked
 DOWN_GRACE = 10.0  # after this long unreachable, a server's in-flight tasks go back to the queue
 HEALTH_INTERVAL = 5.0  # seconds between health snapshots published for the pages
+SUMMARY_INTERVAL = 60.0  # seconds between the log lines that count the tasks a scheduler finished
 # /history can lag the terminal event by a moment: ask again after these pauses before leaving it to reconcile.
 HISTORY_RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -303,7 +304,7 @@ class ServerWorker:
             posted = time.monotonic()
             self.client.submit(graph, prompt_id)
             self.rtt = _average(self.rtt, time.monotonic() - posted)
-            log.info("task %s submitted to %s as %s (attempt %s)", task["id"], self.url, prompt_id, task["attempts"])
+            log.debug("task %s submitted to %s as %s (attempt %s)", task["id"], self.url, prompt_id, task["attempts"])
         except PromptRejected as exc:
             self._drop(prompt_id)
             log.info("task %s rejected by %s: %s", task["id"], self.url, exc)
@@ -496,7 +497,8 @@ class ServerWorker:
                 self.store.record_server_run(self.url, None, self.settings.quarantine_after,
                                              self.settings.quarantine_seconds)
                 self.runs_clear = True
-            log.info("task %s succeeded on %s: %d image(s)", task["id"], self.url, len(records))
+            log.debug("task %s succeeded on %s: %d image(s)", task["id"], self.url, len(records))
+            self.scheduler.count_success()
             if records and self.settings.storage_enabled:
                 self.scheduler.upload_wake.set()
 
@@ -698,6 +700,11 @@ class Scheduler:
         self._upload_thread: threading.Thread | None = None
         self.webhooks = webhooks.WebhookThread(settings, self.store)  # calls finished batches' webhooks while leading
         self.hub = EventHub()  # reads every worker's websocket on one thread (started by the first worker)
+        # Tasks finished here since the last summary line (the per-task lines are DEBUG: two per task would roll a
+        # capped log over in minutes at fleet rates, taking the problems with them).
+        self._succeeded = 0
+        self._succeeded_lock = threading.Lock()
+        self._summarised = time.monotonic()
 
     def start(self) -> None:
         self.store.sync_servers(self.settings.comfyui_urls, lambda: uuid.uuid4().hex)
@@ -725,8 +732,25 @@ class Scheduler:
                 log.exception("scheduler tick failed")
             self.stop_event.wait(min(1.0, self.settings.lease_seconds / 3))
 
+    def count_success(self) -> None:
+        with self._succeeded_lock:
+            self._succeeded += 1
+
+    def summarise(self, now: float | None = None) -> None:
+        """Log how many tasks this scheduler finished since the last summary, once a SUMMARY_INTERVAL."""
+        now = time.monotonic() if now is None else now
+        if now - self._summarised < SUMMARY_INTERVAL:
+            return
+        with self._succeeded_lock:
+            done, self._succeeded = self._succeeded, 0
+        if done:
+            log.info("%d task(s) succeeded in the last %.0f s on %d server(s)", done, now - self._summarised,
+                     len(self.workers))
+        self._summarised = now
+
     def tick(self) -> None:
         """Renew (or try to take) the leases, then start/stop workers to match the servers leased to us."""
+        self.summarise()
         leader = self.store.acquire_lease(LEASE, self.owner, self.settings.lease_seconds)
         if leader != self.is_leader:
             log.info("scheduler %s %s the lease", self.owner, "took" if leader else "lost")

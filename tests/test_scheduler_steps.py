@@ -10,6 +10,7 @@ The event payloads follow the real server's (see /work/shared/comfyui-transcript
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -323,6 +324,28 @@ def test_execution_success_saves_the_images_and_records_them(worker, store, serv
     assert worker.inflight == {} and worker.collecting == set()
     assert history_of(store, task_id) == [("queued", None), ("submitted", URL), ("running", None),
                                           ("succeeded", None)]
+
+
+def test_finished_tasks_are_logged_once_a_minute_and_each_task_only_at_debug(worker, store, server, caplog):
+    """Two lines per task would roll a capped log over in minutes at fleet rates: a count per minute instead."""
+    caplog.set_level(logging.DEBUG, logger="core.scheduler")
+    scheduler = worker.scheduler
+    start = time.monotonic() + 1000
+    scheduler.summarise(now=start)  # nothing finished yet: no line, the next minute starts
+    caplog.clear()
+    for _ in range(3):
+        [task_id] = enqueue(store)
+        pid = worker.submit_next_task()["prompt_id"]
+        worker.on_event("execution_start", {"prompt_id": pid})
+        worker.on_event("execution_success", {"prompt_id": pid, "timestamp": 1795461085871})
+    scheduler.summarise(now=start + 59)  # not a minute yet
+    assert store.counts() == {"succeeded": 3}
+    assert {r.levelname for r in caplog.records if r.message.startswith("task ")} == {"DEBUG"}
+    assert [r.message for r in caplog.records if r.levelno >= logging.INFO] == []
+    scheduler.summarise(now=start + 61)
+    scheduler.summarise(now=start + 125)  # nothing finished since: no line
+    assert [(r.levelname, r.message) for r in caplog.records if r.levelno >= logging.INFO] == [
+        ("INFO", "3 task(s) succeeded in the last 61 s on 0 server(s)")]
 
 
 def test_success_without_a_seen_start_reads_the_outputs_from_history(worker, store, server, settings):
