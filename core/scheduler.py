@@ -716,6 +716,7 @@ class Scheduler:
         if self._thread:
             self._thread.join(timeout)
         self._stop_workers()
+        self.summarise(final=True)
         self.hub.stop()
         self._stop_uploader()
         self.webhooks.stop()
@@ -736,10 +737,11 @@ class Scheduler:
         with self._succeeded_lock:
             self._succeeded += 1
 
-    def summarise(self, now: float | None = None) -> None:
-        """Log how many tasks this scheduler finished since the last summary, once a SUMMARY_INTERVAL."""
+    def summarise(self, now: float | None = None, final: bool = False) -> None:
+        """Log how many tasks this scheduler finished since the last summary, once a SUMMARY_INTERVAL (and what is
+        left to tell when it stops: `final`)."""
         now = time.monotonic() if now is None else now
-        if now - self._summarised < SUMMARY_INTERVAL:
+        if now - self._summarised < SUMMARY_INTERVAL and not final:
             return
         with self._succeeded_lock:
             done, self._succeeded = self._succeeded, 0
