@@ -715,12 +715,13 @@ class Scheduler:
         self.stop_event.set()
         if self._thread:
             self._thread.join(timeout)
+        feeding = len(self.workers)
         self._stop_workers()
-        self.summarise(final=True)
         self.hub.stop()
         self._stop_uploader()
         self.webhooks.stop()
         self.pool.shutdown(wait=True)
+        self.summarise(final=True, servers=feeding)  # after the pool: a collection may finish during the stop
         # Given back at once, so another scheduler takes the servers over now, not when the leases run out.
         self.store.release_leases(self.owner)
         self.is_leader = False
@@ -737,9 +738,9 @@ class Scheduler:
         with self._succeeded_lock:
             self._succeeded += 1
 
-    def summarise(self, now: float | None = None, final: bool = False) -> None:
+    def summarise(self, now: float | None = None, final: bool = False, servers: int | None = None) -> None:
         """Log how many tasks this scheduler finished since the last summary, once a SUMMARY_INTERVAL (and what is
-        left to tell when it stops: `final`)."""
+        left to tell when it stops: `final`, with the number of `servers` it fed until then)."""
         now = time.monotonic() if now is None else now
         if now - self._summarised < SUMMARY_INTERVAL and not final:
             return
@@ -747,7 +748,7 @@ class Scheduler:
             done, self._succeeded = self._succeeded, 0
         if done:
             log.info("%d task(s) succeeded in the last %.0f s on %d server(s)", done, now - self._summarised,
-                     len(self.workers))
+                     len(self.workers) if servers is None else servers)
         self._summarised = now
 
     def tick(self) -> None:

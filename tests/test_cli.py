@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 
 import pytest
@@ -34,6 +35,9 @@ def test_submit_worker_status_export(tmp_path, comfy):
     worker = run(env, "worker", "--until-idle", "--quiet")
     assert worker.returncode == 0, worker.stderr
     assert json.loads(run(env, "status", "--json").stdout) == {"succeeded": 5}
+    # A run shorter than the minute between summary lines still tells its count, with the servers it fed.
+    log = (tmp_path / "logs" / "comfybatch.log").read_text()
+    assert re.search(r"INFO core\.scheduler: 5 task\(s\) succeeded in the last \d+ s on 1 server\(s\)\n", log), log
     assert json.loads(run(env, "status", "1", "--json").stdout) == {"succeeded": 4}
 
     exported = run(env, "export", "1", "--csv", "out.csv", "--zip", "out.zip")

@@ -348,10 +348,10 @@ def test_finished_tasks_are_logged_once_a_minute_and_each_task_only_at_debug(wor
     pid = worker.submit_next_task()["prompt_id"]
     worker.on_event("execution_start", {"prompt_id": pid})
     worker.on_event("execution_success", {"prompt_id": pid, "timestamp": 1795461085871})
-    scheduler.summarise(now=start + 130, final=True)  # stopping: the rest is told at once
+    scheduler.summarise(now=start + 130, final=True, servers=2)  # stopping: the rest at once, with the servers fed
     assert [(r.levelname, r.message) for r in caplog.records if r.levelno >= logging.INFO] == [
         ("INFO", "3 task(s) succeeded in the last 61 s on 0 server(s)"),
-        ("INFO", "1 task(s) succeeded in the last 5 s on 0 server(s)")]
+        ("INFO", "1 task(s) succeeded in the last 5 s on 2 server(s)")]
 
 
 def test_success_without_a_seen_start_reads_the_outputs_from_history(worker, store, server, settings):
