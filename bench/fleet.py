@@ -102,7 +102,7 @@ def run(name: str, seconds: float, in_flight: int | None, profile: str | None,
             start = time.time()
             procs = [subprocess.Popen(cmd, cwd=tmp, env=env, stderr=subprocess.PIPE if thread_cpu else None,
                                       text=True) for _ in range(workers)]
-            cpu, exits, splits = 0.0, [], []
+            cpu, sys_cpu, exits, splits = 0.0, 0.0, [], []
             left = {p.pid for p in procs}
             while left:
                 # Reap as they exit (wait4 gives each child's own CPU); sample the lease split meanwhile.
@@ -110,6 +110,7 @@ def run(name: str, seconds: float, in_flight: int | None, profile: str | None,
                 if pid:
                     left.discard(pid)
                     cpu += usage.ru_utime + usage.ru_stime
+                    sys_cpu += usage.ru_stime
                     exits.append(time.time())
                     continue
                 owners = Counter(r[0] for r in store.db.execute(
@@ -144,6 +145,7 @@ def run(name: str, seconds: float, in_flight: int | None, profile: str | None,
         "end_to_end": tasks * job / servers / wall, "wall_s": wall,
         "lag_p50": statistics.median(lags), "lag_p95": lags[int(0.95 * (len(lags) - 1))],
         "exit_after_last_s": max(exits) - max(finished.values()), "cpu_ms_per_job": 1000 * cpu / tasks,
+        "sys_cpu_ms_per_job": 1000 * sys_cpu / tasks,
         "fleet_cpu_ms_per_job": 1000 * fleet_cpu / tasks, "file_create_ms": create_ms,
         "thread_cpu_ms_per_job": {k: round(1000 * float(v) / tasks, 3) for line in by_thread
                                   for k, v in (kv.split("=") for kv in line.split()[1:])},

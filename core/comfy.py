@@ -15,9 +15,10 @@ import logging
 import os
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote_plus, urlsplit
 
 import requests
 import urllib3
@@ -104,15 +105,13 @@ class ComfyClient:
         content_type = None
         if json_body is not None:
             body, content_type = json.dumps(json_body, separators=(",", ":")).encode(), "application/json"
-        elif fields is not None and method == "GET":
-            path += "?" + urlencode(fields)
         elif fields is not None:
             body, content_type = urllib3.encode_multipart_formdata(fields)
         return Reply(*self._direct.request(method, path, body, content_type))
 
     def _request(self, method: str, path: str, ok: tuple[int, ...] = (200,), json: Any = None,
                  fields: dict[str, Any] | None = None) -> Reply:
-        """`json`: a JSON body; `fields`: a GET's query or a POST's multipart form."""
+        """`json`: a JSON body; `fields`: a POST's multipart form."""
         try:
             response = self._send(method, path, json, fields)
         except wire.WireError as exc:
@@ -175,9 +174,30 @@ class ComfyClient:
     # -- files ------------------------------------------------------------------------------------
     def view(self, image: dict[str, Any]) -> bytes:
         """Download an output file's bytes unchanged (ComfyUI's PNG metadata survives)."""
-        params = {"filename": image["filename"], "subfolder": image.get("subfolder", ""),
-                  "type": image.get("type", "output")}
-        return self._request("GET", "/view", fields=params).content
+        return self._request("GET", _view_path(image)).content
+
+    def begin_view(self, image: dict[str, Any], hub: EventHub, on_done: Callable[[bytes | ComfyError], None]) -> bool:
+        """Start downloading an output file, from a handler on `hub`'s thread: the hub reads the reply as it comes
+        (no thread waits on it) and `on_done` then gets the bytes or a ServerUnavailable, on the hub's thread.
+        False when it cannot start so (through a proxy, or no open kept-alive connection): use view()."""
+        if self._direct is None:
+            return False
+        path = _view_path(image)
+
+        def done(outcome: tuple[int, bytes] | wire.WireError) -> None:
+            if isinstance(outcome, wire.WireError):
+                on_done(ServerUnavailable(f"ComfyUI at {self.url} is unreachable ({outcome})", self.url))
+            elif outcome[0] != 200:
+                on_done(ServerUnavailable(f"ComfyUI at {self.url} answered GET {path} with HTTP {outcome[0]}: "
+                                          f"{outcome[1][:200].decode('utf-8', 'replace')}", self.url))
+            else:
+                on_done(outcome[1])
+
+        pending = self._direct.begin_get(path, done)
+        if pending is None:
+            return False
+        hub.attach(pending, time.monotonic() + self.timeout[1])
+        return True
 
     def upload_image(self, data: bytes, filename: str) -> str:
         """Upload an input image; returns the value for LoadImage (`subfolder/name` as ComfyUI named it)."""
@@ -195,6 +215,13 @@ class ComfyClient:
 
     def object_info(self) -> dict[str, Any]:
         return dict(self._json("GET", "/object_info"))
+
+
+def _view_path(image: dict[str, Any]) -> str:
+    """/view?filename=...&subfolder=...&type=... for an output file (quoted as urlencode does, without its cost)."""
+    name, folder, kind = (quote_plus(str(v)) for v in (image["filename"], image.get("subfolder", ""),
+                                                        image.get("type", "output")))
+    return f"/view?filename={name}&subfolder={folder}&type={kind}"
 
 
 def _proxy_for(url: str) -> str | None:
@@ -215,6 +242,15 @@ def outcome(entry: dict[str, Any], server: str = "") -> dict[str, Any]:
                                   f"({data.get('node_type')})", server)
         raise ExecutionFailed({"exception_message": "ComfyUI reported an error without details"}, server)
     return dict(entry.get("outputs") or {})
+
+
+def started_at(entry: dict[str, Any]) -> float | None:
+    """When a finished prompt's execution started (epoch seconds), from its history entry's `execution_start`
+    message, or None."""
+    for event, data in (entry.get("status") or {}).get("messages") or []:
+        if event == "execution_start" and isinstance(data, dict) and isinstance(data.get("timestamp"), (int, float)):
+            return float(data["timestamp"]) / 1000
+    return None
 
 
 def output_images(outputs: dict[str, Any]) -> list[tuple[str, int, dict[str, Any]]]:

@@ -19,10 +19,12 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 THREAD_NAME = "comfybatch-events"
+DEADLINE_CHECK = 0.25  # seconds between the hub's checks of its members' deadlines
 DETACH_WAIT = 5.0  # seconds detach() waits for the hub to let go of a socket before its owner closes it
 
 
@@ -37,19 +39,31 @@ class EventHub:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._changes: list[tuple[str, Any, threading.Event | None]] = []
+        self._changes: list[tuple[str, Any, Any]] = []  # (op, member, done event or deadline)
         self._thread: threading.Thread | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._stopping = False
+        self._members: set[Any] = set()  # used on the hub's thread only
+        self._deadlines: dict[Any, float] = {}
 
-    def attach(self, member: Member) -> None:
+    def attach(self, member: Member, deadline: float | None = None) -> None:
+        """Watch the member's socket. `deadline` (time.monotonic()): past it the hub lets go of the member and calls
+        its `lost()` (a reply that never came). On the hub's own thread (a handler starting a request) it is
+        watched at once, without a wake-up."""
+        if self._selector is not None and threading.current_thread() is self._thread:
+            self._add(self._selector, member, deadline)
+            return
         with self._lock:
             if self._thread is None:
                 self._start()
-            self._changes.append(("add", member, None))
+            self._changes.append(("add", member, deadline))
             self._wake()
+
+    def on_thread(self) -> bool:
+        """Whether the caller runs on the hub's thread (in a handler)."""
+        return threading.current_thread() is self._thread
 
     def detach(self, member: Member) -> None:
         """Stop reading the member's socket; returns once the hub no longer watches it (so its owner may close
@@ -90,17 +104,25 @@ class EventHub:
                 self._wake_w.send(b"\0")
 
     def _run(self, selector: selectors.BaseSelector, wake_r: socket.socket) -> None:
-        members: set[Any] = set()
+        members = self._members = set()
+        self._deadlines = {}
+        checked = time.monotonic()
         try:
             while True:
-                for key, _ in selector.select(timeout=1.0):
+                for key, _ in selector.select(timeout=DEADLINE_CHECK if self._deadlines else 1.0):
                     member = key.data
                     if member is None:
-                        if self._apply_changes(selector, wake_r, members):
+                        if self._apply_changes(selector, wake_r):
                             return
                     elif member in members and not self._read(member):
-                        self._drop(selector, member, members)
-                        member.lost()
+                        self._drop(selector, member)
+                        self._lose(member)
+                now = time.monotonic()
+                if self._deadlines and now - checked >= DEADLINE_CHECK:
+                    checked = now
+                    for member in [m for m, at in self._deadlines.items() if at <= now]:
+                        self._drop(selector, member)
+                        self._lose(member)
         except Exception:
             log.exception("the websocket event hub failed")
         finally:
@@ -108,18 +130,21 @@ class EventHub:
                 self._thread = None
                 pending, self._changes = self._changes, []
                 wake_w, self._wake_w = self._wake_w, None
-            for _, _, done in pending:
-                if done is not None:
+                self._selector = None
+            for op, member, done in pending:
+                if isinstance(done, threading.Event):
                     done.set()
+                elif op == "add":
+                    self._lose(member)  # never watched: its owner learns it now
             for member in list(members):
-                self._drop(selector, member, members)
-                member.lost()
+                self._drop(selector, member)
+                self._lose(member)
             selector.close()
             for sock in (wake_r, wake_w):
                 if sock is not None:
                     sock.close()
 
-    def _apply_changes(self, selector: selectors.BaseSelector, wake_r: socket.socket, members: set[Any]) -> bool:
+    def _apply_changes(self, selector: selectors.BaseSelector, wake_r: socket.socket) -> bool:
         """Attach and detach what was asked; True when the hub is to stop."""
         with contextlib.suppress(BlockingIOError):
             while wake_r.recv(4096):
@@ -127,19 +152,26 @@ class EventHub:
         with self._lock:
             changes, self._changes = self._changes, []
             stopping = self._stopping
-        for op, member, done in changes:
-            if op == "add" and member not in members:
-                try:
-                    selector.register(member, selectors.EVENT_READ, member)
-                    members.add(member)
-                except (OSError, ValueError, KeyError) as exc:
-                    log.info("websocket not watched (%s): reconnecting", exc)
-                    member.lost()
+        for op, member, extra in changes:
+            if op == "add":
+                self._add(selector, member, extra)
             elif op == "remove":
-                self._drop(selector, member, members)
-            if done is not None:
-                done.set()
+                self._drop(selector, member)
+                extra.set()
         return stopping
+
+    def _add(self, selector: selectors.BaseSelector, member: Any, deadline: float | None) -> None:
+        if member in self._members:
+            return
+        try:
+            selector.register(member, selectors.EVENT_READ, member)
+        except (OSError, ValueError, KeyError) as exc:
+            log.info("socket not watched (%s)", exc)
+            self._lose(member)
+            return
+        self._members.add(member)
+        if deadline is not None:
+            self._deadlines[member] = deadline
 
     @staticmethod
     def _read(member: Any) -> bool:
@@ -150,8 +182,15 @@ class EventHub:
             return False
 
     @staticmethod
-    def _drop(selector: selectors.BaseSelector, member: Any, members: set[Any]) -> None:
-        if member in members:
-            members.discard(member)
+    def _lose(member: Any) -> None:
+        try:
+            member.lost()
+        except Exception:
+            log.exception("a handler failed")
+
+    def _drop(self, selector: selectors.BaseSelector, member: Any) -> None:
+        if member in self._members:
+            self._members.discard(member)
+            self._deadlines.pop(member, None)
             with contextlib.suppress(KeyError, ValueError, OSError):
                 selector.unregister(member)

@@ -71,6 +71,7 @@ from typing import Any, Protocol
 
 from core import files, storage, uploads, watchdog, webhooks
 from core.comfy import TERMINAL_EVENTS, ComfyClient, EventSocket, health, outcome, output_images
+from core.comfy import started_at as history_start
 from core.config import Settings
 from core.errors import ComfyError, ExecutionFailed, Interrupted, PromptRejected, ServerUnavailable
 from core.eventhub import EventHub
@@ -142,6 +143,7 @@ class ServerWorker:
         self.stop_event = threading.Event()
         self.slot_free = threading.Condition()
         self.inflight: dict[str, int] = {}  # prompt_id -> task_id
+        self.batch_of: dict[str, int] = {}  # prompt_id -> batch_id, of the prompts in flight
         self.outputs: dict[str, dict[str, Any]] = {}  # prompt_id -> outputs reported by `executed` events
         self.started: set[str] = set()  # prompts whose execution_start this connection saw (all events seen)
         self.collecting: set[str] = set()
@@ -299,6 +301,7 @@ class ServerWorker:
             return
         with self.slot_free:
             self.inflight[prompt_id] = task["id"]
+            self.batch_of[prompt_id] = task["batch_id"]
             self.activity[prompt_id] = time.monotonic()
         try:
             posted = time.monotonic()
@@ -347,6 +350,7 @@ class ServerWorker:
                 now = time.monotonic()  # the next prompt only starts now: its wait so far was no stall
                 self.activity.update({p: max(t, now) for p, t in self.activity.items()})
             self.inflight.pop(prompt_id, None)
+            self.batch_of.pop(prompt_id, None)
             self.progress_written.pop(prompt_id, None)
             self.progress.pop(prompt_id, None)
             self.began.pop(prompt_id, None)
@@ -399,8 +403,9 @@ class ServerWorker:
                 self.job_time = _average(self.job_time, now - began[1])
             written = prompt_id in self.progress_written
             steps = self.progress.get(prompt_id, (None, None))[1]  # a run too short for a progress write: its steps
+            batch_id = self.batch_of.get(prompt_id)
             self._drop(prompt_id)
-            self.collect(prompt_id, task_id, result, None if began is None or written else began[0], steps)
+            self.collect(prompt_id, task_id, result, None if began is None or written else began[0], steps, batch_id)
 
     def _show_progress(self, prompt_id: str, task_id: int, now: float) -> None:
         """Write what a page shows of a running prompt when it changed: `running` (with its start time and
@@ -421,16 +426,73 @@ class ServerWorker:
 
     # -- collection -------------------------------------------------------------------------------
     def collect(self, prompt_id: str, task_id: int, result: dict[str, Any] | ComfyError | None = None,
-                started_at: float | None = None, steps: int | None = None) -> None:
-        """Finish a prompt in the pool: `result` is the outputs or the error its events reported, or None
-        to read the outcome from /history (after a gap, or for prompts of a previous process). `started_at`:
-        its execution start, when its `running` was not written yet; `steps`: the sampler steps its progress
-        events counted (a finished task shows steps/steps however short its run)."""
+                started_at: float | None = None, steps: int | None = None, batch_id: int | None = None) -> None:
+        """Finish a prompt: `result` is the outputs or the error its events reported, or None to read the outcome
+        from /history (after a gap, or for prompts of a previous process). `started_at`: its execution start,
+        when its `running` was not written yet; `steps`: the sampler steps its progress events counted (a
+        finished task shows steps/steps however short its run). A success told by the events, on the event hub's
+        thread, is collected there (`_collect_on_hub`, with its task's `batch_id`); the rest in the pool."""
         with self.slot_free:
             if prompt_id in self.collecting:
                 return
             self.collecting.add(prompt_id)
+        if (batch_id is not None and isinstance(result, dict)
+                and self._collect_on_hub(prompt_id, task_id, batch_id, result, started_at, steps)):
+            return
         self.scheduler.pool.submit(self._collect, prompt_id, task_id, result, started_at, steps)
+
+    def _collect_on_hub(self, prompt_id: str, task_id: int, batch_id: int, outputs: dict[str, Any],
+                        started_at: float | None, steps: int | None) -> bool:
+        """Collect a success on the event hub's thread, with no thread of its own: each image is downloaded as
+        its bytes arrive (`ComfyClient.begin_view`: the hub reads the reply along with the websockets), saved,
+        and the task completed there. Why: handing every finished prompt to a pool thread, which then waited on
+        the download, the interpreter lock and the write lock, cost about half a millisecond of CPU per job in
+        thread switches alone (64 x 0.2 s, bench/fleet.py). False when it cannot start so (not on the hub's
+        thread, a client without `begin_view`, no open kept-alive connection): the caller hands it to the pool.
+        A download that fails midway hands it to the pool too, which starts it over."""
+        hub = self.scheduler.hub
+        begin = getattr(self.client, "begin_view", None)
+        if begin is None or not hub.on_thread():
+            return False
+        images = output_images(outputs)
+        folder = files.batch_dir(self.settings.output_dir, batch_id)
+        records: list[dict[str, Any]] = []
+
+        def next_image() -> bool:
+            if len(records) < len(images):
+                node_id, idx, img = images[len(records)]
+                return bool(begin(img, hub, lambda data: arrived(node_id, idx, img, data)))
+            try:
+                self._succeeded(task_id, prompt_id, records, started_at, steps)
+            except Exception:
+                log.exception("task %s: recording %s failed", task_id, prompt_id)
+                self.needs_reconcile = True
+            finally:
+                with self.slot_free:
+                    self.collecting.discard(prompt_id)
+            return True
+
+        def arrived(node_id: str, idx: int, img: dict[str, Any], data: bytes | ComfyError) -> None:
+            going = False
+            if not isinstance(data, ComfyError):
+                try:
+                    records.append(self._save_image(folder, task_id, batch_id, node_id, idx, img, data))
+                    going = next_image()
+                except Exception:
+                    log.exception("task %s: saving an image of %s failed; trying again", task_id, prompt_id)
+            if not going:  # the pool starts the collection over (and marks the server down if it is)
+                self._collect_in_pool(prompt_id, task_id, outputs, started_at, steps)
+
+        return next_image()
+
+    def _collect_in_pool(self, prompt_id: str, task_id: int, result: dict[str, Any] | ComfyError | None,
+                         started_at: float | None, steps: int | None) -> None:
+        try:
+            self.scheduler.pool.submit(self._collect, prompt_id, task_id, result, started_at, steps)
+        except RuntimeError:  # the pool has shut down (a stop): the next reconcile collects it
+            with self.slot_free:
+                self.collecting.discard(prompt_id)
+            self.needs_reconcile = True
 
     def _collect(self, prompt_id: str, task_id: int, result: dict[str, Any] | ComfyError | None,
                  started_at: float | None = None, steps: int | None = None) -> None:
@@ -445,6 +507,8 @@ class ServerWorker:
                     # decides.
                     self.needs_reconcile = True
                     return
+                if started_at is None:  # collected after a gap: its start from the server's record
+                    started_at = history_start(entry)
                 try:
                     result = outcome(entry, self.url)
                 except (ExecutionFailed, Interrupted) as exc:
@@ -477,27 +541,35 @@ class ServerWorker:
 
     def _save_outputs(self, task: dict[str, Any], outputs: dict[str, Any], started_at: float | None = None,
                       steps: int | None = None) -> None:
-        out_dir = self.settings.output_dir
-        folder = files.batch_dir(out_dir, task["batch_id"])
+        folder = files.batch_dir(self.settings.output_dir, task["batch_id"])
         records = []
         for node_id, idx, img in output_images(outputs):
-            name = files.image_name(task["id"], node_id, idx, img.get("filename", ""))
-            path = folder / name
+            path = folder / files.image_name(task["id"], node_id, idx, img.get("filename", ""))
             if path.is_file() and self.store.image_exists(task["id"], node_id, idx):  # stat first: no query
                 continue
-            data = self.client.view(img)
-            files.write_atomic(path, data, sole_writer=True)
-            records.append({"batch_id": task["batch_id"], "node_id": node_id, "idx": idx,
-                            "path": f"{folder.name}/{name}", "filename": img.get("filename"),
-                            "subfolder": img.get("subfolder", ""), "type": img.get("type", "output"),
-                            "size_bytes": len(data), **files.describe_image(data),
-                            "remote_state": "pending" if self.settings.storage_enabled else None})
-        if self.store.complete_task(task["id"], records, started_at, steps):
+            records.append(self._save_image(folder, task["id"], task["batch_id"], node_id, idx, img,
+                                            self.client.view(img)))
+        self._succeeded(task["id"], task["prompt_id"], records, started_at, steps)
+
+    def _save_image(self, folder: Path, task_id: int, batch_id: int, node_id: str, idx: int, img: dict[str, Any],
+                    data: bytes) -> dict[str, Any]:
+        """Write one downloaded image (bytes unchanged) and return its record for `complete_task`."""
+        name = files.image_name(task_id, node_id, idx, img.get("filename", ""))
+        files.write_atomic(folder / name, data, sole_writer=True)
+        return {"batch_id": batch_id, "node_id": node_id, "idx": idx, "path": f"{folder.name}/{name}",
+                "filename": img.get("filename"), "subfolder": img.get("subfolder", ""),
+                "type": img.get("type", "output"), "size_bytes": len(data), **files.describe_image(data),
+                "remote_state": "pending" if self.settings.storage_enabled else None}
+
+    def _succeeded(self, task_id: int, prompt_id: str, records: list[dict[str, Any]], started_at: float | None,
+                   steps: int | None) -> None:
+        """Record a successful run (if its task is still in flight as that prompt) and what follows from it."""
+        if self.store.complete_task(task_id, records, started_at, steps, prompt_id=prompt_id):
             if not self.runs_clear:  # the circuit breaker's count goes back to 0 (known 0 after that, in memory)
                 self.store.record_server_run(self.url, None, self.settings.quarantine_after,
                                              self.settings.quarantine_seconds)
                 self.runs_clear = True
-            log.debug("task %s succeeded on %s: %d image(s)", task["id"], self.url, len(records))
+            log.debug("task %s succeeded on %s: %d image(s)", task_id, self.url, len(records))
             self.scheduler.count_success()
             if records and self.settings.storage_enabled:
                 self.scheduler.upload_wake.set()
@@ -624,6 +696,8 @@ class ServerWorker:
             with self.slot_free:
                 gone = self.reconciling or set()
                 self.inflight = {p: t for p, t in attached.items() if p not in gone and p not in self.collecting}
+                batches = {t["prompt_id"]: t["batch_id"] for t in tasks}
+                self.batch_of = {p: batches[p] for p in self.inflight}
                 now = time.monotonic()
                 self.activity = {p: self.activity.get(p, now) for p in self.inflight}
                 self.slot_free.notify_all()

@@ -616,25 +616,28 @@ class Store:
             conn.execute("UPDATE tasks SET graph = ? WHERE id = ?", (json.dumps(graph, ensure_ascii=False), task_id))
 
     def complete_task(self, task_id: int, images: list[dict[str, Any]], started_at: float | None = None,
-                      steps: int | None = None) -> bool:
+                      steps: int | None = None, prompt_id: str | None = None) -> bool:
         """Record the images and mark the task succeeded, in one transaction. Images already recorded
         (same task, node, index) are kept as they are, so collecting a task twice never duplicates.
         `started_at`: when its execution started, for a task that finished before its `running` was written
         (record_running): the start time and the `running` event are written here, in the same transaction.
         `steps`: its sampler steps, when its progress was never written (a short run): it shows steps/steps.
-        Returns False for a task no longer in flight (nothing written).
+        Returns False for a task no longer in flight (nothing written), or, with `prompt_id`, no longer in flight
+        as that prompt (requeued and claimed again meanwhile).
 
         Group-committed with other completions and claims (`_group_write`)."""
         now = time.time()
-        return bool(self._group_write(lambda conn: self._complete_one(conn, task_id, images, started_at, steps, now)))
+        return bool(self._group_write(
+            lambda conn: self._complete_one(conn, task_id, images, started_at, steps, now, prompt_id)))
 
     @staticmethod
     def _complete_one(conn: sqlite3.Connection, task_id: int, images: list[dict[str, Any]],
-                      started_at: float | None, steps: int | None, now: float) -> bool:
+                      started_at: float | None, steps: int | None, now: float, prompt_id: str | None) -> bool:
         # Four statements: the check (nothing is written for a task no longer in flight), the update, the
         # images, and the events. (UPDATE ... RETURNING would save the read but costs 4x a plain update here.)
-        row = conn.execute("SELECT status, batch_id, started_at FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        if row is None or row[0] not in IN_FLIGHT:
+        row = conn.execute("SELECT status, batch_id, started_at, prompt_id FROM tasks WHERE id = ?",
+                           (task_id,)).fetchone()
+        if row is None or row[0] not in IN_FLIGHT or (prompt_id is not None and row[3] != prompt_id):
             return False
         batch_id, started = row[1], row[2]
         conn.execute(

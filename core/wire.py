@@ -18,6 +18,7 @@ import select
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 MAX_HEADER = 64 * 1024  # bytes of status line + headers accepted in one reply
@@ -63,34 +64,6 @@ class _Connection:
         self.received += len(chunk)
         self.buf += chunk
 
-    def read_exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self.fill()
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
-        return data
-
-    def read_head(self) -> bytes:
-        """Everything up to the blank line that ends a reply's headers (consumed with it, not returned)."""
-        return self._read_until(b"\r\n\r\n")
-
-    def read_line(self) -> bytes:
-        return self._read_until(b"\r\n")
-
-    def _read_until(self, end_mark: bytes) -> bytes:
-        """The bytes before `end_mark` (consumed with it, not returned); at most MAX_HEADER of them."""
-        start = 0
-        while True:
-            end = self.buf.find(end_mark, start)
-            if end >= 0:
-                found = bytes(self.buf[:end])
-                del self.buf[:end + len(end_mark)]
-                return found
-            if len(self.buf) > MAX_HEADER:
-                raise ValueError("a header or chunk line of the reply is too long")
-            start = max(0, len(self.buf) - len(end_mark) + 1)  # a mark cut in two by a recv is still found
-            self.fill()
-
 
 class HttpPool:
     """Kept-alive HTTP/1.1 connections to one `http://` or `https://` server, shared by threads (each call takes
@@ -114,16 +87,20 @@ class HttpPool:
         for conn in idle:
             _close(conn.sock)
 
-    def _take(self, reuse: bool = True) -> tuple[_Connection, bool]:
-        """A connection and whether it was reused (kept alive from an earlier request)."""
-        while reuse:
+    def _take_idle(self) -> _Connection | None:
+        """A kept-alive connection still open, or None."""
+        while True:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
-            if conn is None:
-                break
-            if not conn.dropped():
-                return conn, True
+            if conn is None or not conn.dropped():
+                return conn
             _close(conn.sock)
+
+    def _take(self, reuse: bool = True) -> tuple[_Connection, bool]:
+        """A connection and whether it was reused (kept alive from an earlier request)."""
+        conn = self._take_idle() if reuse else None
+        if conn is not None:
+            return conn, True
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -153,17 +130,37 @@ class HttpPool:
                 raise WireError("the kept-alive connection was closed by the server", sent=True) from None
             return self._request(method, path, body, content_type, reuse=False)
 
-    def _request(self, method: str, path: str, body: bytes | None, content_type: str | None,
-                 reuse: bool) -> tuple[int, bytes]:
-        conn, reused = self._take(reuse)
+    def begin_get(self, path: str, on_done: Callable[[tuple[int, bytes] | WireError], None]) -> PendingReply | None:
+        """Send a GET on a kept-alive connection and return its reply-to-be, for a readiness loop
+        (`core.eventhub`) to read as it arrives: `on_done` then gets (status, body) or a WireError. None when no
+        open kept-alive connection is at hand (opening one would wait a round trip) or the send failed: the
+        caller then makes the call the blocking way."""
+        conn = self._take_idle()
+        if conn is None:
+            return None
+        try:
+            conn.sock.sendall(self._head("GET", path, None, None))
+            conn.sock.setblocking(False)
+        except OSError:
+            _close(conn.sock)
+            return None
+        conn.received = 0
+        return PendingReply(self, conn, on_done)
+
+    def _head(self, method: str, path: str, body: bytes | None, content_type: str | None) -> bytes:
         head = [f"{method} {self.prefix}{path} HTTP/1.1", f"Host: {self.host_header}", "Accept-Encoding: identity",
                 "Connection: keep-alive"]
         if body is not None:
             head.append(f"Content-Length: {len(body)}")
             if content_type:
                 head.append(f"Content-Type: {content_type}")
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+    def _request(self, method: str, path: str, body: bytes | None, content_type: str | None,
+                 reuse: bool) -> tuple[int, bytes]:
+        conn, reused = self._take(reuse)
         conn.received = 0
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
+        data = self._head(method, path, body, content_type)
         try:
             conn.sock.sendall(data)
         except OSError as exc:
@@ -185,55 +182,164 @@ class HttpPool:
         return status, content
 
 
+class PendingReply:
+    """The reply to a GET `HttpPool.begin_get` sent, read by a readiness loop (`core.eventhub`) as its bytes come,
+    on a non-blocking socket: `readable()` reads what arrived and returns False once the reply is whole or the
+    connection failed; the loop then lets go of the socket and calls `lost()`, which gives the connection back
+    (or closes it) and calls `on_done` with the outcome: (status, body), or a WireError (also when the loop
+    gave up on it: a deadline passed, or it stopped)."""
+
+    __slots__ = ("pool", "conn", "on_done", "outcome", "keep")
+
+    def __init__(self, pool: HttpPool, conn: _Connection, on_done: Callable[[tuple[int, bytes] | WireError], None]):
+        self.pool, self.conn, self.on_done = pool, conn, on_done
+        self.outcome: tuple[int, bytes] | WireError | None = None
+        self.keep = False
+
+    def fileno(self) -> int:
+        return self.conn.sock.fileno()
+
+    def readable(self) -> bool:
+        conn = self.conn
+        sock = conn.sock
+        try:
+            chunk = sock.recv(262144)
+            while chunk and isinstance(sock, ssl.SSLSocket) and sock.pending():
+                chunk += sock.recv(262144)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return True
+        except OSError as exc:
+            self.outcome = WireError(f"reading the reply failed: {type(exc).__name__}: {exc}", sent=True)
+            return False
+        conn.received += len(chunk)
+        conn.buf += chunk
+        try:
+            reply = parse_reply(conn.buf, "GET", eof=not chunk)
+        except (OSError, ValueError) as exc:
+            self.outcome = WireError(f"reading the reply failed: {type(exc).__name__}: {exc}", sent=True)
+            return False
+        if reply is None:
+            return True
+        status, body, keep, used = reply
+        del conn.buf[:used]
+        self.keep = keep and not conn.buf  # bytes past the reply: not a connection to reuse
+        self.outcome = (status, body)
+        return False
+
+    def lost(self) -> None:
+        """The loop let go of the socket: the connection goes back to the pool (or is closed); `on_done` is told."""
+        outcome = self.outcome
+        conn = self.conn
+        if self.keep:
+            try:
+                conn.sock.settimeout(self.pool.read_timeout)
+                self.pool._give_back(conn)
+            except OSError:
+                _close(conn.sock)
+        else:
+            _close(conn.sock)
+        if outcome is None:
+            outcome = WireError("no whole reply in time (or the reader stopped)", sent=True)
+        self.on_done(outcome)
+
+
 def _read_reply(conn: _Connection, method: str) -> tuple[int, bytes, bool]:
+    """Read one whole reply from a blocking connection (what follows it stays in the buffer)."""
+    eof = False
     while True:
-        lines = conn.read_head().split(b"\r\n")  # the status line and headers, split at once
-        status_line = lines[0]
-        parts = status_line.split(b" ", 2)
+        reply = parse_reply(conn.buf, method, eof)
+        if reply is not None:
+            status, body, keep, used = reply
+            del conn.buf[:used]
+            return status, body, keep
+        try:
+            conn.fill()
+        except ConnectionError:
+            eof = True  # parse_reply then ends a reply without a length there, or raises
+
+
+def parse_reply(buf: bytearray, method: str, eof: bool = False) -> tuple[int, bytes, bool, int] | None:
+    """(status, body, keep-alive, bytes used) of the first whole reply in `buf` (1xx replies before it are
+    skipped), or None while more bytes are needed; nothing is consumed, so a caller reading as bytes arrive
+    calls it again with more. `eof`: the server closed the connection (a reply without a length ends there; an
+    unfinished one raises ConnectionError). Raises ValueError on a malformed or oversized reply."""
+    start = 0
+    while True:
+        end = buf.find(b"\r\n\r\n", start)
+        if end < 0:
+            if len(buf) - start > MAX_HEADER:
+                raise ValueError("the headers of the reply are too long")
+            return _more(eof)
+        lines = bytes(buf[start:end]).split(b"\r\n")  # the status line and headers, split at once
+        parts = lines[0].split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise ValueError(f"not an HTTP reply: {status_line[:80]!r}")
+            raise ValueError(f"not an HTTP reply: {lines[0][:80]!r}")
         status = int(parts[1])
-        headers: dict[bytes, bytes] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
+        start = end + 4
         if status >= 200 or status == 101:
-            break  # 1xx (100 Continue) replies are skipped
+            break
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
     keep = parts[0] == b"HTTP/1.1" and headers.get(b"connection", b"").lower() != b"close"
     if method == "HEAD" or status in (204, 304):
-        return status, b"", keep
+        return status, b"", keep, start
     if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-        return status, _read_chunked(conn), keep
+        return _parse_chunked(buf, start, status, keep, eof)
     length = headers.get(b"content-length")
     if length is not None:
         n = int(length)
         if n < 0 or n > MAX_BODY:
             raise ValueError(f"a reply of {n} bytes is out of bounds")
-        return status, conn.read_exact(n), keep
+        if len(buf) - start < n:
+            return _more(eof)
+        return status, bytes(buf[start:start + n]), keep, start + n
     # No length: the body runs to the end of the connection.
-    while True:
-        try:
-            conn.fill()
-        except ConnectionError:
-            break
-        if len(conn.buf) > MAX_BODY:
-            raise ValueError("the reply is too large")
-    return status, bytes(conn.buf), False
+    if len(buf) - start > MAX_BODY:
+        raise ValueError("the reply is too large")
+    if not eof:
+        return None
+    return status, bytes(buf[start:]), False, len(buf)
 
 
-def _read_chunked(conn: _Connection) -> bytes:
-    body = bytearray()
+def _parse_chunked(buf: bytearray, pos: int, status: int, keep: bool,
+                   eof: bool) -> tuple[int, bytes, bool, int] | None:
+    """A chunked body from `pos`: its chunks are located first and copied once the last one has come."""
+    spans: list[tuple[int, int]] = []
+    total = 0
     while True:
-        size = int(conn.read_line().split(b";", 1)[0].strip(), 16)
+        line_end = buf.find(b"\r\n", pos)
+        if line_end < 0:
+            if len(buf) - pos > MAX_HEADER:
+                raise ValueError("a chunk line of the reply is too long")
+            return _more(eof)
+        size = int(bytes(buf[pos:line_end]).split(b";", 1)[0].strip(), 16)
+        pos = line_end + 2
         if size == 0:
-            while conn.read_line():  # trailers
-                pass
-            return bytes(body)
-        if len(body) + size > MAX_BODY:
+            while True:  # trailers, up to the blank line
+                line_end = buf.find(b"\r\n", pos)
+                if line_end < 0:
+                    return _more(eof)
+                blank, pos = line_end == pos, line_end + 2
+                if blank:
+                    return status, b"".join(bytes(buf[a:b]) for a, b in spans), keep, pos
+        total += size
+        if size < 0 or total > MAX_BODY:
             raise ValueError("the reply is too large")
-        body += conn.read_exact(size)
-        if conn.read_exact(2) != b"\r\n":
+        if len(buf) < pos + size + 2:
+            return _more(eof)
+        if buf[pos + size:pos + size + 2] != b"\r\n":
             raise ValueError("a chunk does not end with CRLF")
+        spans.append((pos, pos + size))
+        pos += size + 2
+
+
+def _more(eof: bool) -> tuple[int, bytes, bool, int] | None:
+    """None (more bytes are needed), or ConnectionError when no more can come."""
+    if eof:
+        raise ConnectionError("the server closed the connection before the reply was whole")
+    return None
 
 
 def _close(sock: socket.socket) -> None:

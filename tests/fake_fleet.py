@@ -132,7 +132,9 @@ class Server:
                          "type": "output"}
                 outputs = {"9": {"images": [image]}}
                 self.history[pid] = {"prompt": [], "outputs": outputs, "meta": {}, "status": {
-                    "status_str": "success", "completed": True, "messages": [["execution_success", {}]]}}
+                    "status_str": "success", "completed": True, "messages": [  # as a real server's
+                        ["execution_start", {"prompt_id": pid, "timestamp": int(start * 1000)}],
+                        ["execution_success", {"prompt_id": pid, "timestamp": int(finish * 1000)}]]}}
                 self.send(pid, "executed", {"node": "9", "display_node": "9", "output": outputs["9"]})
                 self.send(pid, "execution_success", {"timestamp": int(finish * 1000)})
             self.send(pid, "executing", {"node": None})
@@ -212,6 +214,10 @@ class Server:
             entry = self.history.get(pid)
             return 200, as_json, json.dumps({pid: entry} if entry else {}).encode()
         if method == "GET" and path == "/view":
+            if self.fleet.fail_views > 0:  # a test's cue: the next N downloads fail (any server)
+                self.fleet.fail_views -= 1
+                return 503, as_json, b'{"error": "view failed on cue"}'
+            self.fleet.views += 1
             return 200, "image/png", self.fleet.png
         if method == "GET" and path == "/system_stats":
             return 200, as_json, json.dumps({"system": {"comfyui_version": "fake-fleet"}, "devices": [
@@ -227,6 +233,8 @@ class Fleet:
     def __init__(self, servers: int, job: float = 0.2, rtt: float = 0.0, progress: int = 4):
         self.job, self.rtt, self.progress = job, rtt, progress
         self.png = small_png()
+        self.fail_views = 0  # the next N GET /view answer 503
+        self.views = 0  # GET /view answered with the image
         self.count = servers
         self.servers: list[Server] = []
         self.listeners: list[asyncio.Server] = []
