@@ -115,19 +115,50 @@ class ComfyClient:
         try:
             response = self._send(method, path, json, fields)
         except wire.WireError as exc:
-            raise ServerUnavailable(f"ComfyUI at {self.url} is unreachable ({exc})", self.url,
-                                    maybe_delivered=exc.sent) from None
+            raise self._unreachable(exc) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             # Refused or never connected: the request cannot have reached ComfyUI. Anything else may have.
             delivered = not isinstance(exc, urllib3.exceptions.ConnectTimeoutError)
             raise ServerUnavailable(f"ComfyUI at {self.url} is unreachable ({type(exc).__name__}: {exc})",
                                     self.url, maybe_delivered=delivered) from None
+        return self._checked(method, path, response, ok)
+
+    def _unreachable(self, exc: wire.WireError) -> ServerUnavailable:
+        return ServerUnavailable(f"ComfyUI at {self.url} is unreachable ({exc})", self.url, maybe_delivered=exc.sent)
+
+    def _checked(self, method: str, path: str, response: Reply, ok: tuple[int, ...]) -> Reply:
+        """The reply, unless its status means the server cannot serve now (ServerUnavailable)."""
         if response.status_code in ok:
             return response
         if response.status_code >= 500 or response.status_code in (404, 408, 429):
             raise ServerUnavailable(f"ComfyUI at {self.url} answered {method} {path} with HTTP "
                                     f"{response.status_code}: {response.text[:200]}", self.url)
         return response
+
+    def _begin(self, method: str, path: str, body: bytes | None, content_type: str | None, hub: EventHub,
+               on_reply: Callable[[Reply], Any], on_done: Callable[[Any], None],
+               ok: tuple[int, ...] = (200,)) -> bool:
+        """Start a request from a handler on `hub`'s thread, without waiting: the hub sends what did not fit at
+        once and reads the reply as it comes. `on_done` then gets `on_reply(reply)` (checked as `_request` checks
+        it) or the ComfyError the call came to, on the hub's thread. False when it cannot start so (through a
+        proxy, or no open kept-alive connection): make the blocking call instead."""
+        if self._direct is None:
+            return False
+
+        def done(outcome: tuple[int, bytes] | wire.WireError) -> None:
+            try:
+                if isinstance(outcome, wire.WireError):
+                    raise self._unreachable(outcome)
+                result = on_reply(self._checked(method, path, Reply(*outcome), ok))
+            except ComfyError as exc:
+                result = exc
+            on_done(result)
+
+        pending = self._direct.begin(method, path, body, content_type, done)
+        if pending is None:
+            return False
+        hub.attach(pending, time.monotonic() + self.timeout[1])
+        return True
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._request(method, path, **kwargs)
@@ -140,7 +171,17 @@ class ComfyClient:
     def submit(self, graph: dict[str, Any], prompt_id: str) -> dict[str, Any]:
         """POST /prompt with our own prompt_id. Raises PromptRejected on HTTP 400."""
         body = {"prompt": graph, "client_id": self.client_id, "prompt_id": prompt_id}
-        response = self._request("POST", "/prompt", ok=(200, 400), json=body)
+        return self._submitted(self._request("POST", "/prompt", ok=(200, 400), json=body))
+
+    def begin_submit(self, graph: dict[str, Any], prompt_id: str, hub: EventHub,
+                     on_done: Callable[[dict[str, Any] | ComfyError], None]) -> bool:
+        """submit() from a handler on `hub`'s thread, without waiting (see `_begin`): `on_done` gets the reply or
+        the ComfyError (PromptRejected, ServerUnavailable) submit() would raise."""
+        body = json.dumps({"prompt": graph, "client_id": self.client_id, "prompt_id": prompt_id},
+                          separators=(",", ":")).encode()
+        return self._begin("POST", "/prompt", body, "application/json", hub, self._submitted, on_done, ok=(200, 400))
+
+    def _submitted(self, response: Reply) -> dict[str, Any]:
         try:
             reply = response.json()
         except ValueError:
@@ -177,27 +218,9 @@ class ComfyClient:
         return self._request("GET", _view_path(image)).content
 
     def begin_view(self, image: dict[str, Any], hub: EventHub, on_done: Callable[[bytes | ComfyError], None]) -> bool:
-        """Start downloading an output file, from a handler on `hub`'s thread: the hub reads the reply as it comes
-        (no thread waits on it) and `on_done` then gets the bytes or a ServerUnavailable, on the hub's thread.
-        False when it cannot start so (through a proxy, or no open kept-alive connection): use view()."""
-        if self._direct is None:
-            return False
-        path = _view_path(image)
-
-        def done(outcome: tuple[int, bytes] | wire.WireError) -> None:
-            if isinstance(outcome, wire.WireError):
-                on_done(ServerUnavailable(f"ComfyUI at {self.url} is unreachable ({outcome})", self.url))
-            elif outcome[0] != 200:
-                on_done(ServerUnavailable(f"ComfyUI at {self.url} answered GET {path} with HTTP {outcome[0]}: "
-                                          f"{outcome[1][:200].decode('utf-8', 'replace')}", self.url))
-            else:
-                on_done(outcome[1])
-
-        pending = self._direct.begin_get(path, done)
-        if pending is None:
-            return False
-        hub.attach(pending, time.monotonic() + self.timeout[1])
-        return True
+        """view() from a handler on `hub`'s thread, without waiting (see `_begin`): `on_done` gets the bytes or the
+        ServerUnavailable view() would raise."""
+        return self._begin("GET", _view_path(image), None, None, hub, lambda reply: reply.content, on_done)
 
     def upload_image(self, data: bytes, filename: str) -> str:
         """Upload an input image; returns the value for LoadImage (`subfolder/name` as ComfyUI named it)."""

@@ -109,12 +109,12 @@ class EventHub:
         checked = time.monotonic()
         try:
             while True:
-                for key, _ in selector.select(timeout=DEADLINE_CHECK if self._deadlines else 1.0):
+                for key, mask in selector.select(timeout=DEADLINE_CHECK if self._deadlines else 1.0):
                     member = key.data
                     if member is None:
                         if self._apply_changes(selector, wake_r):
                             return
-                    elif member in members and not self._read(member):
+                    elif member in members and not self._handle(selector, member, mask):
                         self._drop(selector, member)
                         self._lose(member)
                 now = time.monotonic()
@@ -163,8 +163,9 @@ class EventHub:
     def _add(self, selector: selectors.BaseSelector, member: Any, deadline: float | None) -> None:
         if member in self._members:
             return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if getattr(member, "wants_write", False) else 0)
         try:
-            selector.register(member, selectors.EVENT_READ, member)
+            selector.register(member, events, member)
         except (OSError, ValueError, KeyError) as exc:
             log.info("socket not watched (%s)", exc)
             self._lose(member)
@@ -174,11 +175,17 @@ class EventHub:
             self._deadlines[member] = deadline
 
     @staticmethod
-    def _read(member: Any) -> bool:
+    def _handle(selector: selectors.BaseSelector, member: Any, mask: int) -> bool:
+        """Let the member send (a request `wants_write`) and read; False once it is finished."""
         try:
-            return bool(member.readable())
+            if mask & selectors.EVENT_WRITE:
+                if not member.writable():
+                    return False
+                if not member.wants_write:  # all sent: from now on only its reply is awaited
+                    selector.modify(member, selectors.EVENT_READ, member)
+            return not mask & selectors.EVENT_READ or bool(member.readable())
         except Exception:
-            log.exception("websocket handler failed")
+            log.exception("a socket handler failed")
             return False
 
     @staticmethod

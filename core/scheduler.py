@@ -58,6 +58,8 @@ execution error or foreign interrupt -> requeued until `max_attempts`, then fail
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 import math
 import os
@@ -153,6 +155,8 @@ class ServerWorker:
         self.job_time: float | None = None  # moving averages for the in-flight window: a run on this server,
         self.rtt: float | None = None  # and a post to it
         self.reconciling: set[str] | None = None  # prompts dropped while reconcile() waits on the server
+        self.posted_during: set[str] = set()  # prompts posted (from the event thread) while reconcile() ran
+        self.handoff: collections.deque[dict[str, Any]] = collections.deque()  # claimed on the event thread, to post
         self.cancels_checked = float("-inf")
         self.runs_clear = False  # this server's failure count is known to be 0 (only this worker changes it)
         self.claimed = False  # the latest claim found a task
@@ -187,6 +191,8 @@ class ServerWorker:
     def join(self, timeout: float = 5.0) -> None:
         for t in self.threads:
             t.join(timeout)
+        while self.handoff:  # claimed on the event thread, never posted
+            self._unclaim(self.handoff.popleft(), f"not posted to {self.url}: the scheduler stopped feeding it")
         self.client.close()
 
     # -- dispatch loop ----------------------------------------------------------------------------
@@ -219,10 +225,13 @@ class ServerWorker:
             self.reconcile()
         if now - self.cancels_checked >= CANCEL_INTERVAL:
             self.cancels_checked = now
-            self.handle_cancels()
+            self.handle_cancels(self.scheduler.cancel_requests(now).get(self.url, []))
         for prompt_id, task_id in list(self.inflight.items()):
             self._show_progress(prompt_id, task_id, now)
         self.check_stalls(now)
+        if self.handoff:  # claimed on the event thread (and perhaps counted in flight already): posted first
+            self.submit(self.handoff.popleft())
+            return
         with self.slot_free:
             if len(self.inflight) >= self.window():
                 self.slot_free.wait(0.5)
@@ -233,14 +242,58 @@ class ServerWorker:
     def submit_next_task(self) -> dict[str, Any] | None:
         """Claim the best queued task for this server (its prompt_id stored before anything is posted) and
         post it. Returns the claimed task as it was claimed, or None when nothing is queued for this server."""
+        task = self._claim()
+        if task is not None:
+            self.submit(task)
+        return task
+
+    def _claim(self) -> dict[str, Any] | None:
         # A draining or quarantined server gets nothing: the claim itself checks, in its transaction.
         task = self.store.claim_next_task(self.url, str(uuid.uuid4()), self.settings.policy,
                                           self.settings.affinity_patience if self.settings.affinity else 0,
                                           lease_owner=self.lease_owner, probe=not self.claimed)
         self.claimed = task is not None  # busy: the next claim goes straight to its transaction
-        if task is not None:
-            self.submit(task)
         return task
+
+    def _feed_on_hub(self) -> bool:
+        """Right after a prompt finished here, on the event hub's thread: claim the next tasks and post them
+        without waiting (`ComfyClient.begin_submit`: the hub reads the replies along with the websockets), so the
+        dispatch thread is not woken for every job; it still claims whenever it finds the window short (at least
+        every half second), which may now and then queue one prompt above the window. A task with input images
+        to upload, or a post that cannot start so (no open kept-alive connection), is handed to the dispatch
+        thread (`handoff`). False when this server is not fed here now (not on the hub's thread, a client
+        without `begin_submit`, the server down or due a reconcile, a stop): the caller wakes the dispatch
+        thread."""
+        begin = getattr(self.client, "begin_submit", None)
+        hub = self.scheduler.hub
+        if (begin is None or not hub.on_thread() or not self.healthy or self.needs_reconcile
+                or self.stop_event.is_set()):
+            return False
+        try:
+            for _ in range(self.window() - len(self.inflight)):
+                task = self._claim()
+                if task is None:
+                    break
+                if task.get("inputs"):  # uploads first: they wait on the server
+                    self._hand_off(task)
+                    break
+                graph = self._ready_to_post(task)
+                if graph is None:
+                    continue
+                if not begin(graph, task["prompt_id"], hub, functools.partial(self._posted, task, time.monotonic())):
+                    self._hand_off(task)
+                    break
+        except Exception:
+            log.exception("server %s: feeding it from the event thread failed", self.url)
+            self.needs_reconcile = True
+            return False
+        return True
+
+    def _hand_off(self, task: dict[str, Any]) -> None:
+        """A claimed task for the dispatch thread to post (woken at once)."""
+        self.handoff.append(task)
+        with self.slot_free:
+            self.slot_free.notify_all()
 
     def window(self) -> int:
         """How many of our prompts to keep on this server: COMFYBATCH_IN_FLIGHT, or more when a round trip
@@ -282,43 +335,66 @@ class ServerWorker:
             self.down_since = time.monotonic()
 
     def submit(self, task: dict[str, Any]) -> None:
+        graph = self._ready_to_post(task)
+        if graph is None:
+            return
+        posted = time.monotonic()
+        try:
+            self.client.submit(graph, task["prompt_id"])
+        except (PromptRejected, ServerUnavailable) as exc:
+            self._posted(task, posted, exc)
+            return
+        self._posted(task, posted, None)
+
+    def _ready_to_post(self, task: dict[str, Any]) -> dict[str, Any] | None:
+        """The graph to post for a claimed task (its input images uploaded first), the prompt marked in flight
+        here; None when it is not to be posted (failed, or back in the queue)."""
         prompt_id = task["prompt_id"]
         try:
             graph = self._prepare_graph(task)
         except ServerUnavailable as exc:
             self._requeue_unsent(task, exc)
-            return
+            return None
         except ComfyError as exc:
             self._finish(task, TaskStatus.FAILED, str(exc))
-            return
+            return None
         if self.lease_owner is not None and time.time() - (task["submitted_at"] or 0) > self.settings.lease_seconds / 2:
             # This thread was held up between the claim and the post for half a lease: another scheduler may
             # have taken the server over and judged the prompt forgotten. Not posted; back in the queue.
-            reason = f"not posted to {self.url}: held up for more than half the lease time after its claim"
-            log.warning("task %s: %s", task["id"], reason)
-            self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=reason, run=prompt_id,
-                                  attempts=max(task["attempts"] - 1, 0), error=task.get("error"))
-            return
+            self._unclaim(task, f"not posted to {self.url}: held up for more than half the lease time after its claim")
+            return None
         with self.slot_free:
             self.inflight[prompt_id] = task["id"]
             self.batch_of[prompt_id] = task["batch_id"]
             self.activity[prompt_id] = time.monotonic()
-        try:
-            posted = time.monotonic()
-            self.client.submit(graph, prompt_id)
+            if self.reconciling is not None:  # a reconcile under way keeps it (its snapshot may predate it)
+                self.posted_during.add(prompt_id)
+        return graph
+
+    def _unclaim(self, task: dict[str, Any], reason: str) -> None:
+        """A claimed task that was never posted goes back to the queue, its attempt not spent."""
+        log.warning("task %s: %s", task["id"], reason)
+        self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=reason, run=task["prompt_id"],
+                              attempts=max(task["attempts"] - 1, 0), error=task.get("error"))
+
+    def _posted(self, task: dict[str, Any], posted: float, reply: dict[str, Any] | ComfyError | None) -> None:
+        """What follows a post (`posted`: when it was sent): its round trip, or its failure (`reply` an error)."""
+        prompt_id = task["prompt_id"]
+        error = reply if isinstance(reply, ComfyError) else None
+        if error is None:
             self.rtt = _average(self.rtt, time.monotonic() - posted)
             log.debug("task %s submitted to %s as %s (attempt %s)", task["id"], self.url, prompt_id, task["attempts"])
-        except PromptRejected as exc:
+        elif isinstance(error, PromptRejected):
             self._drop(prompt_id)
-            log.info("task %s rejected by %s: %s", task["id"], self.url, exc)
-            self._finish(task, TaskStatus.FAILED, str(exc))
-        except ServerUnavailable as exc:
+            log.info("task %s rejected by %s: %s", task["id"], self.url, error)
+            self._finish(task, TaskStatus.FAILED, str(error))
+        else:
             self._drop(prompt_id)
             # The post may have reached the server (read timeout): reconcile decides once it answers.
-            self._mark_down(exc)
+            self._mark_down(error)
             self.needs_reconcile = True
-            if not exc.maybe_delivered:
-                self._requeue_unsent(task, exc)
+            if not (isinstance(error, ServerUnavailable) and error.maybe_delivered):
+                self._requeue_unsent(task, error)
 
     def _prepare_graph(self, task: dict[str, Any]) -> dict[str, Any]:
         """Upload the task's input images to this server (once per identical file) and point LoadImage at
@@ -344,7 +420,8 @@ class ServerWorker:
         self.store.transition(task["id"], TaskStatus.QUEUED, IN_FLIGHT, detail=str(exc)[:500],
                               run=task["prompt_id"], attempts=max(task["attempts"] - 1, 0), error=str(exc))
 
-    def _drop(self, prompt_id: str) -> None:
+    def _drop(self, prompt_id: str, wake: bool = True) -> None:
+        """Forget a prompt that is no longer in flight here (`wake`: tell the dispatch thread a slot is free)."""
         with self.slot_free:
             if self.activity.pop(prompt_id, None) is not None:
                 now = time.monotonic()  # the next prompt only starts now: its wait so far was no stall
@@ -358,7 +435,8 @@ class ServerWorker:
             self.started.discard(prompt_id)
             if self.reconciling is not None:
                 self.reconciling.add(prompt_id)
-            self.slot_free.notify_all()
+            if wake:
+                self.slot_free.notify_all()
 
     # -- events -----------------------------------------------------------------------------------
     def on_connect(self) -> None:
@@ -404,8 +482,11 @@ class ServerWorker:
             written = prompt_id in self.progress_written
             steps = self.progress.get(prompt_id, (None, None))[1]  # a run too short for a progress write: its steps
             batch_id = self.batch_of.get(prompt_id)
-            self._drop(prompt_id)
+            self._drop(prompt_id, wake=False)
             self.collect(prompt_id, task_id, result, None if began is None or written else began[0], steps, batch_id)
+            if not self._feed_on_hub():
+                with self.slot_free:
+                    self.slot_free.notify_all()
 
     def _show_progress(self, prompt_id: str, task_id: int, now: float) -> None:
         """Write what a page shows of a running prompt when it changed: `running` (with its start time and
@@ -669,7 +750,7 @@ class ServerWorker:
         A prompt that finishes (its terminal event is handled) while this waits on the server is never put
         back in the in-flight map from the snapshot taken before: `_drop` notes it in `reconciling`."""
         with self.slot_free:
-            self.reconciling = set()
+            self.reconciling, self.posted_during = set(), set()
         try:
             running, pending = self.client.queue()
             known = set(running) | set(pending)
@@ -695,9 +776,12 @@ class ServerWorker:
                     self._lost(task, f"ComfyUI at {self.url} no longer knows prompt {pid} (server restarted?)")
             with self.slot_free:
                 gone = self.reconciling or set()
-                self.inflight = {p: t for p, t in attached.items() if p not in gone and p not in self.collecting}
                 batches = {t["prompt_id"]: t["batch_id"] for t in tasks}
-                self.batch_of = {p: batches[p] for p in self.inflight}
+                fresh = {p: self.inflight[p] for p in self.posted_during if p in self.inflight}  # posted meanwhile
+                batches.update({p: self.batch_of[p] for p in fresh if p in self.batch_of})
+                attached = {p: t for p, t in attached.items() if p not in gone and p not in self.collecting}
+                self.inflight = {**attached, **fresh}
+                self.batch_of = {p: batches[p] for p in self.inflight if p in batches}
                 now = time.monotonic()
                 self.activity = {p: self.activity.get(p, now) for p in self.inflight}
                 self.slot_free.notify_all()
@@ -718,14 +802,17 @@ class ServerWorker:
         with self.slot_free:
             self.inflight.clear()
 
-    def handle_cancels(self) -> None:
-        """Act on the cancels users asked for: delete a pending prompt, interrupt a running one."""
-        ids = self.store.cancel_requested_ids(self.url)
+    def handle_cancels(self, ids: list[int] | None = None) -> None:
+        """Act on the cancels users asked for (`ids`: the tasks here they asked to cancel, read afresh when left
+        out): delete a pending prompt, interrupt a running one."""
+        ids = self.store.cancel_requested_ids(self.url) if ids is None else ids
         if not ids:
             return
         running, pending = self.client.queue()
         for task_id in ids:
             task = self.store.get_task(task_id)
+            if task["status"] not in IN_FLIGHT or task["server"] != self.url:
+                continue  # handled since the read
             pid = task["prompt_id"]
             if pid in pending:
                 self.client.delete_pending([pid])
@@ -779,6 +866,9 @@ class Scheduler:
         self._succeeded = 0
         self._succeeded_lock = threading.Lock()
         self._summarised = time.monotonic()
+        self._cancels: dict[str, list[int]] = {}
+        self._cancels_read = float("-inf")
+        self._cancels_lock = threading.Lock()
 
     def start(self) -> None:
         self.store.sync_servers(self.settings.comfyui_urls, lambda: uuid.uuid4().hex)
@@ -807,6 +897,14 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler tick failed")
             self.stop_event.wait(min(1.0, self.settings.lease_seconds / 3))
+
+    def cancel_requests(self, now: float) -> dict[str, list[int]]:
+        """server -> the in-flight tasks there whose cancel users asked for: one read for all the servers, at most
+        every CANCEL_INTERVAL (`now`: time.monotonic()), instead of one per server (128 reads a second at 64)."""
+        with self._cancels_lock:
+            if now - self._cancels_read >= CANCEL_INTERVAL:
+                self._cancels, self._cancels_read = self.store.cancel_requests(), now
+            return self._cancels
 
     def count_success(self) -> None:
         with self._succeeded_lock:

@@ -771,6 +771,14 @@ class Store:
             "SELECT id FROM tasks WHERE cancel_requested = 1 AND server = ? AND status IN (?, ?)",
             (server, *IN_FLIGHT)).fetchall()]
 
+    def cancel_requests(self) -> dict[str, list[int]]:
+        """server -> the ids of its in-flight tasks whose cancel was asked for (every server, one read)."""
+        found: dict[str, list[int]] = {}
+        for server, task_id in self.db.execute(
+                "SELECT server, id FROM tasks WHERE cancel_requested = 1 AND status IN (?, ?) ORDER BY id", IN_FLIGHT):
+            found.setdefault(server, []).append(task_id)
+        return found
+
     def counts(self, batch_id: int | None = None) -> dict[str, int]:
         sql = "SELECT status, COUNT(*) FROM tasks" + (" WHERE batch_id = ?" if batch_id is not None else "")
         rows = self.db.execute(sql + " GROUP BY status", [batch_id] if batch_id is not None else []).fetchall()

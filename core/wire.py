@@ -130,22 +130,26 @@ class HttpPool:
                 raise WireError("the kept-alive connection was closed by the server", sent=True) from None
             return self._request(method, path, body, content_type, reuse=False)
 
-    def begin_get(self, path: str, on_done: Callable[[tuple[int, bytes] | WireError], None]) -> PendingReply | None:
-        """Send a GET on a kept-alive connection and return its reply-to-be, for a readiness loop
-        (`core.eventhub`) to read as it arrives: `on_done` then gets (status, body) or a WireError. None when no
-        open kept-alive connection is at hand (opening one would wait a round trip) or the send failed: the
-        caller then makes the call the blocking way."""
+    def begin(self, method: str, path: str, body: bytes | None, content_type: str | None,
+              on_done: Callable[[tuple[int, bytes] | WireError], None]) -> PendingReply | None:
+        """Start a request on a kept-alive connection without waiting: return its reply-to-be, for a readiness loop
+        (`core.eventhub`) to send what did not fit at once and read the reply as it arrives; `on_done` then
+        gets (status, body) or a WireError. None when no open kept-alive connection is at hand (opening one would
+        wait a round trip) or nothing could be sent: the caller then makes the call the blocking way."""
         conn = self._take_idle()
         if conn is None:
             return None
+        data = self._head(method, path, body, content_type)
         try:
-            conn.sock.sendall(self._head("GET", path, None, None))
             conn.sock.setblocking(False)
-        except OSError:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0
+        except OSError:  # closed under us: nothing was sent
             _close(conn.sock)
             return None
         conn.received = 0
-        return PendingReply(self, conn, on_done)
+        return PendingReply(self, conn, method, memoryview(data)[sent:], on_done)
 
     def _head(self, method: str, path: str, body: bytes | None, content_type: str | None) -> bytes:
         head = [f"{method} {self.prefix}{path} HTTP/1.1", f"Host: {self.host_header}", "Accept-Encoding: identity",
@@ -183,18 +187,34 @@ class HttpPool:
 
 
 class PendingReply:
-    """The reply to a GET `HttpPool.begin_get` sent, read by a readiness loop (`core.eventhub`) as its bytes come,
-    on a non-blocking socket: `readable()` reads what arrived and returns False once the reply is whole or the
-    connection failed; the loop then lets go of the socket and calls `lost()`, which gives the connection back
-    (or closes it) and calls `on_done` with the outcome: (status, body), or a WireError (also when the loop
-    gave up on it: a deadline passed, or it stopped)."""
+    """A request `HttpPool.begin` started, finished by a readiness loop (`core.eventhub`) on a non-blocking socket:
+    while `wants_write`, `writable()` sends the rest of the request; `readable()` reads what arrived. Either
+    returns False once the reply is whole or the connection failed; the loop then lets go of the socket and
+    calls `lost()`, which gives the connection back (or closes it) and calls `on_done` with the outcome:
+    (status, body), or a WireError (also when the loop gave up on it: a deadline passed, or it stopped)."""
 
-    __slots__ = ("pool", "conn", "on_done", "outcome", "keep")
+    __slots__ = ("pool", "conn", "method", "out", "on_done", "outcome", "keep")
 
-    def __init__(self, pool: HttpPool, conn: _Connection, on_done: Callable[[tuple[int, bytes] | WireError], None]):
-        self.pool, self.conn, self.on_done = pool, conn, on_done
+    def __init__(self, pool: HttpPool, conn: _Connection, method: str, out: memoryview,
+                 on_done: Callable[[tuple[int, bytes] | WireError], None]):
+        self.pool, self.conn, self.method, self.out, self.on_done = pool, conn, method, out, on_done
         self.outcome: tuple[int, bytes] | WireError | None = None
         self.keep = False
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self.out)
+
+    def writable(self) -> bool:
+        try:
+            sent = self.conn.sock.send(self.out)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return True
+        except OSError as exc:
+            self.outcome = WireError(f"sending failed: {type(exc).__name__}: {exc}", sent=True)
+            return False
+        self.out = self.out[sent:]
+        return True
 
     def fileno(self) -> int:
         return self.conn.sock.fileno()
@@ -214,7 +234,7 @@ class PendingReply:
         conn.received += len(chunk)
         conn.buf += chunk
         try:
-            reply = parse_reply(conn.buf, "GET", eof=not chunk)
+            reply = parse_reply(conn.buf, self.method, eof=not chunk)
         except (OSError, ValueError) as exc:
             self.outcome = WireError(f"reading the reply failed: {type(exc).__name__}: {exc}", sent=True)
             return False

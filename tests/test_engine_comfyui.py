@@ -129,9 +129,11 @@ def test_input_image_is_uploaded_once_and_inverted(settings, store, scheduler, t
     buf = io.BytesIO()
     img.save(buf, "PNG")
     (tmp_path / "red square.png").write_bytes(buf.getvalue())
-    csv = b"image,3.filename_prefix\nred square.png,a\nred square.png,b\n"
+    # Five rows, more than the in-flight window: the later ones are claimed on the event thread as earlier ones
+    # finish and handed to the dispatch thread, which uploads (once) before it posts.
+    csv = b"image,3.filename_prefix\n" + "".join(f"red square.png,{c}\n" for c in "abcde").encode()
     result = submit_csv(settings, store, csv, "in.csv", "invert", image_dir=tmp_path)
-    assert service.wait_for_tasks(store, result.task_ids, timeout=60) == {"succeeded": 2}
+    assert service.wait_for_tasks(store, result.task_ids, timeout=60) == {"succeeded": 5}
     for task_id in result.task_ids:
         (image,) = store.images_for_task(task_id)
         with Image.open(settings.output_dir / image["path"]) as out:
