@@ -6,7 +6,9 @@ server time spent running prompts between the moment the last server started its
 the first server ran out of work (start-up and the final drain left out), and **end-to-end** = ideal time /
 the worker's wall time from process start to exit. Also: collection lag (a task's `finished_at` in SQLite
 minus the moment its server finished it; p50 and p95), how long the worker took to exit after the last
-result, the scheduler's CPU (user+sys of the worker processes) per job, the simulated fleet's own CPU per job (it
+result, the scheduler's CPU (user+sys of the worker processes) per job, over the whole run and over the steady
+window alone (the process's start, its imports and websocket handshakes, left out), the simulated fleet's own CPU
+per job (it
 shares the machine: the two together bound what one 2-core box can show), the CPU one small file write costs in
 the batch's image folder (`file_create_ms`: this machine's ext4 varies 30-fold by folder), and, with several
 workers, how the fleet's servers were split between them (sampled from the leases table).
@@ -81,6 +83,14 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_at(samples: list[tuple[float, float]], moment: float) -> float:
+    """The workers' CPU seconds at `moment`, interpolated between the samples around it."""
+    for (t0, c0), (t1, c1) in zip(samples, samples[1:], strict=False):
+        if t0 <= moment <= t1:
+            return c0 + (c1 - c0) * (moment - t0) / (t1 - t0) if t1 > t0 else c1
+    return samples[-1][1] if samples and moment > samples[-1][0] else (samples[0][1] if samples else 0.0)
+
+
 def run(name: str, seconds: float, in_flight: int | None, profile: str | None,
         thread_cpu: bool = False, where: str | None = None) -> dict[str, Any]:
     servers, job, rtt, workers = SCENARIOS[name]
@@ -103,8 +113,13 @@ def run(name: str, seconds: float, in_flight: int | None, profile: str | None,
             procs = [subprocess.Popen(cmd, cwd=tmp, env=env, stderr=subprocess.PIPE if thread_cpu else None,
                                       text=True) for _ in range(workers)]
             cpu, sys_cpu, exits, splits = 0.0, 0.0, [], []
+            samples: list[tuple[float, float]] = []  # (wall time, the workers' CPU seconds so far)
             left = {p.pid for p in procs}
             while left:
+                try:
+                    samples.append((time.time(), cpu + sum(process_cpu(p) for p in left)))
+                except (OSError, ValueError, IndexError):
+                    pass  # a worker exiting between the reap and the read: no sample this round
                 # Reap as they exit (wait4 gives each child's own CPU); sample the lease split meanwhile.
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
                 if pid:
@@ -137,6 +152,10 @@ def run(name: str, seconds: float, in_flight: int | None, profile: str | None,
     last_all = min(max(r[2] for r in s["runs"]) for s in stats["servers"])
     window = last_all - first_all
     busy = sum(max(0.0, min(f, last_all) - max(b, first_all)) for _, b, f in runs)
+    # The workers' CPU per job between those two moments: what a fleet's scheduler costs once it runs, without
+    # the process's start (imports, websocket handshakes, the first reconciles) and its exit.
+    steady_jobs = sum(1 for _, _, f in runs if first_all <= f <= last_all)
+    steady_cpu = cpu_at(samples, last_all) - cpu_at(samples, first_all)
     lags = sorted(finished[p] - f for p, _, f in runs if p in finished)
     return {
         "scenario": name, "servers": servers, "job": job, "rtt": rtt, "workers": workers, "tasks": tasks,
@@ -146,6 +165,7 @@ def run(name: str, seconds: float, in_flight: int | None, profile: str | None,
         "lag_p50": statistics.median(lags), "lag_p95": lags[int(0.95 * (len(lags) - 1))],
         "exit_after_last_s": max(exits) - max(finished.values()), "cpu_ms_per_job": 1000 * cpu / tasks,
         "sys_cpu_ms_per_job": 1000 * sys_cpu / tasks,
+        "steady_cpu_ms_per_job": 1000 * steady_cpu / steady_jobs if steady_jobs else float("nan"),
         "fleet_cpu_ms_per_job": 1000 * fleet_cpu / tasks, "file_create_ms": create_ms,
         "thread_cpu_ms_per_job": {k: round(1000 * float(v) / tasks, 3) for line in by_thread
                                   for k, v in (kv.split("=") for kv in line.split()[1:])},
@@ -166,13 +186,14 @@ def main() -> None:
                                       "tmpfs: the scheduler's CPU without this machine's ext4 file creation cost)")
     args = parser.parse_args()
     print("| scenario | tasks | steady | end-to-end | wall s | lag p50 s | lag p95 s | exit after last s | "
-          "CPU ms/job | file create ms | fleet CPU ms/job | split | ok | load avg (1/5 min) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "CPU ms/job | steady CPU ms/job | file create ms | fleet CPU ms/job | split | ok | load avg (1/5 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.only or list(SCENARIOS):
         r = run(name, args.seconds, args.in_flight, args.profile, args.thread_cpu, args.dir)
         ok = r["counts"] == {"succeeded": r["tasks"]} and r["prompts_received"] == r["tasks"] and not r["duplicates"]
         print(f"| {name} | {r['tasks']} | **{r['steady']:.3f}** | {r['end_to_end']:.3f} | {r['wall_s']:.2f} | "
               f"{r['lag_p50']:.3f} | {r['lag_p95']:.3f} | {r['exit_after_last_s']:.2f} | {r['cpu_ms_per_job']:.2f} | "
+              f"{r['steady_cpu_ms_per_job']:.2f} | "
               f"{r['file_create_ms']:.2f} | {r['fleet_cpu_ms_per_job']:.2f} | "
               f"{'/'.join(map(str, r['split']))} | {'yes' if ok else 'NO ' + str(r['counts'])} | "
               f"{r['load'][0]:.2f} / {r['load'][1]:.2f} |", flush=True)

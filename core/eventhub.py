@@ -8,8 +8,10 @@ handles several sockets' frames per wake-up and never competes with other reader
 
 A member (`core.comfy.EventSocket`) is attached once its websocket is open and detached before it is closed; the
 hub calls `member.readable()` when its socket has data (it returns False once the connection is finished: the
-hub then unregisters it and calls `member.lost()`). Handlers run on the hub's thread, so they must not block:
-the scheduler's `on_event` only updates memory and hands finished prompts to the collection pool.
+hub then unregisters it and calls `member.lost()`). Handlers run on the hub's thread, so they must not wait on a
+server: the scheduler's `on_event` starts its requests (a post, an image download: `core.wire.PendingReply`)
+without waiting and attaches them with a deadline; the hub sends what did not fit at once, reads their replies as
+they arrive, and gives up on one whose deadline passed. Attached from a handler, a member is watched at once.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 THREAD_NAME = "comfybatch-events"
 DEADLINE_CHECK = 0.25  # seconds between the hub's checks of its members' deadlines
+STOP_DRAIN = 2.0  # seconds stop() lets the requests under way finish
 DETACH_WAIT = 5.0  # seconds detach() waits for the hub to let go of a socket before its owner closes it
 
 
@@ -45,6 +48,7 @@ class EventHub:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._stopping = False
+        self._drain_until = 0.0
         self._members: set[Any] = set()  # used on the hub's thread only
         self._deadlines: dict[Any, float] = {}
 
@@ -77,12 +81,15 @@ class EventHub:
         if threading.current_thread() is not self._thread:
             done.wait(DETACH_WAIT)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0, drain: float = STOP_DRAIN) -> None:
+        """Stop the thread, once the requests under way (members with a deadline: posts, downloads) have their
+        replies, for at most `drain` seconds; those still open then are given up (their `lost()`)."""
         with self._lock:
             thread = self._thread
             if thread is None:
                 return
             self._stopping = True
+            self._drain_until = time.monotonic() + drain
             self._wake()
         thread.join(timeout)
 
@@ -107,17 +114,19 @@ class EventHub:
         members = self._members = set()
         self._deadlines = {}
         checked = time.monotonic()
+        stopping = False
         try:
             while True:
                 for key, mask in selector.select(timeout=DEADLINE_CHECK if self._deadlines else 1.0):
                     member = key.data
                     if member is None:
-                        if self._apply_changes(selector, wake_r):
-                            return
+                        stopping = self._apply_changes(selector, wake_r) or stopping
                     elif member in members and not self._handle(selector, member, mask):
                         self._drop(selector, member)
                         self._lose(member)
                 now = time.monotonic()
+                if stopping and (not self._deadlines or now >= self._drain_until):
+                    return
                 if self._deadlines and now - checked >= DEADLINE_CHECK:
                     checked = now
                     for member in [m for m, at in self._deadlines.items() if at <= now]:

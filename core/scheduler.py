@@ -6,9 +6,13 @@
 us while the rest of the work can still go to other servers. Events come
 over one websocket per server (a stable client_id per server, kept in the database, so a restarted scheduler
 receives the events of prompts its predecessor posted), all read by one thread (`core.eventhub`), whose
-handler (`on_event`) only updates memory and hands finished prompts on; after any gap, or a quiet spell, the worker
-reconciles its in-flight tasks through `/queue` and `/history/{prompt_id}`. Finished prompts are collected
-(images downloaded, saved, recorded) by a shared thread pool, off the dispatch path.
+handler (`on_event`) also runs the hot path without waiting on any server: a success the events told is
+collected there (`_collect_on_hub`: the downloads' replies are read by the hub as they arrive, then the files
+and the completion), and the places that frees in the window are claimed and posted there (`_feed_on_hub`).
+Everything else (failures, collections from /history, uploads of input images, a post or a download that
+cannot start without a new connection) goes to the worker's dispatch thread or the shared collection pool.
+After any gap, or a quiet spell, the worker reconciles its in-flight tasks through `/queue` and
+`/history/{prompt_id}`.
 
 Every step a worker takes is a method a test can call without threads or sockets: `submit_next_task`,
 `on_event`, `reconcile`, `handle_cancels` (and `loop_once`, which strings them together). The ComfyUI edge
@@ -118,8 +122,10 @@ class EventSource(Protocol):
 
 
 class ServerWorker:
-    """Feeds one ComfyUI server. Two threads: the dispatch loop, and one that keeps the websocket connected
-    (its frames are read by the scheduler's `EventHub`, one thread for all servers, which calls `on_event`).
+    """Feeds one ComfyUI server. Two threads: the dispatch loop (the first posts, health, reconciles, cancels,
+    progress writes, the watchdog, and the posts handed to it), and one that keeps the websocket connected (its
+    frames are read by the scheduler's `EventHub`, one thread for all servers, which calls `on_event` and, from
+    there, collects successes and posts the next prompts).
 
     `client`, `events` and `probe_health` replace the real ComfyUI edge (HTTP client, websocket, health
     probe); left out, they are built for `url` from the settings. `lease_owner`: claim only while that

@@ -125,6 +125,34 @@ def test_a_get_read_by_the_hub_arrives_whole_and_gives_its_connection_back(serve
         pool.close()
 
 
+def test_a_stopping_hub_lets_the_requests_under_way_finish_and_gives_up_on_the_rest(serve):  # noqa: F811
+    def handler(conn: socket.socket, request: bytes, n: int) -> bool:
+        time.sleep(0.3 if b"/late" in request else 5)
+        conn.sendall(reply(b"late but whole"))
+        return True
+
+    server = serve(handler)
+    pool = wire.HttpPool(server.url, 2.0, 30.0)
+    hub = EventHub()
+    got: list = []
+    try:
+        for path in ("/late", "/never"):
+            conn = pool._take(reuse=False)[0]  # an open connection, as a kept-alive one would be
+            pool._give_back(conn)
+            pending = pool.begin("GET", path, None, None, got.append)
+            assert pending is not None
+            hub.attach(pending, time.monotonic() + 30)
+        started = time.monotonic()
+        hub.stop(timeout=10, drain=1.0)
+        stopped = time.monotonic() - started
+    finally:
+        pool.close()
+    # The reply that came within the drain was read whole; the other was given up when it ended.
+    assert (200, b"late but whole") in got and len(got) == 2
+    assert any(isinstance(outcome, wire.WireError) for outcome in got)
+    assert 0.9 < stopped < 3.0
+
+
 def fleet_scheduler(tmp_path, fleet: Fleet, tasks: int) -> tuple[Scheduler, Store, list[int]]:
     settings = make_settings(tmp_path, fleet.urls)
     store = Store(settings.db_path)
