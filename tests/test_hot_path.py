@@ -16,7 +16,7 @@ import pytest
 from core import wire
 from core.comfy import ComfyClient
 from core.eventhub import EventHub
-from core.scheduler import Scheduler, ServerWorker
+from core.scheduler import Saver, Scheduler, ServerWorker
 from core.store import Store
 from tests.fake_fleet import Fleet
 from tests.support import make_settings, wait_until
@@ -161,8 +161,19 @@ def fleet_scheduler(tmp_path, fleet: Fleet, tasks: int) -> tuple[Scheduler, Stor
     return scheduler, store, ids
 
 
+@pytest.mark.parametrize("inline_ms", [1000.0, 0.0], ids=["files-cheap", "files-dear"])
 def test_finished_prompts_are_collected_on_the_event_thread_and_a_failed_download_in_the_pool(tmp_path,
-                                                                                              monkeypatch):
+                                                                                              monkeypatch, inline_ms):
+    """Cheap files are written on the event thread (once the first one is measured); dear ones on the saver's."""
+    monkeypatch.setattr(Saver, "INLINE_FILE_MS", inline_ms)
+    saved_on: list[str] = []
+    save = Saver.save
+
+    def recorded(self, items):
+        saved_on.extend(threading.current_thread().name for _ in items)
+        return save(self, items)
+
+    monkeypatch.setattr(Saver, "save", recorded)
     in_pool: list[str] = []
     collect = ServerWorker._collect
 
@@ -189,6 +200,9 @@ def test_finished_prompts_are_collected_on_the_event_thread_and_a_failed_downloa
             # finish (a dispatch thread still claims when it wakes to a slot free, every half second at least).
             assert in_pool == []
             assert 4 <= len(posted_blocking) <= 20, posted_blocking  # of 40 (all 40 before)
+            # Until the saver has measured a file, the events thread queues to it; from then on by the cost.
+            assert len(saved_on) == 40 and saved_on[0] == "comfybatch-saver"
+            assert set(saved_on[-30:]) == ({"comfybatch-events"} if inline_ms else {"comfybatch-saver"})
             assert fleet.views == 40
             fleet.fail_views = 3  # the next three downloads fail: the pool starts those collections over
             _, more = store.create_batch("hot", "hot", [{"params": {"n": i}, "graph": GRAPH} for i in range(10)])
