@@ -285,10 +285,8 @@ def parse_reply(buf: bytearray, method: str, eof: bool = False) -> tuple[int, by
     unfinished one raises ConnectionError). Raises ValueError on a malformed or oversized reply."""
     start = 0
     while True:
-        end = buf.find(b"\r\n\r\n", start)
+        end = _find(buf, b"\r\n\r\n", start, "the headers of the reply are too long")
         if end < 0:
-            if len(buf) - start > MAX_HEADER:
-                raise ValueError("the headers of the reply are too long")
             return _more(eof)
         lines = bytes(buf[start:end]).split(b"\r\n")  # the status line and headers, split at once
         parts = lines[0].split(b" ", 2)
@@ -329,16 +327,14 @@ def _parse_chunked(buf: bytearray, pos: int, status: int, keep: bool,
     spans: list[tuple[int, int]] = []
     total = 0
     while True:
-        line_end = buf.find(b"\r\n", pos)
+        line_end = _find(buf, b"\r\n", pos, "a chunk line of the reply is too long")
         if line_end < 0:
-            if len(buf) - pos > MAX_HEADER:
-                raise ValueError("a chunk line of the reply is too long")
             return _more(eof)
         size = int(bytes(buf[pos:line_end]).split(b";", 1)[0].strip(), 16)
         pos = line_end + 2
         if size == 0:
             while True:  # trailers, up to the blank line
-                line_end = buf.find(b"\r\n", pos)
+                line_end = _find(buf, b"\r\n", pos, "a trailer of the reply is too long")
                 if line_end < 0:
                     return _more(eof)
                 blank, pos = line_end == pos, line_end + 2
@@ -353,6 +349,15 @@ def _parse_chunked(buf: bytearray, pos: int, status: int, keep: bool,
             raise ValueError("a chunk does not end with CRLF")
         spans.append((pos, pos + size))
         pos += size + 2
+
+
+def _find(buf: bytearray, mark: bytes, start: int, too_long: str) -> int:
+    """Where `mark` is in `buf` from `start`, or -1 while it has not come; ValueError(`too_long`) once more than
+    MAX_HEADER bytes came without it."""
+    end = buf.find(mark, start)
+    if end < 0 and len(buf) - start > MAX_HEADER:
+        raise ValueError(too_long)
+    return end
 
 
 def _more(eof: bool) -> tuple[int, bytes, bool, int] | None:
