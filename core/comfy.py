@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -351,16 +350,13 @@ class EventSocket:
         ws = self._ws
         if ws is None or ws.sock is None:
             return False
-        sock = ws.sock
         try:
-            chunk = sock.recv(262144)
-            while isinstance(sock, ssl.SSLSocket) and sock.pending():
-                chunk += sock.recv(262144)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
-            return True
+            chunk = wire.read_available(ws.sock)
         except OSError as exc:
             log.info("websocket %s closed: %s", self.ws_url, exc)
             return False
+        if chunk is None:
+            return True
         if not chunk:
             log.info("websocket %s closed by the server", self.ws_url)
             return False

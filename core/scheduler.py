@@ -526,7 +526,7 @@ class ServerWorker:
         if (batch_id is not None and isinstance(result, dict)
                 and self._collect_on_hub(prompt_id, task_id, batch_id, result, started_at, steps)):
             return
-        self.scheduler.pool.submit(self._collect, prompt_id, task_id, result, started_at, steps)
+        self._collect_in_pool(prompt_id, task_id, result, started_at, steps)
 
     def _collect_on_hub(self, prompt_id: str, task_id: int, batch_id: int, outputs: dict[str, Any],
                         started_at: float | None, steps: int | None) -> bool:
@@ -780,9 +780,8 @@ class ServerWorker:
                     self._lost(task, f"ComfyUI at {self.url} no longer knows prompt {pid} (server restarted?)")
             with self.slot_free:
                 gone = self.reconciling or set()
-                batches = {t["prompt_id"]: t["batch_id"] for t in tasks}
+                batches = {**{t["prompt_id"]: t["batch_id"] for t in tasks}, **self.batch_of}
                 fresh = {p: self.inflight[p] for p in self.posted_during if p in self.inflight}  # posted meanwhile
-                batches.update({p: self.batch_of[p] for p in fresh if p in self.batch_of})
                 attached = {p: t for p, t in attached.items() if p not in gone and p not in self.collecting}
                 self.inflight = {**attached, **fresh}
                 self.batch_of = {p: batches[p] for p in self.inflight if p in batches}

@@ -767,9 +767,7 @@ class Store:
                    for task in self.in_flight_tasks(server) if task["prompt_id"] not in keep)
 
     def cancel_requested_ids(self, server: str) -> list[int]:
-        return [r[0] for r in self.db.execute(
-            "SELECT id FROM tasks WHERE cancel_requested = 1 AND server = ? AND status IN (?, ?)",
-            (server, *IN_FLIGHT)).fetchall()]
+        return self.cancel_requests().get(server, [])
 
     def cancel_requests(self) -> dict[str, list[int]]:
         """server -> the ids of its in-flight tasks whose cancel was asked for (every server, one read)."""

@@ -221,16 +221,13 @@ class PendingReply:
 
     def readable(self) -> bool:
         conn = self.conn
-        sock = conn.sock
         try:
-            chunk = sock.recv(262144)
-            while chunk and isinstance(sock, ssl.SSLSocket) and sock.pending():
-                chunk += sock.recv(262144)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
-            return True
+            chunk = read_available(conn.sock)
         except OSError as exc:
             self.outcome = WireError(f"reading the reply failed: {type(exc).__name__}: {exc}", sent=True)
             return False
+        if chunk is None:
+            return True
         conn.received += len(chunk)
         conn.buf += chunk
         try:
@@ -261,6 +258,18 @@ class PendingReply:
         if outcome is None:
             outcome = WireError("no whole reply in time (or the reader stopped)", sent=True)
         self.on_done(outcome)
+
+
+def read_available(sock: socket.socket) -> bytes | None:
+    """What a non-blocking socket has to read now (with TLS, every record already decrypted too): b"" when the peer
+    closed it, None when nothing has come after all. Raises OSError when the connection failed."""
+    try:
+        chunk = sock.recv(262144)
+        while chunk and isinstance(sock, ssl.SSLSocket) and sock.pending():
+            chunk += sock.recv(262144)
+    except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+        return None
+    return chunk
 
 
 def _read_reply(conn: _Connection, method: str) -> tuple[int, bytes, bool]:
